@@ -1,0 +1,40 @@
+"""Small helpers shared by the Triton kernels: launch checks, dot precision, block sizes."""
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+_INTERPRET_HINT = ("Triton kernels run on CPU tensors only through the interpreter: set "
+                   "TRITON_INTERPRET=1 before importing sparse_expansion.kernels")
+
+
+def interpreted(kernel) -> bool:
+    """True when `kernel` (a @triton.jit function) runs under TRITON_INTERPRET."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_launch(kernel, *tensors: torch.Tensor) -> None:
+    """Raise a clear error instead of letting Triton fail on CPU tensors or mixed devices."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not interpreted(kernel) and any(not t.is_cuda for t in tensors if t is not None):
+        raise RuntimeError(_INTERPRET_HINT)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision for operands of `dtype`: fp32 follows torch's matmul TF32 flag
+    (off by default, so fp32 kernels match torch's fp32 results); 16-bit types ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def next_pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    p = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(p, hi) if hi is not None else p
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,156 @@
+"""Per-cluster Hessian accumulation, H_c = 2/n_c · Σ_{t in c} x_t x_tᵀ, as running averages.
+
+State: H [K, d, d] fp32 and counts [K] int64, updated in place batch by batch, exactly as
+SparseGPT's `add_batch` does for K = 1 (H ← H·n/(n+m) + 2/(n+m)·XᵀX).
+
+Triton version: one launch for all clusters. Tokens are sorted by label in torch (a permutation,
+the rows are gathered inside the kernel); the grid is (upper-triangle tile pair, non-empty
+cluster). Each program computes one d×d tile Σ_t x_t[i-tile] x_t[j-tile]ᵀ over its cluster's
+tokens with tensor-core dots (fp32 accumulation), applies the running-average rescale and
+writes the tile and, off the diagonal, its mirror image, so every product is computed once.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_launch, dot_precision, interpreted, next_pow2
+from .backend import use_triton
+
+
+def accumulate_hessian_reference(H: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
+                                 labels: torch.Tensor | None = None) -> None:
+    """Add a batch to every cluster's Hessian in place.
+
+    H: [K, d, d] fp32; counts: [K] int64; x: [N, d] any float dtype; labels: [N] ints in [0, K)
+    or None (all tokens in cluster 0).
+    """
+    K = H.shape[0]
+    x = x.reshape(-1, x.shape[-1]).float()
+    if labels is None:
+        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    labels = labels.reshape(-1).long()
+    added = torch.bincount(labels, minlength=K).to(counts.device)
+    for c in torch.nonzero(added).flatten().tolist():
+        xc = x[labels == c]
+        n_old, n_new = int(counts[c]), int(counts[c]) + xc.shape[0]
+        H[c].mul_(n_old / n_new).addmm_(xc.t(), xc, alpha=2.0 / n_new)
+    counts.add_(added)
+
+
+@triton.jit
+def _hessian_tile_kernel(X, PERM, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
+                         d, stride_xn, stride_xd,
+                         HAS_PERM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PREC: tl.constexpr):
+    """H[c][I, J] ← H[c][I, J]·SCALE[c] + ALPHA[c]·Σ_{t in c} x_t[I] x_t[J]ᵀ, and the mirror tile.
+
+    Program (p, q): tile pair p = (PAIR_I[p], PAIR_J[p]) with PAIR_J ≥ PAIR_I, cluster CIDS[q].
+    Cluster c owns the sorted token positions OFFS[c]:OFFS[c+1] (rows PERM[pos] of X).
+    """
+    pair = tl.program_id(0)
+    c = tl.load(CIDS + tl.program_id(1))
+    ti = tl.load(PAIR_I + pair)
+    tj = tl.load(PAIR_J + pair)
+    start = tl.load(OFFS + c)
+    end = tl.load(OFFS + c + 1)
+
+    ri = ti * BLOCK + tl.arange(0, BLOCK)
+    rj = tj * BLOCK + tl.arange(0, BLOCK)
+    mi = ri < d
+    mj = rj < d
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        pos = k0 + rk
+        mk = pos < end
+        if HAS_PERM:
+            rows = tl.load(PERM + pos, mask=mk, other=0).to(tl.int64)
+        else:
+            rows = pos.to(tl.int64)
+        a = tl.load(X + rows[:, None] * stride_xn + ri[None, :] * stride_xd,
+                    mask=mk[:, None] & mi[None, :], other=0.0)  # [BLOCK_K, BLOCK]
+        b = tl.load(X + rows[:, None] * stride_xn + rj[None, :] * stride_xd,
+                    mask=mk[:, None] & mj[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+
+    scale = tl.load(SCALE + c)
+    alpha = tl.load(ALPHA + c)
+    m = mi[:, None] & mj[None, :]
+    base = H + c.to(tl.int64) * d * d
+    p = base + ri[:, None] * d + rj[None, :]
+    tl.store(p, tl.load(p, mask=m, other=0.0) * scale + alpha * acc, mask=m)
+    if ti != tj:
+        # mirror tile: element (a, b) of acc is also H[rj[b], ri[a]]
+        pt = base + rj[None, :] * d + ri[:, None]
+        tl.store(pt, tl.load(pt, mask=m, other=0.0) * scale + alpha * acc, mask=m)
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_pairs(n_tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ij = torch.triu_indices(n_tiles, n_tiles, device=device).to(torch.int32)
+    return ij[0].contiguous(), ij[1].contiguous()
+
+
+def _hessian_blocks(d: int, dtype: torch.dtype, interpret: bool) -> dict:
+    if interpret:  # the interpreter pays per program and per K step: few, large blocks
+        return dict(BLOCK=next_pow2(d, 16, 128), BLOCK_K=128, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
+                              labels: torch.Tensor | None = None) -> None:
+    """Triton version of `accumulate_hessian_reference` (same arguments, same in-place update)."""
+    K, d, _ = H.shape
+    if H.dtype != torch.float32 or not H.is_contiguous():
+        raise ValueError("H must be a contiguous fp32 tensor [K, d, d]")
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[-1] != d:
+        raise ValueError(f"x has {x.shape[-1]} features, H is {d}x{d}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        x = x.float()
+    N = x.shape[0]
+    if N == 0:
+        return
+    dev = H.device
+    check_launch(_hessian_tile_kernel, H, x)
+    if labels is None:
+        added = torch.zeros(K, dtype=torch.int64, device=dev)
+        added[0] = N
+        offs = torch.tensor([0, N], dtype=torch.int32, device=dev)
+        cids = torch.zeros(1, dtype=torch.int32, device=dev)
+        perm = offs  # unused (HAS_PERM=False)
+    else:
+        labels = labels.reshape(-1).to(device=dev, dtype=torch.int64)
+        if labels.numel() != N:
+            raise ValueError(f"{labels.numel()} labels for {N} tokens")
+        added = torch.bincount(labels, minlength=K)
+        if added.numel() > K:
+            raise ValueError(f"labels must lie in [0, {K})")
+        perm = torch.argsort(labels, stable=True).to(torch.int32)
+        offs = torch.zeros(K + 1, dtype=torch.int32, device=dev)
+        offs[1:] = torch.cumsum(added, 0)
+        cids = torch.nonzero(added).flatten().to(torch.int32)
+    n_old = counts.to(device=dev, dtype=torch.float64)
+    n_new = n_old + added
+    safe = n_new.clamp(min=1)
+    scale = torch.where(n_new > 0, n_old / safe, 1.0).float()
+    alpha = (2.0 / safe).float()
+
+    cfg = _hessian_blocks(d, x.dtype, interpreted(_hessian_tile_kernel))
+    pi, pj = _tile_pairs(triton.cdiv(d, cfg["BLOCK"]), dev)
+    grid = (pi.numel(), cids.numel())
+    _hessian_tile_kernel[grid](
+        x, perm, offs, cids, pi, pj, H, scale, alpha, d, x.stride(0), x.stride(1),
+        HAS_PERM=labels is not None, PREC=dot_precision(x.dtype), **cfg)
+    counts.add_(added.to(counts.device, counts.dtype))
+
+
+def accumulate_hessian(H, counts, x, labels=None) -> None:
+    """Entry point the driver calls; dispatches to the Triton kernel on CUDA (see backend)."""
+    if use_triton(H):
+        return accumulate_hessian_triton(H, counts, x, labels)
+    return accumulate_hessian_reference(H, counts, x, labels)

@@ -1,0 +1,241 @@
+"""Batched OBS (SparseGPT) pruning of E same-shaped weight matrices.
+
+Given W [E, R, C] and the upper Cholesky factor of each inverse Hessian Hinv [E, C, C], process
+the columns in blocks: choose the block's mask (unstructured: the lowest w²/diag(Hinv)² of the
+block at the target rate; N:M: the lowest N of every M consecutive columns, chosen inside the
+column loop), then for each column zero the pruned weights (optionally quantize the kept ones),
+propagate the error to the block's remaining columns with Hinv's row, and finally apply the
+block's accumulated error to all later columns with one batched matrix product.
+
+Triton version (`obs_prune_triton`): per 128-column block, the unstructured mask is chosen in
+torch exactly as the reference does; then one launch over (row tile, matrix) runs the column
+loop with the row tile × block of W held in registers (rows are independent once the mask is
+known; N:M masks are chosen inside the loop), writes the pruned/quantized block in place and
+the error block; the lazy update of the trailing columns is one torch.baddbmm.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_launch, interpreted, next_pow2
+from .backend import use_triton
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """Per-row asymmetric min-max grid: q(x) = scale·(clamp(round(x/scale)+zero, 0, maxq) − zero)."""
+    scale: torch.Tensor  # [E, R, 1]
+    zero: torch.Tensor   # [E, R, 1]
+    maxq: int
+
+
+def find_quant_grid(W: torch.Tensor, bits: int) -> QuantGrid:
+    """Per-output-row grid of 2**bits levels spanning [min(w, 0), max(w, 0)] (SparseGPT's)."""
+    maxq = 2 ** bits - 1
+    xmin = W.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = W.amax(dim=-1, keepdim=True).clamp(min=0)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale)
+    return QuantGrid(scale, zero, maxq)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
+                        prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
+                        blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune E matrices at once. Returns (pruned weights [E, R, C] fp32, kept mask [E, R, C]).
+
+    W: [E, R, C] (any float dtype; computed in fp32). Hinv: [E, C, C] fp32 upper Cholesky factor
+    of H⁻¹. Unstructured at rate `sparsity` when prune_n == 0, else prune_n of every prune_m
+    consecutive columns (blocksize is then rounded down to a multiple of prune_m).
+    """
+    W = W.float().clone()
+    E, R, C = W.shape
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    if prune_n:
+        blocksize = max(prune_m, blocksize - blocksize % prune_m)
+    for i1 in range(0, C, blocksize):
+        i2 = min(i1 + blocksize, C)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        d = torch.diagonal(Hinv1, dim1=1, dim2=2)  # [E, count]
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
+        if not prune_n and sparsity > 0:
+            score = (W1 ** 2 / d[:, None, :] ** 2).flatten(1)
+            k = int(score.shape[1] * sparsity)
+            if k:
+                idx = torch.topk(score, k, dim=1, largest=False).indices
+                mask1.view(E, -1).scatter_(1, idx, True)
+        for i in range(count):
+            w = W1[:, :, i]
+            if prune_n and i % prune_m == 0:
+                score = W1[:, :, i:i + prune_m] ** 2 / d[:, None, i:i + prune_m] ** 2
+                idx = torch.topk(score, prune_n, dim=2, largest=False).indices
+                mask1[:, :, i:i + prune_m].scatter_(2, idx, True)
+            q = w.masked_fill(mask1[:, :, i], 0.0)
+            if grid is not None:
+                q = quantize(q, grid.scale[:, :, 0], grid.zero[:, :, 0], grid.maxq)
+            Q1[:, :, i] = q
+            err = (w - q) / d[:, None, i]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
+            Err1[:, :, i] = err
+        W[:, :, i1:i2] = Q1
+        pruned[:, :, i1:i2] = mask1
+        if i2 < C:
+            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+    return W, ~pruned
+
+
+@triton.jit
+def _round_half_even(x):
+    # fp32 round-to-nearest-even (torch.round) without libdevice: adding 1.5·2^23 leaves no
+    # fraction bits; |x| ≥ 2^22 is left alone (such values are clamped by the caller anyway).
+    r = (x + 12582912.0) - 12582912.0
+    return tl.where(tl.abs(x) < 4194304.0, r, x)
+
+
+@triton.jit
+def _obs_block_kernel(W, PRUNED, HINV, ERR, SCALE, ZERO,
+                      R, C, i1, count, maxq,
+                      stride_we, stride_wr, stride_pe, stride_pr, stride_ee, stride_er,
+                      PRUNE_N: tl.constexpr, PRUNE_M: tl.constexpr, QUANT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column loop of one block (columns i1:i1+count) for one row tile of one matrix.
+
+    W [E, R, C] fp32 (columns contiguous) is read and overwritten with the block's result Q;
+    PRUNED [E, R, C] uint8 (1 = pruned) is read (unstructured) or written (N:M, PRUNE_N > 0);
+    HINV [E, C, C] fp32 contiguous; ERR [E, R, ≥count] fp32 receives the scaled errors;
+    SCALE/ZERO [E, R] fp32 the per-row quantization grid when QUANT.
+    """
+    pid_r = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    cmask = cols < count
+    tmask = rmask[:, None] & cmask[None, :]
+
+    w_ptrs = W + e * stride_we + rows[:, None] * stride_wr + (i1 + cols)[None, :]
+    p_ptrs = PRUNED + e * stride_pe + rows[:, None] * stride_pr + (i1 + cols)[None, :]
+    Wt = tl.load(w_ptrs, mask=tmask, other=0.0)
+    hblk = HINV + e * C * C + i1 * C + i1  # Hinv1[a, b] = hblk[a * C + b]
+    diag = tl.load(hblk + cols * (C + 1), mask=cmask, other=1.0)
+    if PRUNE_N == 0:
+        P = tl.load(p_ptrs, mask=tmask, other=0) != 0
+    else:
+        P = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int1)
+    Err = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if QUANT:
+        scale = tl.load(SCALE + e * R + rows, mask=rmask, other=1.0)
+        zero = tl.load(ZERO + e * R + rows, mask=rmask, other=0.0)
+
+    for i in range(count):
+        sel = cols[None, :] == i
+        if PRUNE_N > 0:
+            if i % PRUNE_M == 0:
+                # prune the PRUNE_N lowest w²/d² of columns i..i+PRUNE_M-1 (ties: lower column)
+                S = Wt * Wt / (diag * diag)[None, :]
+                rank = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+                for k in tl.static_range(PRUNE_M):
+                    sk = tl.sum(tl.where(cols[None, :] == i + k, S, 0.0), axis=1)
+                    before = (sk[:, None] < S) | ((sk[:, None] == S) & (i + k < cols[None, :]))
+                    rank += tl.where(before & (i + k < count), 1, 0)
+                group = (cols >= i) & (cols < i + PRUNE_M) & cmask
+                P = P | (group[None, :] & (rank < PRUNE_N))
+        w = tl.sum(tl.where(sel, Wt, 0.0), axis=1)
+        pruned = tl.sum(tl.where(sel & P, 1, 0), axis=1) > 0
+        q = tl.where(pruned, 0.0, w)
+        if QUANT:
+            qi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(q, scale)) + zero, 0.0), maxq)
+            q = scale * (qi - zero)
+        d = tl.load(hblk + i * (C + 1))
+        err = (w - q) / d
+        h = tl.load(hblk + i * C + cols, mask=(cols > i) & cmask, other=0.0)
+        Wt = tl.where(sel, q[:, None], Wt - err[:, None] * h[None, :])
+        Err = tl.where(sel, err[:, None], Err)
+
+    tl.store(w_ptrs, Wt, mask=tmask)
+    tl.store(ERR + e * stride_ee + rows[:, None] * stride_er + cols[None, :], Err, mask=tmask)
+    if PRUNE_N > 0:
+        tl.store(p_ptrs, P.to(tl.uint8), mask=tmask)
+
+
+def _obs_rows_per_program(R: int, interpret: bool) -> int:
+    if interpret:  # one program per few hundred rows: the interpreter pays per program
+        return next_pow2(R, 16, 128)
+    return 16
+
+
+def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
+                     prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
+                     blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `obs_prune_reference` (same arguments and results)."""
+    W = W.float().contiguous().clone()
+    E, R, C = W.shape
+    Hinv = Hinv.float().contiguous()
+    if Hinv.shape != (E, C, C):
+        raise ValueError(f"Hinv must be [E, C, C] = [{E}, {C}, {C}], got {list(Hinv.shape)}")
+    if prune_n:
+        if not 0 < prune_n <= prune_m:
+            raise ValueError(f"N:M sparsity needs 0 < N <= M, got {prune_n}:{prune_m}")
+        blocksize = max(prune_m, blocksize - blocksize % prune_m)
+    if blocksize > 1024:
+        raise ValueError("obs_prune_triton supports blocksize <= 1024")
+    check_launch(_obs_block_kernel, W, Hinv)
+    pruned = torch.zeros(E, R, C, dtype=torch.bool, device=W.device)
+    pruned_u8 = pruned.view(torch.uint8)
+    if E == 0 or R == 0 or C == 0:
+        return W, ~pruned
+    quant = grid is not None
+    if quant:
+        scale = grid.scale.float().expand(E, R, 1).reshape(E, R).contiguous()
+        zero = grid.zero.float().expand(E, R, 1).reshape(E, R).contiguous()
+        maxq = float(grid.maxq)
+    else:
+        scale = zero = W  # unused
+        maxq = 0.0
+    BLOCK_C = next_pow2(min(blocksize, C), 16)
+    BLOCK_R = _obs_rows_per_program(R, interpreted(_obs_block_kernel))
+    err = torch.empty(E, R, min(blocksize, C), dtype=torch.float32, device=W.device)
+    launch = (triton.cdiv(R, BLOCK_R), E)
+    for i1 in range(0, C, blocksize):
+        i2 = min(i1 + blocksize, C)
+        count = i2 - i1
+        if not prune_n and sparsity > 0:
+            W1 = W[:, :, i1:i2]
+            d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
+            score = (W1 ** 2 / d[:, None, :] ** 2).flatten(1)
+            k = int(score.shape[1] * sparsity)
+            if k:
+                idx = torch.topk(score, k, dim=1, largest=False).indices
+                mask1 = torch.zeros(E, R * count, dtype=torch.bool, device=W.device)
+                mask1.scatter_(1, idx, True)
+                pruned[:, :, i1:i2] = mask1.view(E, R, count)
+        _obs_block_kernel[launch](
+            W, pruned_u8, Hinv, err, scale, zero, R, C, i1, count, maxq,
+            W.stride(0), W.stride(1), pruned_u8.stride(0), pruned_u8.stride(1),
+            err.stride(0), err.stride(1),
+            PRUNE_N=prune_n, PRUNE_M=max(prune_m, 1), QUANT=quant,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4)
+        if i2 < C:
+            W[:, :, i2:].baddbmm_(err[:, :, :count], Hinv[:, i1:i2, i2:], alpha=-1.0)
+    return W, ~pruned
+
+
+def obs_prune(W, Hinv, sparsity=0.0, prune_n=0, prune_m=0, grid=None, blocksize=128):
+    """Entry point the driver calls; dispatches to the Triton kernel on CUDA (see backend)."""
+    if use_triton(W):
+        return obs_prune_triton(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize)
+    return obs_prune_reference(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize)

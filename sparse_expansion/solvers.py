@@ -1,0 +1,120 @@
+"""Layer solvers in plain torch: magnitude, Wanda and SparseGPT.
+
+Weights are [E, R, C] (E same-shaped matrices solved together; E = 1 for one layer), inputs
+columns are the last axis. Hessians are fp32 [E, C, C] running averages H = 2/n·XᵀX. Every
+solver returns fp32 weights; the caller casts back to the layer's dtype.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import NumericalError
+from .kernels.obs import find_quant_grid, obs_prune, quantize
+from .sparsity import Sparsity
+
+DAMPING_STEPS = (1, 10, 100, 1000, 10000)  # multiples of percdamp tried in turn
+
+
+@dataclass
+class SolveInfo:
+    damping: list[float] = field(default_factory=list)  # damping used per matrix (fraction of mean diag)
+    dead_inputs: list[int] = field(default_factory=list)
+
+
+def prune_scores(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
+    """Kept mask [E, R, C] that removes the lowest scores: per matrix, per row, or N of every M."""
+    E, R, C = score.shape
+    pruned = torch.zeros_like(score, dtype=torch.bool)
+    if sparsity.structured:
+        groups = score.reshape(E, R, C // sparsity.m, sparsity.m)
+        idx = torch.topk(groups, sparsity.n, dim=-1, largest=False).indices
+        pruned.view(E, R, C // sparsity.m, sparsity.m).scatter_(-1, idx, True)
+    elif per_row:
+        k = int(C * sparsity.rate)
+        if k:
+            pruned.scatter_(2, torch.topk(score, k, dim=2, largest=False).indices, True)
+    else:
+        k = int(R * C * sparsity.rate)
+        if k:
+            pruned.view(E, -1).scatter_(1, torch.topk(score.reshape(E, -1), k, dim=1, largest=False).indices, True)
+    return ~pruned
+
+
+def _round_kept(W: torch.Tensor, bits: int | None) -> torch.Tensor:
+    if bits is None:
+        return W
+    grid = find_quant_grid(W, bits)
+    return quantize(W, grid.scale, grid.zero, grid.maxq)
+
+
+def magnitude(W: torch.Tensor, sparsity: Sparsity, bits: int | None = None) -> torch.Tensor:
+    """Drop the smallest |w| of each matrix (N:M: of each group); kept weights optionally rounded."""
+    W = W.float()
+    return _round_kept(W, bits) * prune_scores(W.abs(), sparsity, per_row=False)
+
+
+def wanda(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None = None) -> torch.Tensor:
+    """Wanda: score |w_ij|·‖x_j‖₂ compared within each output row (N:M: within each group).
+
+    ‖x_j‖ is read off the Hessian diagonal (‖x_j‖² = n/2·H_jj; the constant does not change ranks).
+    """
+    W = W.float()
+    col_norm = torch.diagonal(H, dim1=1, dim2=2).clamp(min=0).sqrt()  # [E, C]
+    return _round_kept(W, bits) * prune_scores(W.abs() * col_norm[:, None, :], sparsity, per_row=True)
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer"
+                           ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Upper Cholesky factor of (H + λI)⁻¹ per matrix, with λ = damp·mean(diag H).
+
+    Dead inputs (zero diagonal) get H_jj = 1 so that the factorisation exists; the caller zeros
+    their weights. The damping starts at `percdamp` and is raised step by step for each matrix
+    whose factorisation fails. Returns (Hinv [E, C, C], dead [E, C] bool, damping used per matrix).
+    """
+    H = H.float().clone()
+    E, C, _ = H.shape
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean_diag = diag.mean(dim=1)
+    eye = torch.eye(C, dtype=H.dtype, device=H.device)
+    Hinv = torch.empty_like(H)
+    used = [float("nan")] * E
+    todo = list(range(E))
+    for step in DAMPING_STEPS:
+        damp = percdamp * step
+        Hd = H[todo] + (damp * mean_diag[todo])[:, None, None] * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        ok = (info == 0) & (info2 == 0) & torch.isfinite(U).flatten(1).all(dim=1)
+        for j, e in enumerate(todo):
+            if ok[j]:
+                Hinv[e] = U[j]
+                used[e] = damp
+        todo = [e for j, e in enumerate(todo) if not ok[j]]
+        if not todo:
+            return Hinv, dead, used
+    raise NumericalError(f"{name}: the Hessian does not factor even with damping {percdamp * DAMPING_STEPS[-1]:g} "
+                         f"x mean diagonal; check the layer's inputs for NaN/inf or use more calibration tokens")
+
+
+def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None = None,
+              blocksize: int = 128, percdamp: float = 0.01, name: str = "layer"
+              ) -> tuple[torch.Tensor, SolveInfo]:
+    """SparseGPT (Frantar & Alistarh, 2023) on E matrices [E, R, C] with Hessians [E, C, C]."""
+    W = W.float().clone()
+    Hinv, dead, damping = inverse_hessian_factor(H, percdamp, name)
+    W[dead[:, None, :].expand_as(W)] = 0.0
+    grid = find_quant_grid(W, bits) if bits is not None else None
+    W, _ = obs_prune(W, Hinv, sparsity.rate if not sparsity.structured else 0.0,
+                     sparsity.n, sparsity.m, grid, blocksize)
+    return W, SolveInfo(damping=damping, dead_inputs=dead.sum(dim=1).tolist())
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> list[float]:
+    """‖WX − ŴX‖² / ‖WX‖² per matrix, computed from H ∝ XᵀX (no activations needed)."""
+    W = W.float()
+    D = W - W_hat.float()
+    num = torch.einsum("erc,ecd,erd->e", D, H, D)
+    den = torch.einsum("erc,ecd,erd->e", W, H, W)
+    return (num / den.clamp(min=torch.finfo(torch.float32).tiny)).tolist()
