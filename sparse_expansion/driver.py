@@ -86,7 +86,7 @@ class Method:
         reports = []
         for name, module in layers.items():
             t0 = time.perf_counter()
-            W = linear_weight(module).detach().float().clone()[None]
+            W = linear_weight(module).detach().float().clone(memory_format=torch.contiguous_format)[None]
             info = None
             if cfg.method == "magnitude":
                 W_hat = solvers.magnitude(W, cfg.sparsity, cfg.bits)
@@ -143,9 +143,9 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
                  for layers, c in zip(layer_groups, collectors)]
         t_collect = time.perf_counter()
         try:
-            for hidden, kwargs in cached:
+            for hidden, args, kwargs in cached:
                 _check_finite(hidden, f"{where} input")
-                block(hidden, **kwargs)
+                block(hidden, *args, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
@@ -155,7 +155,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
                 r["block"] = b
                 r["seconds_collect"] = t_collect
                 reports.append(r)
-        cached = [(block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in cached]
+        cached = [(block_output(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in cached]
         bar.set_postfix(err=f"{sum(r['relative_error'] for r in reports[-sum(map(len, groups)):]) / sum(map(len, groups)):.3g}")
     if reports:
         reports[0]["seconds_total"] = time.perf_counter() - t0

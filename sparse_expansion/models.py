@@ -218,7 +218,7 @@ class _Catcher(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        self.calls: list[tuple[torch.Tensor, dict]] = []
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def __getattr__(self, name):  # models read attributes of their blocks (e.g. attention_type)
         try:
@@ -227,18 +227,16 @@ class _Catcher(nn.Module):
             return getattr(self._modules["block"], name)
 
     def forward(self, hidden, *args, **kwargs):
-        if args:
-            raise RuntimeError("decoder block called with extra positional arguments; cannot capture")
-        self.calls.append((hidden, kwargs))
+        self.calls.append((hidden, args, kwargs))
         raise _StopForward
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
-    """Inputs of the first decoder block for each batch of token ids [B, L]: (hidden, kwargs).
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Inputs of the first decoder block for each batch of token ids [B, L]: (hidden, args, kwargs).
 
-    Every keyword argument the model passes (masks, position embeddings, cache positions) is
-    kept as is, so that the blocks can be re-run on their own.
+    Every argument the model passes (masks, position embeddings, cache positions) is kept as
+    is, so that the blocks can be re-run on their own with `block(hidden, *args, **kwargs)`.
     """
     blocks = decoder_blocks(model)
     catcher = _Catcher(blocks[0])

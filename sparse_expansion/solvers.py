@@ -24,7 +24,7 @@ class SolveInfo:
 def prune_scores(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
     """Kept mask [E, R, C] that removes the lowest scores: per matrix, per row, or N of every M."""
     E, R, C = score.shape
-    pruned = torch.zeros_like(score, dtype=torch.bool)
+    pruned = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
     if sparsity.structured:
         groups = score.reshape(E, R, C // sparsity.m, sparsity.m)
         idx = torch.topk(groups, sparsity.n, dim=-1, largest=False).indices
@@ -102,7 +102,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | 
               blocksize: int = 128, percdamp: float = 0.01, name: str = "layer"
               ) -> tuple[torch.Tensor, SolveInfo]:
     """SparseGPT (Frantar & Alistarh, 2023) on E matrices [E, R, C] with Hessians [E, C, C]."""
-    W = W.float().clone()
+    W = W.float().contiguous().clone()
     Hinv, dead, damping = inverse_hessian_factor(H, percdamp, name)
     W[dead[:, None, :].expand_as(W)] = 0.0
     grid = find_quant_grid(W, bits) if bits is not None else None

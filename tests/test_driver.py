@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from sparse_expansion import models
+from sparse_expansion.driver import PruneConfig, prune_model
+from sparse_expansion.errors import UsageError
+from sparse_expansion.sparsity import Sparsity
+from tiny import FAMILIES, random_tokens, tiny_model
+
+
+def target_names(model, targets):
+    return {f"block{b}.{n}" for b in range(len(models.decoder_blocks(model)))
+            for g in models.target_groups(model, targets) for n in g}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_each_ffn_linear_once(family, monkeypatch):
+    model = tiny_model(family)
+    calls = []
+    real_set = models.set_linear_weight
+    monkeypatch.setattr("sparse_expansion.driver.set_linear_weight",
+                        lambda m, w: (calls.append(id(m)), real_set(m, w)))
+    reports = prune_model(model, random_tokens(4, 32), PruneConfig("sparsegpt", Sparsity(0.5)), progress=False)
+    assert [r["layer"] for r in reports] == sorted(target_names(model, "ffn"), key=[r["layer"] for r in reports].index)
+    assert len(calls) == len(set(calls)) == len(target_names(model, "ffn"))
+    for b, block in enumerate(models.decoder_blocks(model)):
+        for g in models.target_groups(model, "ffn"):
+            for name in g:
+                w = models.linear_weight(block.get_submodule(name))
+                assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+        for g in models.target_groups(model, "all")[:1]:  # attention stays dense by default
+            assert (models.linear_weight(block.get_submodule(g[0])) != 0).all()
+    assert all(r["relative_error"] > 0 for r in reports)
+    assert torch.isfinite(model(random_tokens(1, 16)).logits).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_targets_all_adds_attention(family):
+    model = tiny_model(family)
+    reports = prune_model(model, random_tokens(2, 16), PruneConfig("wanda", Sparsity.parse("2:4"), targets="all"),
+                          progress=False)
+    assert {r["layer"] for r in reports} == target_names(model, "all")
+    assert all(r["sparsity"] == 0.5 for r in reports)
+
+
+def test_pruned_block_outputs_feed_the_next_block(monkeypatch):
+    """The second block's Hessian must come from the pruned first block, not the dense one."""
+    calib = random_tokens(2, 16)
+    seen = {}
+    from sparse_expansion import driver
+    real = driver.Method.prune_group
+
+    def spy(self, layers, stats, where):
+        seen.setdefault(where, stats.H.clone())
+        return real(self, layers, stats, where)
+    monkeypatch.setattr(driver.Method, "prune_group", spy)
+    prune_model(tiny_model("llama"), calib, PruneConfig("magnitude", Sparsity(0.9)), progress=False)
+    pruned_H = seen["block1"]
+    seen.clear()
+    prune_model(tiny_model("llama"), calib, PruneConfig("magnitude", Sparsity(0.0)), progress=False)
+    assert not torch.allclose(pruned_H, seen["block1"])
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    class Fake(torch.nn.Module):
+        class config:
+            model_type = "bert"
+    with pytest.raises(UsageError, match="unsupported architecture 'bert'"):
+        models.decoder_blocks(Fake())
+
+
+def test_nm_needs_divisible_columns():
+    with pytest.raises(UsageError, match="not divisible by M=5"):
+        prune_model(tiny_model("llama"), random_tokens(1, 8), PruneConfig("magnitude", Sparsity.parse("2:5")),
+                    progress=False)
+
+
+def test_capture_keeps_every_keyword_argument():
+    model = tiny_model("llama")
+    (hidden, args, kwargs), = models.capture_block_inputs(model, [random_tokens(2, 8)])
+    assert hidden.shape == (2, 8, 64)
+    assert "position_embeddings" in kwargs
+    out = models.block_output(models.decoder_blocks(model)[0](hidden, *args, **kwargs))
+    assert out.shape == hidden.shape

@@ -1,0 +1,66 @@
+"""On the embedded SmolLM2-135M and Wikipedia corpus (a few blocks, for speed)."""
+import copy
+
+import pytest
+import torch
+
+from sparse_expansion import solvers
+from sparse_expansion.data import calibration_windows, evaluation_windows, load_split
+from sparse_expansion.driver import HessianStats, PruneConfig, prune_model
+from sparse_expansion.evaluate import perplexity
+from sparse_expansion.sparsity import Sparsity
+
+
+def test_wiki_split_and_reference_protocol_checksums(smollm2):
+    _, tok = smollm2
+    train, test = load_split("wiki")
+    assert (len(train), len(test)) == (9018, 1015)
+    assert calibration_windows(tok, "wiki", 32, 512, seed=0).sum().item() == 82074762
+    assert evaluation_windows(tok, "wiki", 512, 24).sum().item() == 61908702
+
+
+def truncated(model, blocks):
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:blocks]
+    small.config.num_hidden_layers = blocks
+    return small
+
+
+@pytest.fixture(scope="module")
+def captured(smollm2):
+    """Hessians of the inputs of block 2's gate/up and down projections on real text."""
+    model, tok = smollm2
+    block = model.model.layers[2]
+    stats = {"gate": HessianStats(576, "cpu"), "down": HessianStats(1536, "cpu")}
+    hooks = [block.mlp.gate_proj.register_forward_pre_hook(lambda m, a: stats["gate"].add_batch(a[0])),
+             block.mlp.down_proj.register_forward_pre_hook(lambda m, a: stats["down"].add_batch(a[0]))]
+    with torch.no_grad():
+        truncated(model, 3)(calibration_windows(tok, "wiki", 8, 256, seed=1))
+    for h in hooks:
+        h.remove()
+    return block, stats
+
+
+@pytest.mark.parametrize("layer,key", [("gate_proj", "gate"), ("down_proj", "down")])
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_sparsegpt_reconstructs_captured_inputs_best(captured, layer, key, spec):
+    block, stats = captured
+    W = getattr(block.mlp, layer).weight.detach()[None]
+    H, sp = stats[key].H, Sparsity.parse(spec)
+    err = {"magnitude": solvers.relative_error(W, solvers.magnitude(W, sp), H)[0],
+           "wanda": solvers.relative_error(W, solvers.wanda(W, H, sp), H)[0],
+           "sparsegpt": solvers.relative_error(W, solvers.sparsegpt(W, H, sp)[0], H)[0]}
+    assert err["sparsegpt"] < err["wanda"] < err["magnitude"], err
+
+
+def test_sparsegpt_perplexity_below_magnitude_on_four_blocks(smollm2):
+    model, tok = smollm2
+    calib = calibration_windows(tok, "wiki", 8, 256, seed=0)
+    evalw = evaluation_windows(tok, "wiki", 256, 4)
+    ppl = {}
+    for method in ("magnitude", "sparsegpt"):
+        small = truncated(model, 4)
+        prune_model(small, calib, PruneConfig(method, Sparsity(0.5)), progress=False)
+        ppl[method] = perplexity(small, evalw, progress=False)["perplexity"]
+    ppl["dense"] = perplexity(truncated(model, 4), evalw, progress=False)["perplexity"]
+    assert ppl["dense"] < ppl["sparsegpt"] < ppl["magnitude"], ppl
