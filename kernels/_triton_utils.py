@@ -1,4 +1,6 @@
 """Small helpers shared by the Triton kernels: launch checks, dot precision, block sizes."""
+import functools
+
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -34,6 +36,7 @@ def next_pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     return min(p, hi) if hi is not None else p
 
 
+@functools.lru_cache(maxsize=16)
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

@@ -99,14 +99,6 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
 
 
 @triton.jit
-def _round_half_even(x):
-    # fp32 round-to-nearest-even (torch.round) without libdevice: adding 1.5·2^23 leaves no
-    # fraction bits; |x| ≥ 2^22 is left alone (such values are clamped by the caller anyway).
-    r = (x + 12582912.0) - 12582912.0
-    return tl.where(tl.abs(x) < 4194304.0, r, x)
-
-
-@triton.jit
 def _obs_block_kernel(W, PRUNED, HINV, ERR, SCALE, ZERO,
                       R, C, i1, count, maxq,
                       stride_we, stride_wr, stride_pe, stride_pr, stride_ee, stride_er,
@@ -146,7 +138,7 @@ def _obs_block_kernel(W, PRUNED, HINV, ERR, SCALE, ZERO,
         if PRUNE_N > 0:
             if i % PRUNE_M == 0:
                 # prune the PRUNE_N lowest w²/d² of columns i..i+PRUNE_M-1 (ties: lower column)
-                S = Wt * Wt / (diag * diag)[None, :]
+                S = tl.math.div_rn(Wt * Wt, (diag * diag)[None, :])
                 rank = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
                 for k in tl.static_range(PRUNE_M):
                     sk = tl.sum(tl.where(cols[None, :] == i + k, S, 0.0), axis=1)
@@ -158,10 +150,14 @@ def _obs_block_kernel(W, PRUNED, HINV, ERR, SCALE, ZERO,
         pruned = tl.sum(tl.where(sel & P, 1, 0), axis=1) > 0
         q = tl.where(pruned, 0.0, w)
         if QUANT:
-            qi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(q, scale)) + zero, 0.0), maxq)
+            # torch.round (half to even) without libdevice: adding 1.5·2^23 to |v| < 2^22
+            # leaves no fraction bits (larger |v| are clamped to the grid's ends anyway)
+            v = tl.math.div_rn(q, scale)
+            v = tl.where(tl.abs(v) < 4194304.0, (v + 12582912.0) - 12582912.0, v)
+            qi = tl.minimum(tl.maximum(v + zero, 0.0), maxq)
             q = scale * (qi - zero)
         d = tl.load(hblk + i * (C + 1))
-        err = (w - q) / d
+        err = tl.math.div_rn(w - q, d)  # IEEE division, as torch
         h = tl.load(hblk + i * C + cols, mask=(cols > i) & cmask, other=0.0)
         Wt = tl.where(sel, q[:, None], Wt - err[:, None] * h[None, :])
         Err = tl.where(sel, err[:, None], Err)

@@ -1,5 +1,26 @@
-"""Top-1 routed expert matmul: Y[t] = X[t] · W_{e(t)}ᵀ + b_{e(t)}."""
+"""Top-1 routed expert matmul: Y[t] = X[t] · W_{e(t)}ᵀ + b_{e(t)}.
+
+Weights are dense [E, d_out, d_in] or 2:4-compressed (`compress_24`): for every group of 4
+consecutive inputs of a row the 2 kept values ([E, d_out, d_in/2], in column order) and their
+positions, 2 bits each, packed 4 bits per group and 2 groups per byte, low nibble first
+([E, d_out, ceil(d_in/8)] uint8; nibble = idx0 | idx1 << 2 with idx0 < idx1).
+
+Triton version: tokens are sorted by expert and padded per expert to whole blocks of BLOCK_M
+rows in torch, without a host synchronisation (like vLLM's moe_align_block_size); one grouped
+kernel runs over (row block, output tile[, K split]) and gathers its tokens' rows, multiplies
+them by its expert's weight tile (2:4 weights are expanded to dense tiles in registers) and
+scatters the rows back to token order. Many tokens (prefill) use large tiles; few tokens
+(decode) use 16-row blocks, narrow output tiles and a K split summed with fp32 atomics so that
+enough programs stream the weights.
+"""
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_launch, dot_precision, interpreted, next_pow2, num_sms
+from .backend import use_triton
 
 
 def routed_matmul_reference(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
@@ -26,6 +47,251 @@ def routed_matmul_reference(x: torch.Tensor, expert: torch.Tensor, weight: torch
     return out
 
 
+def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress 2:4-sparse weights [E, d_out, d_in] (d_in a multiple of 4).
+
+    Returns (values [E, d_out, d_in/2] in weight's dtype, meta [E, d_out, ceil(d_in/8)] uint8).
+    Raises ValueError when a group of 4 consecutive inputs holds more than 2 nonzeros.
+    """
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be [E, d_out, d_in], got shape {list(weight.shape)}")
+    E, N, K = weight.shape
+    if K % 4:
+        raise ValueError(f"2:4 compression needs d_in divisible by 4, got {K}")
+    groups = weight.reshape(E, N, K // 4, 4)
+    nz = groups != 0
+    bad = nz.sum(-1) > 2
+    if bad.any():
+        e, n, g = (int(v) for v in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"weight is not 2:4 sparse: {int(bad.sum())} groups of 4 inputs have more than 2 "
+            f"nonzeros (first: expert {e}, row {n}, inputs {4 * g}..{4 * g + 3}); prune it "
+            "with 2:4 sparsity first")
+    # keep the nonzero positions, topped up with zero positions, in column order
+    pos = torch.arange(4, device=weight.device)
+    key = (~nz).to(torch.int64) * 4 + pos
+    idx = torch.sort(torch.topk(key, 2, dim=-1, largest=False).indices, dim=-1).values
+    values = torch.gather(groups, -1, idx).reshape(E, N, K // 2).contiguous()
+    nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [E, N, K/4]
+    if nib.shape[-1] % 2:
+        nib = torch.cat([nib, nib.new_zeros(E, N, 1)], dim=-1)
+    meta = (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous()
+    return values, meta
+
+
+def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of `compress_24`: dense [E, d_out, 2·values.shape[-1]] in values' dtype."""
+    E, N, Kh = values.shape
+    G = Kh // 2
+    nib = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(E, N, -1)[..., :G].long()
+    idx = torch.stack([nib & 3, nib >> 2], dim=-1)  # [E, N, G, 2]
+    dense = values.new_zeros(E, N, G, 4)
+    dense.scatter_(-1, idx, values.reshape(E, N, G, 2))
+    return dense.reshape(E, N, 4 * G)
+
+
+def routed_matmul_24_reference(x: torch.Tensor, expert: torch.Tensor, values: torch.Tensor,
+                               meta: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`routed_matmul_reference` on 2:4-compressed weights (decompressed first)."""
+    return routed_matmul_reference(x, expert, decompress_24(values, meta), bias)
+
+
+@triton.jit
+def _routed_kernel(X, W, META, B, Y, SORTED_IDS, BLOCK_EXPERT,
+                   T, N, K,
+                   stride_xt, stride_xk, stride_we, stride_wn, stride_wk,
+                   stride_me, stride_mn, stride_be, stride_yt, stride_yn,
+                   SPARSE24: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Y[tok] (+)= X[tok] · W[e]ᵀ (+ B[e]) for the BLOCK_M tokens of row block program_id(0).
+
+    SORTED_IDS [num_blocks·BLOCK_M] token ids grouped by expert, padded with T;
+    BLOCK_EXPERT [num_blocks] expert of each block, -1 for unused blocks.
+    Dense: W [E, N, K]. SPARSE24: W holds the kept values [E, N, K/2] and META the packed
+    positions [E, N, ceil(K/8)] uint8. SPLIT_K > 1: program_id(2) sums every SPLIT_K-th K block
+    and adds into fp32 Y with atomics (Y zero-initialised by the caller).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(BLOCK_EXPERT + pid_m)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = tl.load(SORTED_IDS + offs_m)
+    tmask = tok < T
+    tok = tok.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    x_rows = X + tok[:, None] * stride_xt
+    w_rows = W + e * stride_we + offs_n[:, None] * stride_wn  # [BLOCK_N, 1]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :] * stride_xk,
+                    mask=tmask[:, None] & (offs_k < K)[None, :], other=0.0)
+        if SPARSE24:
+            # kept values of the tile's BLOCK_K/4 groups, and their positions (4 bits a group)
+            offs_h = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            v = tl.load(w_rows + offs_h[None, :] * stride_wk,
+                        mask=nmask[:, None] & (offs_h < K // 2)[None, :], other=0.0)
+            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            mb = tl.load(META + e * stride_me + offs_n[:, None] * stride_mn + offs_b[None, :],
+                         mask=nmask[:, None] & (offs_b < (K + 7) // 8)[None, :], other=0)
+            mb = mb.to(tl.int32)
+            nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_N, BLOCK_K // 4))
+            i0 = nib & 3
+            i1 = nib >> 2
+            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))
+            zero = tl.zeros_like(v0)
+            d0 = tl.where(i0 == 0, v0, zero)
+            d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+            d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+            d3 = tl.where(i1 == 3, v1, zero)
+            # [BLOCK_N, G, 2, 2] with element [g, a, b] = d_{2a+b} → dense [BLOCK_N, BLOCK_K]
+            wt = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        else:
+            wt = tl.load(w_rows + offs_k[None, :] * stride_wk,
+                         mask=nmask[:, None] & (offs_k < K)[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(wt.to(a.dtype)), acc, input_precision=PREC)
+
+    if HAS_BIAS:
+        bias = tl.load(B + e * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if SPLIT_K == 1:
+            acc += bias[None, :]
+        else:
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y_ptrs = Y + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    ymask = tmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=ymask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=ymask)
+
+
+@dataclass(frozen=True)
+class RoutedConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(T: int, E: int, N: int, K: int, sparse24: bool,
+                   device: torch.device, interpret: bool) -> RoutedConfig:
+    """Block sizes for T tokens over E experts, d_out N, d_in K (no GPU tuning table yet)."""
+    if interpret:  # few, large programs: the interpreter pays per program and K step
+        return RoutedConfig(16, next_pow2(N, 16, 64), next_pow2(K, 32, 128), 1, 4, 1)
+    if T <= 64:  # decode: memory bound, spread the weight stream over many programs
+        cfg = RoutedConfig(16, 32, 256 if sparse24 else 128, 1, 4, 4)
+        active = min(T, E)
+        programs = active * triton.cdiv(N, cfg.BLOCK_N)
+        split = 1
+        while programs * split < 2 * num_sms(device) and K // (cfg.BLOCK_K * split * 2) >= 4:
+            split *= 2
+        return RoutedConfig(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, split, cfg.num_warps,
+                            cfg.num_stages)
+    per_expert = T / max(1, min(E, T))
+    if per_expert >= 128:
+        return RoutedConfig(128, 128, 64, 1, 8, 4)
+    return RoutedConfig(64, 128, 64, 1, 4, 4)
+
+
+def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group token ids by expert, each expert padded to whole blocks of `block_m`.
+
+    No host synchronisation (CUDA-graph capturable): the block count is an upper bound.
+
+    Returns sorted_ids [num_blocks·block_m] int32 (padding = T) and block_expert [num_blocks]
+    int32 (-1 for the unused tail), num_blocks = ceil(T/block_m) + min(E, T) (an upper bound).
+    """
+    T = expert.numel()
+    dev = expert.device
+    # scatter_add, not bincount: bincount syncs with the host on CUDA (no graph capture)
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(
+        0, expert, torch.ones_like(expert))
+    nb = (counts + block_m - 1) // block_m
+    cum_nb = torch.cumsum(nb, 0)
+    num_blocks = triton.cdiv(T, block_m) + min(E, T)
+    be = torch.searchsorted(cum_nb, torch.arange(num_blocks, device=dev), right=True)
+    block_expert = torch.where(be < E, be, -1).to(torch.int32)
+    order = torch.argsort(expert, stable=True)
+    sorted_e = expert[order]
+    tok_start = torch.cumsum(counts, 0) - counts
+    dest = (cum_nb - nb)[sorted_e] * block_m + torch.arange(T, device=dev) - tok_start[sorted_e]
+    sorted_ids = torch.full((num_blocks * block_m,), T, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)
+    return sorted_ids, block_expert
+
+
+def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
+    if x.dim() != 2 or x.shape[1] != d_in:
+        raise ValueError(f"x must be [T, {d_in}], got {list(x.shape)}")
+    E, N = w.shape[0], w.shape[1]
+    T = x.shape[0]
+    sparse24 = meta is not None
+    check_launch(_routed_kernel, x, expert, w, meta, bias)
+    if T == 0:
+        return x.new_empty(0, N)
+    expert = expert.reshape(-1).long()
+    if expert.numel() != T:
+        raise ValueError(f"{expert.numel()} expert ids for {T} tokens")
+    cfg = config or default_config(T, E, N, d_in, sparse24, x.device, interpreted(_routed_kernel))
+    if sparse24 and cfg.BLOCK_K % 8:
+        raise ValueError("2:4 weights need BLOCK_K divisible by 8")
+    sorted_ids, block_expert = align_tokens(expert, E, cfg.BLOCK_M)
+    if cfg.SPLIT_K > 1:
+        y = torch.zeros(T, N, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    grid = (block_expert.numel(), triton.cdiv(N, cfg.BLOCK_N), cfg.SPLIT_K)
+    _routed_kernel[grid](
+        x, w, meta if sparse24 else w, bias if bias is not None else w, y, sorted_ids,
+        block_expert, T, N, d_in, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        meta.stride(0) if sparse24 else 0, meta.stride(1) if sparse24 else 0,
+        bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
+        SPARSE24=sparse24, HAS_BIAS=bias is not None, SPLIT_K=cfg.SPLIT_K,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.to(x.dtype)
+
+
+def routed_matmul_triton(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None, *,
+                         config: RoutedConfig | None = None) -> torch.Tensor:
+    """Triton version of `routed_matmul_reference` (same arguments; `config` for benchmarks)."""
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    return _routed(x, expert, weight, None, bias, weight.shape[2], config)
+
+
+def routed_matmul_24_triton(x: torch.Tensor, expert: torch.Tensor, values: torch.Tensor,
+                            meta: torch.Tensor, bias: torch.Tensor | None = None, *,
+                            config: RoutedConfig | None = None) -> torch.Tensor:
+    """Triton version of `routed_matmul_24_reference`: 2:4 weights expanded in registers."""
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    if meta.dtype != torch.uint8 or meta.stride(-1) != 1:
+        raise ValueError("meta must be the uint8 tensor returned by compress_24")
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    return _routed(x, expert, values, meta, bias, 2 * values.shape[2], config)
+
+
 def routed_matmul(x, expert, weight, bias=None):
     """Entry point SparseExpertLinear calls; dispatches to the Triton kernel on CUDA."""
+    if use_triton(x):
+        return routed_matmul_triton(x, expert, weight, bias)
     return routed_matmul_reference(x, expert, weight, bias)
+
+
+def routed_matmul_24(x, expert, values, meta, bias=None):
+    """Routed matmul on `compress_24` weights; Triton on CUDA, torch reference elsewhere."""
+    if use_triton(x):
+        return routed_matmul_24_triton(x, expert, values, meta, bias)
+    return routed_matmul_24_reference(x, expert, values, meta, bias)

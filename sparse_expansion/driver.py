@@ -20,7 +20,7 @@ from .kernels.hessian import accumulate_hessian
 from .models import block_output, capture_block_inputs, decoder_blocks, linear_weight, set_linear_weight, target_groups
 from .sparsity import Sparsity
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparse-expansion")
 
 
 @dataclass
@@ -32,6 +32,16 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     batch_size: int = 8  # calibration windows per forward pass
+    sequential: bool = False  # collect each group's inputs after the block's earlier groups are pruned
+    seed: int = 0
+    # sparse-expansion only
+    clusters: int = 16
+    pca_factor: int = 32
+    kmeans_restarts: int = 10
+    kmeans_backend: str = "auto"
+    small_clusters: str = "shrink"
+    shrink_tokens: float = 64.0
+    min_cluster_tokens: int = 64
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -81,7 +91,8 @@ class Method:
         W = linear_weight(first)
         return HessianStats(W.shape[1], W.device)
 
-    def prune_group(self, layers: dict[str, nn.Module], stats: HessianStats, where: str) -> list[dict]:
+    def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], stats: HessianStats, where: str
+                    ) -> list[dict]:
         cfg, H = self.config, stats.H
         reports = []
         for name, module in layers.items():
@@ -107,7 +118,10 @@ class Method:
         return reports
 
 
-def make_method(config: PruneConfig) -> Method:
+def make_method(config: PruneConfig):
+    if config.method == "sparse-expansion":
+        from .expansion import ExpansionMethod
+        return ExpansionMethod(config)
     return Method(config)
 
 
@@ -127,8 +141,9 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     method = method or make_method(config)
     groups = target_groups(model, config.targets)
     check_shapes(model, config)
+    # one dense pass collects every group's inputs; --sequential gives each group its own pass
+    phases = [[g] for g in groups] if config.sequential else [list(groups)]
     batches = list(calibration.split(config.batch_size))
-    t0 = time.perf_counter()
     cached = capture_block_inputs(model, batches)
     reports: list[dict] = []
     blocks = decoder_blocks(model)
@@ -136,27 +151,25 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     for b in bar:
         block = blocks[b]
         where = f"block{b}"
-        layer_groups = [{name: block.get_submodule(name) for name in g} for g in groups]
-        collectors = [method.collector(layers) for layers in layer_groups]
-        hooks = [next(iter(layers.values())).register_forward_pre_hook(
-                     lambda _m, args, c=c: c.add_batch(args[0]))
-                 for layers, c in zip(layer_groups, collectors)]
-        t_collect = time.perf_counter()
-        try:
-            for hidden, args, kwargs in cached:
-                _check_finite(hidden, f"{where} input")
-                block(hidden, *args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        t_collect = time.perf_counter() - t_collect
-        for layers, c in zip(layer_groups, collectors):
-            for r in method.prune_group(layers, c, where):
-                r["block"] = b
-                r["seconds_collect"] = t_collect
-                reports.append(r)
+        for phase in phases:
+            layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
+            collectors = [method.collector(layers) for layers in layer_groups]
+            hooks = [next(iter(layers.values())).register_forward_pre_hook(
+                         lambda _m, args, c=c: c.add_batch(args[0]))
+                     for layers, c in zip(layer_groups, collectors)]
+            t_collect = time.perf_counter()
+            try:
+                for hidden, args, kwargs in cached:
+                    _check_finite(hidden, f"{where} input")
+                    block(hidden, *args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            t_collect = time.perf_counter() - t_collect
+            for layers, c in zip(layer_groups, collectors):
+                for r in method.prune_group(block, layers, c, where):
+                    reports.append({"block": b, **r, "seconds_collect": t_collect})
         cached = [(block_output(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in cached]
-        bar.set_postfix(err=f"{sum(r['relative_error'] for r in reports[-sum(map(len, groups)):]) / sum(map(len, groups)):.3g}")
-    if reports:
-        reports[0]["seconds_total"] = time.perf_counter() - t0
+        recent = [r["relative_error"] for r in reports if r["block"] == b]
+        bar.set_postfix(err=f"{sum(recent) / len(recent):.3g}")
     return reports

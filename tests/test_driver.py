@@ -50,9 +50,9 @@ def test_pruned_block_outputs_feed_the_next_block(monkeypatch):
     from sparse_expansion import driver
     real = driver.Method.prune_group
 
-    def spy(self, layers, stats, where):
+    def spy(self, block, layers, stats, where):
         seen.setdefault(where, stats.H.clone())
-        return real(self, layers, stats, where)
+        return real(self, block, layers, stats, where)
     monkeypatch.setattr(driver.Method, "prune_group", spy)
     prune_model(tiny_model("llama"), calib, PruneConfig("magnitude", Sparsity(0.9)), progress=False)
     pruned_H = seen["block1"]

@@ -1,0 +1,129 @@
+"""Ahead-of-time compilation of every kernel for a CUDA target, without a GPU.
+
+`compile_all(cc)` builds each kernel variant with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32))` down to a cubin (Triton ships ptxas). It is the cheap check,
+run by the CPU test suite, that the kernels the interpreter tests also lower for sm_80/sm_90 with
+16-bit inputs (the interpreter accepts some programs the compiler rejects, and vice versa).
+
+It must run in a process without TRITON_INTERPRET: under the interpreter Triton's own library
+functions (tl.sum's combine function, ...) are interpreter objects that the compiler cannot
+lower, and calling them patches triton.language for good. From an interpreted process run
+`python -m sparse_expansion.kernels._compile 80 90` with TRITON_INTERPRET unset.
+"""
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from .hessian import _hessian_tile_kernel
+from .obs import _obs_block_kernel
+from .routed_matmul import _routed_kernel
+
+_TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+
+
+def _jit(kernel) -> JITFunction:
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError("kernels cannot be compiled in a TRITON_INTERPRET process: run "
+                           "`python -m sparse_expansion.kernels._compile` without it")
+    return kernel
+
+
+def variants(dtype: str = "bf16") -> list[Variant]:
+    """Every kernel variant the wrappers launch on a GPU, with `dtype` activations/weights."""
+    t = _TY[dtype]
+    prec = "ieee" if t == "fp32" else "tf32"
+    out = []
+    hsig = {"X": f"*{t}", "PERM": "*i32", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
+            "PAIR_J": "*i32", "H": "*fp32", "SCALE": "*fp32", "ALPHA": "*fp32", "d": "i32",
+            "stride_xn": "i32", "stride_xd": "i32", "HAS_PERM": "constexpr",
+            "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
+    for has_perm in (False, True):
+        out.append(Variant(f"hessian[perm={has_perm}]", _hessian_tile_kernel, hsig,
+                           dict(HAS_PERM=has_perm, BLOCK=128, BLOCK_K=64 if t != "fp32" else 32,
+                                PREC=prec), dict(num_warps=8, num_stages=3)))
+    osig = {"W": "*fp32", "PRUNED": "*u8", "HINV": "*fp32", "ERR": "*fp32", "SCALE": "*fp32",
+            "ZERO": "*fp32", "R": "i32", "C": "i32", "i1": "i32", "count": "i32", "maxq": "fp32",
+            "stride_we": "i64", "stride_wr": "i32", "stride_pe": "i64", "stride_pr": "i32",
+            "stride_ee": "i64", "stride_er": "i32", "PRUNE_N": "constexpr",
+            "PRUNE_M": "constexpr", "QUANT": "constexpr", "BLOCK_R": "constexpr",
+            "BLOCK_C": "constexpr"}
+    for n, m, quant in ((0, 1, False), (2, 4, False), (0, 1, True), (2, 4, True)):
+        out.append(Variant(f"obs[{n}:{m},quant={quant}]", _obs_block_kernel, osig,
+                           dict(PRUNE_N=n, PRUNE_M=m, QUANT=quant, BLOCK_R=16, BLOCK_C=128),
+                           dict(num_warps=4)))
+    rsig = {"X": f"*{t}", "W": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}",
+            "SORTED_IDS": "*i32", "BLOCK_EXPERT": "*i32", "T": "i32", "N": "i32", "K": "i32",
+            "stride_xt": "i32", "stride_xk": "i32", "stride_we": "i64", "stride_wn": "i32",
+            "stride_wk": "i32", "stride_me": "i32", "stride_mn": "i32", "stride_be": "i32",
+            "stride_yt": "i32", "stride_yn": "i32", "SPARSE24": "constexpr",
+            "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
+    split_sig = dict(rsig, Y="*fp32")
+    for sparse24 in (False, True):
+        tag = "24" if sparse24 else "dense"
+        out.append(Variant(f"routed_{tag}[prefill]", _routed_kernel, rsig,
+                           dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=1, BLOCK_M=128,
+                                BLOCK_N=128, BLOCK_K=64, PREC=prec),
+                           dict(num_warps=8, num_stages=4)))
+        out.append(Variant(f"routed_{tag}[decode,split]", _routed_kernel, split_sig,
+                           dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16,
+                                BLOCK_N=32, BLOCK_K=256 if sparse24 else 128, PREC=prec),
+                           dict(num_warps=4, num_stages=4)))
+    return out
+
+
+def compile_variant(v: Variant, cc: int):
+    src = ASTSource(fn=_jit(v.kernel), signature=v.signature, constexprs=v.constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=v.options)
+
+
+def compile_all(cc: int, dtype: str = "bf16") -> dict[str, dict]:
+    """Compile every variant for compute capability `cc`.
+
+    Returns {variant: {"stages": [...], "shared": bytes, "error": str | None}}.
+    """
+    out = {}
+    for v in variants(dtype):
+        try:
+            k = compile_variant(v, cc)
+            out[v.name] = {"stages": list(k.asm.keys()), "shared": k.metadata.shared,
+                           "error": None}
+        except Exception as e:  # reported, the caller decides
+            out[v.name] = {"stages": [], "shared": 0, "error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """`python -m sparse_expansion.kernels._compile [CC ...] [--dtype bf16]`: JSON on stdout."""
+    dtype = "bf16"
+    if "--dtype" in argv:
+        i = argv.index("--dtype")
+        dtype = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    ccs = [int(a) for a in argv] or [80, 90]
+    t0 = time.time()
+    res = {f"sm_{cc}": compile_all(cc, dtype) for cc in ccs}
+    failed = [f"{t}/{n}" for t, r in res.items() for n, v in r.items() if v["error"]]
+    json.dump({"dtype": dtype, "seconds": round(time.time() - t0, 2), "failed": failed,
+               "results": res}, sys.stdout, indent=1)
+    print()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

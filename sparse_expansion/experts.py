@@ -1,0 +1,62 @@
+"""`SparseExpertLinear`: a drop-in replacement of an nn.Linear (or GPT-2 Conv1D) that routes
+every token to one of K sparse experts; plus the compressed form experts are saved in."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .kernels.routed_matmul import routed_matmul
+from .router import Router
+
+
+class SparseExpertLinear(nn.Module):
+    """y = x · W_{e(x)}ᵀ + b_{e(x)}, e(x) = router.assign(x), for x of any leading shape.
+
+    weight: [K, out, in] (the experts, zeros where pruned), bias: [K, out] or None. Routers may
+    be shared between modules (gate_proj and up_proj of a Llama MLP share one).
+    """
+
+    def __init__(self, router: Router, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.shape[0] != router.clusters:
+            raise ValueError(f"{weight.shape[0]} experts for a router with {router.clusters} clusters")
+        self.router = router
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = weight.shape[2], weight.shape[1]
+
+    @property
+    def experts(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        expert = self.router.assign(flat)
+        y = routed_matmul(flat.to(self.weight.dtype), expert, self.weight, self.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, experts={self.experts}"
+
+
+# ---- compressed storage: kept values + a bitmask -------------------------------------------------
+
+def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{'values': nonzeros in row-major order, 'mask': packed bits (uint8), 'shape': int64 shape}."""
+    mask = weight != 0
+    packed = np.packbits(mask.flatten().cpu().numpy())
+    return {"values": weight[mask].contiguous(), "mask": torch.from_numpy(packed),
+            "shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
+
+
+def decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    shape = tuple(parts["shape"].tolist())
+    numel = int(np.prod(shape))
+    bits = np.unpackbits(parts["mask"].numpy(), count=numel).astype(bool)
+    mask = torch.from_numpy(bits)
+    if int(mask.sum()) != parts["values"].numel():
+        raise ValueError(f"mask keeps {int(mask.sum())} weights but {parts['values'].numel()} values are stored")
+    dense = torch.zeros(numel, dtype=parts["values"].dtype)
+    dense[mask] = parts["values"]
+    return dense.view(shape)

@@ -1,0 +1,166 @@
+"""Routers: PCA projection + nearest k-means centroid, fit on a layer's calibration inputs.
+
+k-means backends behind one function: cuML on CUDA when it is installed, and a torch Lloyd with
+k-means++ initialisation on any device. `choose_backend` picks one and says which.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+KMEANS_BACKENDS = ("auto", "torch", "cuml")
+
+
+class Router(nn.Module):
+    """Routes each token to the nearest centroid of its PCA projection.
+
+    mean: [d] and basis: [d, k] (both None without PCA); centroids: [K, k]. Everything in fp32.
+    """
+
+    def __init__(self, centroids: torch.Tensor, mean: torch.Tensor | None = None, basis: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("centroids", centroids.float().contiguous())
+        self.register_buffer("mean", None if mean is None else mean.float().contiguous())
+        self.register_buffer("basis", None if basis is None else basis.float().contiguous())
+
+    @property
+    def clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1]).float()
+        return x if self.basis is None else (x - self.mean) @ self.basis
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert index [T] (int64) of every token of x [..., d]."""
+        return nearest_centroid(self.project(x), self.centroids)
+
+    def extra_repr(self) -> str:
+        return f"clusters={self.clusters}, pca={'none' if self.basis is None else tuple(self.basis.shape)}"
+
+
+def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """argmin_c ‖z − c‖² for every row of z [N, k] (the ‖z‖² term does not change the argmin)."""
+    return (centroids.square().sum(1) - 2.0 * z @ centroids.t()).argmin(1)
+
+
+def fit_pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [d], basis [d, components]): top principal directions of x [N, d].
+
+    Covariance in fp32 (one matmul), eigendecomposition in fp64.
+    """
+    x = x.float()
+    mean = x.mean(0)
+    xc = x - mean
+    cov = (xc.t() @ xc).double() / max(x.shape[0], 1)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    basis = vecs[:, -components:].flip(1)
+    # fix each direction's sign (largest |entry| positive) so that fits are reproducible
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    return mean.float(), (basis * signs).float()
+
+
+def _kmeans_pp(z: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii), with 2 + log k candidates per step."""
+    n = z.shape[0]
+    trials = 2 + int(math.log(k))
+    centers = [z[torch.randint(n, (1,), generator=gen, device=z.device)]]
+    closest = (z - centers[0]).square().sum(1)
+    for _ in range(1, k):
+        probs = closest / closest.sum() if closest.sum() > 0 else torch.full_like(closest, 1.0 / n)
+        cand = torch.multinomial(probs, trials, replacement=True, generator=gen)
+        d = torch.cdist(z, z[cand]).square()  # [n, trials]
+        pot = torch.minimum(closest[:, None], d).sum(0)
+        best = int(pot.argmin())
+        centers.append(z[cand[best]][None])
+        closest = torch.minimum(closest, d[:, best])
+    return torch.cat(centers)
+
+
+def kmeans_torch(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, max_iter: int = 300,
+                 tol: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """Lloyd's k-means with k-means++ init; best of `restarts` runs by inertia.
+
+    Returns (centroids [k, dim], inertia). Stops a run when the centroid shift falls below
+    tol × the mean per-feature variance (scikit-learn's rule). An emptied cluster takes the
+    point farthest from its centroid.
+    """
+    z = z.float()
+    gen = torch.Generator(device=z.device).manual_seed(seed)
+    threshold = tol * z.var(0, unbiased=False).mean()
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        c = _kmeans_pp(z, k, gen)
+        for _ in range(max_iter):
+            onehot = torch.nn.functional.one_hot(nearest_centroid(z, c), k).to(z.dtype)
+            counts = onehot.sum(0)
+            new = (onehot.t() @ z) / counts.clamp(min=1)[:, None]
+            for e in torch.nonzero(counts == 0).flatten().tolist():
+                far = (z - onehot @ new).square().sum(1).argmax()
+                new[e] = z[far]
+            shift = (new - c).square().sum()
+            c = new
+            if shift <= threshold:
+                break
+        inertia = float((z - c[nearest_centroid(z, c)]).square().sum())
+        if inertia < best_inertia:
+            best, best_inertia = c, inertia
+    return best, best_inertia
+
+
+def kmeans_cuml(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, max_iter: int = 300,
+                tol: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """cuML's KMeans on a CUDA tensor (k-means++ init); same return as kmeans_torch."""
+    import cupy
+    from cuml.cluster import KMeans
+    km = KMeans(n_clusters=k, n_init=restarts, random_state=seed, max_iter=max_iter, tol=tol, init="k-means++")
+    km.fit(cupy.from_dlpack(z.float().contiguous()))
+    centroids = torch.from_dlpack(cupy.asarray(km.cluster_centers_)).to(z.device).float()
+    return centroids, float(km.inertia_)
+
+
+def choose_backend(requested: str, device: torch.device | str) -> str:
+    """'cuml' on CUDA when installed (auto), else 'torch'; an impossible request is an error."""
+    if requested not in KMEANS_BACKENDS:
+        raise UsageError(f"--kmeans-backend {requested!r}: use one of {', '.join(KMEANS_BACKENDS)}")
+    on_cuda = torch.device(device).type == "cuda"
+    has_cuml = importlib.util.find_spec("cuml") is not None
+    if requested == "cuml" and not (on_cuda and has_cuml):
+        raise UsageError("--kmeans-backend cuml needs a CUDA device and cuML (pip install '.[gpu]'); "
+                         "use --kmeans-backend torch")
+    if requested == "auto":
+        return "cuml" if on_cuda and has_cuml else "torch"
+    return requested
+
+
+@dataclass
+class RouterFit:
+    router: Router
+    labels: torch.Tensor   # [N] cluster of every calibration token (= router.assign(x))
+    inertia: float
+    backend: str
+
+
+def fit_router(x: torch.Tensor, clusters: int, pca_factor: int = 32, seed: int = 0, restarts: int = 10,
+               backend: str = "auto") -> RouterFit:
+    """PCA to d // pca_factor components (no PCA when pca_factor == 0), then k-means."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    mean = basis = None
+    if pca_factor:
+        components = max(1, x.shape[1] // pca_factor)
+        mean, basis = fit_pca(x, components)
+    router = Router(torch.zeros(clusters, basis.shape[1] if basis is not None else x.shape[1]), mean, basis).to(x.device)
+    z = router.project(x)
+    backend = choose_backend(backend, x.device)
+    if clusters == 1:
+        centroids, inertia = z.mean(0, keepdim=True), float((z - z.mean(0)).square().sum())
+    else:
+        centroids, inertia = (kmeans_cuml if backend == "cuml" else kmeans_torch)(z, clusters, seed, restarts)
+    router.centroids.copy_(centroids)
+    return RouterFit(router, router.assign(x), inertia, backend)
