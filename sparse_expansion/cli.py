@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .driver import PruneConfig
 from .errors import NumericalError, UsageError
 
 EXIT_USAGE = 2
@@ -23,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model layer by layer and save it")
     pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or 'smollm2' (embedded)")
-    pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda or sparsegpt")
+    pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparse-expansion")
     pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
     pr.add_argument("--bits", type=int, default=None, help="joint quantization of kept weights, 2-8 bits")
     pr.add_argument("--calib", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
@@ -35,7 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pr.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    pr.add_argument("--blocks", default=None, help="prune only decoder blocks START:END (default: all)")
+    pr.add_argument("--sequential", action="store_true",
+                    help="collect each group's inputs after the block's earlier groups are pruned")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    se = pr.add_argument_group("sparse-expansion")
+    se.add_argument("--clusters", type=int, default=PruneConfig.clusters, help="experts per layer (k-means clusters)")
+    se.add_argument("--pca-factor", type=int, default=PruneConfig.pca_factor,
+                    help="PCA to input_dim // F components; 0 = no PCA")
+    se.add_argument("--kmeans-restarts", type=int, default=PruneConfig.kmeans_restarts)
+    se.add_argument("--kmeans-backend", default=PruneConfig.kmeans_backend, help="auto, torch or cuml")
+    se.add_argument("--small-clusters", default=PruneConfig.small_clusters,
+                    help="damping (paper), shrink (toward the layer Hessian) or merge")
+    se.add_argument("--shrink-tokens", type=float, default=PruneConfig.shrink_tokens,
+                    help="tau of --small-clusters shrink, in tokens")
+    se.add_argument("--min-cluster-tokens", type=int, default=PruneConfig.min_cluster_tokens,
+                    help="smallest cluster kept by --small-clusters merge")
 
     ev = sub.add_parser("eval", help="perplexity on held-out windows")
     ev.add_argument("model", help="model reference as for prune, or a folder written by prune")
@@ -72,9 +88,20 @@ def _check_seqlen(model: str, seqlen: int) -> None:
         raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens; use --seqlen {context} or less")
 
 
-def check_prune_args(args) -> "PruneConfig":
+def _block_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, end = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--blocks {text!r}: write START:END, e.g. 0:8") from None
+    return start, end
+
+
+def check_prune_args(args) -> PruneConfig:
     from .data import check_source
-    from .driver import PruneConfig, check_method, check_target_shapes
+    from .driver import check_method, check_target_shapes, make_method
+    from .router import choose_backend
     from .models import check_model_ref
     from .save import check_output
     from .sparsity import Sparsity, check_bits
@@ -90,8 +117,18 @@ def check_prune_args(args) -> "PruneConfig":
     check_source(args.calib)
     check_model_ref(args.model)
     _check_seqlen(args.model, args.seqlen)
+    _positive(args.kmeans_restarts, "--kmeans-restarts")
+    if args.shrink_tokens < 0 or args.min_cluster_tokens < 0:
+        raise UsageError("--shrink-tokens and --min-cluster-tokens must not be negative")
     config = PruneConfig(method=args.method, sparsity=sparsity, bits=args.bits, targets=args.targets,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, sequential=args.sequential, seed=args.seed,
+                         blocks=_block_range(args.blocks),
+                         clusters=args.clusters, pca_factor=args.pca_factor, kmeans_restarts=args.kmeans_restarts,
+                         kmeans_backend=args.kmeans_backend, small_clusters=args.small_clusters,
+                         shrink_tokens=args.shrink_tokens, min_cluster_tokens=args.min_cluster_tokens)
+    make_method(config)  # validates the method's own options
+    if config.method == "sparse-expansion":
+        choose_backend(config.kmeans_backend, _device(args.device))
     check_target_shapes(args.model, config)
     return config
 
@@ -102,7 +139,7 @@ def cmd_prune(args) -> int:
     from .data import calibration_windows
     from .driver import prune_model
     from .models import load_model
-    from .save import save_pruned_model
+    from .save import read_metadata, save_pruned_model
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device=device)
@@ -112,9 +149,12 @@ def cmd_prune(args) -> int:
     metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(),
                 "seconds": seconds, "layers": reports}
     out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
+    saved = read_metadata(out)
     mean_err = sum(r["relative_error"] for r in reports) / max(len(reports), 1)
     print(f"pruned {len(reports)} linears of {args.model} with {config.method} at {config.sparsity} "
-          f"in {seconds:.1f} s (mean relative error {mean_err:.4f}); saved to {out}")
+          f"in {seconds:.1f} s (mean relative error {mean_err:.4f}); saved to {out}: "
+          f"{saved['saved_bytes'] / 2**20:.1f} MiB of weights, {saved['saved_bytes'] / saved['dense_bytes']:.2f}x "
+          f"the dense model's {saved['dense_bytes'] / 2**20:.1f} MiB")
     return 0
 
 

@@ -33,6 +33,7 @@ class PruneConfig:
     percdamp: float = 0.01
     batch_size: int = 8  # calibration windows per forward pass
     sequential: bool = False  # collect each group's inputs after the block's earlier groups are pruned
+    blocks: tuple[int, int] | None = None  # prune only blocks [start, end); all when None
     seed: int = 0
     # sparse-expansion only
     clusters: int = 16
@@ -65,6 +66,12 @@ def check_method(name: str) -> None:
         raise UsageError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
+def check_block_range(start: int, end: int, count: int) -> None:
+    if not 0 <= start < end <= count:
+        raise UsageError(f"--blocks {start}:{end}: the model has blocks 0 to {count}; give START:END with "
+                         f"0 <= START < END <= {count}")
+
+
 def check_shapes(model: nn.Module, config: PruneConfig) -> None:
     """Every target linear must suit the sparsity pattern (N:M needs columns divisible by M)."""
     for g in target_groups(model, config.targets):
@@ -73,10 +80,13 @@ def check_shapes(model: nn.Module, config: PruneConfig) -> None:
 
 
 def check_target_shapes(model_ref: str, config: PruneConfig) -> None:
-    """check_shapes on the model's structure built on the meta device (no weights loaded)."""
+    """check_shapes and the block range on the model's structure built on the meta device."""
     from .models import meta_model
-    if config.sparsity.structured:
-        check_shapes(meta_model(model_ref), config)
+    if config.sparsity.structured or config.blocks:
+        model = meta_model(model_ref)
+        check_shapes(model, config)
+        if config.blocks:
+            check_block_range(*config.blocks, len(decoder_blocks(model)))
 
 
 class Method:
@@ -147,11 +157,13 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     cached = capture_block_inputs(model, batches)
     reports: list[dict] = []
     blocks = decoder_blocks(model)
-    bar = tqdm(range(len(blocks)), desc=f"prune {config.method}", disable=not progress, unit="block")
+    start, end = config.blocks or (0, len(blocks))
+    check_block_range(start, end, len(blocks))
+    bar = tqdm(range(end), desc=f"prune {config.method}", disable=not progress, unit="block")
     for b in bar:
         block = blocks[b]
         where = f"block{b}"
-        for phase in phases:
+        for phase in phases if b >= start else []:
             layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
             collectors = [method.collector(layers) for layers in layer_groups]
             hooks = [next(iter(layers.values())).register_forward_pre_hook(
@@ -171,5 +183,6 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
                     reports.append({"block": b, **r, "seconds_collect": t_collect})
         cached = [(block_output(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in cached]
         recent = [r["relative_error"] for r in reports if r["block"] == b]
-        bar.set_postfix(err=f"{sum(recent) / len(recent):.3g}")
+        if recent:
+            bar.set_postfix(err=f"{sum(recent) / len(recent):.3g}")
     return reports

@@ -122,15 +122,15 @@ class ExpansionMethod:
                                             name=f"{where}.{name}")
             bias = None if module.bias is None else module.bias.detach().expand(router.clusters, -1).clone()
             block.set_submodule(name, SparseExpertLinear(router, W_hat.to(module.weight.dtype), bias))
-            per_cluster = solvers.relative_error(experts, W_hat, H_c)
-            n = counts.to(torch.float64)
-            D = (experts - W_hat).double()
-            num = (n * torch.einsum("erc,ecd,erd->e", D, H_c.double(), D)).sum()
-            den = total * torch.einsum("rc,cd,rd->", W.double(), store.H[0].double(), W.double())
+            # error on each cluster's own tokens, and on all tokens as routed (‖ΔW_c X_c‖² = n_c/2·tr(ΔW_c H_c ΔW_cᵀ))
+            num, den = solvers.error_terms(W[None], W_hat, H_c)
+            full = solvers.error_terms(W[None], W[None], store.H)[1][0]
+            per_cluster = (num / den.clamp(min=torch.finfo(torch.float32).tiny)).tolist()
+            overall = float((counts.to(num.dtype) * num).sum() / (total * full))
             reports.append({
                 "layer": f"{where}.{name}", "shape": list(W.shape), "tokens": total,
                 "sparsity": float((W_hat == 0).float().mean()),
-                "relative_error": float(num / den),
+                "relative_error": overall,
                 "clusters": router.clusters, "cluster_sizes": sizes,
                 "cluster_relative_error": [e if s else None for e, s in zip(per_cluster, sizes)],
                 "small_clusters": handling, "damping": info.damping, "dead_inputs": info.dead_inputs,

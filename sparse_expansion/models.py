@@ -189,6 +189,9 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
     check_model_ref(ref)
     if ref == SMOLLM2:
         ref = str(smollm2_folder())
+    from .save import is_expert_folder, load_pruned
+    if is_expert_folder(ref):
+        return load_pruned(ref, device=device)
     kwargs = {}
     folder = ref
     if ref.endswith(".gguf"):

@@ -1,14 +1,26 @@
-"""Writing a pruned model: a transformers folder (safetensors) written atomically, plus metadata."""
+"""Writing and reading pruned models.
+
+A pruned model is a transformers folder (safetensors) written atomically. Models with routed
+experts also get `experts.safetensors`: every expert weight compressed (kept values + bitmask),
+biases, and the routers (PCA mean/basis, centroids), with its sha256 in `sparse_expansion.json`;
+the dense part of the model sits in the usual transformers files. `load_pruned` rebuilds it.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from .errors import UsageError
 
 METADATA = "sparse_expansion.json"
+EXPERTS_FILE = "experts.safetensors"
+EXPERTS_FORMAT = "bitmask-v1"
 
 
 def check_output(output: str, overwrite: bool = False) -> None:
@@ -40,11 +52,128 @@ def write_atomically(output: str, write, overwrite: bool = False) -> Path:
     return final
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix == ".safetensors")
+
+
+def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from .experts import SparseExpertLinear
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseExpertLinear)}
+
+
+def _expert_tensors(experts: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], dict]:
+    from .experts import compress
+    tensors, layers, routers = {}, {}, {}
+    for name, module in experts.items():
+        if id(module.router) not in routers:  # shared routers are stored once
+            routers[id(module.router)] = len(routers)
+            for key, buf in module.router.named_buffers():
+                tensors[f"routers.{routers[id(module.router)]}.{key}"] = buf.detach().cpu().contiguous()
+        rid = routers[id(module.router)]
+        for key, part in compress(module.weight.detach().cpu()).items():
+            tensors[f"{name}.weight.{key}"] = part
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
+        layers[name] = {"router": rid, "experts": module.experts, "in_features": module.in_features,
+                        "out_features": module.out_features}
+    return tensors, layers
+
+
 def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False) -> Path:
     """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder."""
+    from safetensors.torch import save_file
+    experts = expert_layers(model)
+
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        meta = dict(metadata)
+        if experts:
+            prefixes = tuple(f"{name}." for name in experts)
+            dense_part = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+            model.save_pretrained(folder, state_dict=dense_part)
+            tensors, layers = _expert_tensors(experts)
+            save_file(tensors, folder / EXPERTS_FILE)
+            meta["experts"] = {"format": EXPERTS_FORMAT, "file": EXPERTS_FILE, "layers": layers,
+                               "sha256": _sha256(folder / EXPERTS_FILE)}
+        else:
+            model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (folder / METADATA).write_text(json.dumps(metadata, indent=1))
+        dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                          if not n.startswith(tuple(f"{e}." for e in experts)))
+        dense_bytes += sum(m.weight[0].numel() * m.weight.element_size() for m in experts.values())
+        meta["saved_bytes"], meta["dense_bytes"] = folder_bytes(folder), dense_bytes
+        (folder / METADATA).write_text(json.dumps(meta, indent=1))
     return write_atomically(output, write, overwrite)
+
+
+def read_metadata(folder: str | Path) -> dict | None:
+    path = Path(folder) / METADATA
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UsageError(f"{path} is corrupted (not JSON); re-run prune") from None
+
+
+def is_expert_folder(folder: str | Path) -> bool:
+    meta = read_metadata(folder) if Path(folder).is_dir() else None
+    return bool(meta and "experts" in meta)
+
+
+def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) of a folder written by `prune`, with its routed experts rebuilt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .experts import SparseExpertLinear, decompress
+    from .router import Router
+
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    if meta is None or "experts" not in meta:
+        raise UsageError(f"{folder} holds no routed experts ({METADATA} without an 'experts' entry)")
+    info = meta["experts"]
+    if info.get("format") != EXPERTS_FORMAT:
+        raise UsageError(f"{folder}: unknown experts format {info.get('format')!r}; expected {EXPERTS_FORMAT}")
+    path = folder / info["file"]
+    if not path.exists() or _sha256(path) != info["sha256"]:
+        raise UsageError(f"{path} is missing, truncated or corrupted (sha256 differs from {METADATA}); re-run prune")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise UsageError(f"{path} cannot be read ({e}); re-run prune") from None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the expert linears are expected to be missing from the dense part
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", output_loading_info=True)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise UsageError(f"{folder}: the dense part cannot be loaded ({e}); re-run prune") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    prefixes = tuple(f"{name}." for name in info["layers"])
+    unexpected = [k for k in loading["missing_keys"] if not k.startswith(prefixes)]
+    if unexpected:
+        raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
+    routers: dict[int, Router] = {}
+    for name, layer in info["layers"].items():
+        rid = layer["router"]
+        if rid not in routers:
+            get = lambda key: tensors.get(f"routers.{rid}.{key}")  # noqa: E731
+            routers[rid] = Router(get("centroids"), get("mean"), get("basis"))
+        weight = decompress({k: tensors[f"{name}.weight.{k}"] for k in ("values", "mask", "shape")})
+        bias = tensors.get(f"{name}.bias")
+        model.set_submodule(name, SparseExpertLinear(routers[rid], weight, bias))
+    model.to(device).eval()
+    model.config.use_cache = False
+    return model, AutoTokenizer.from_pretrained(folder)

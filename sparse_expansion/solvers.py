@@ -111,10 +111,15 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | 
     return W, SolveInfo(damping=damping, dead_inputs=dead.sum(dim=1).tolist())
 
 
+def error_terms(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)) per matrix: ‖(W − Ŵ)X‖² and ‖WX‖² up to the factor n/2."""
+    W = W.float().expand_as(W_hat)
+    D = W - W_hat.float()
+    H = H.expand(W_hat.shape[0], -1, -1)
+    return (torch.bmm(D, H) * D).sum((1, 2)), (torch.bmm(W, H) * W).sum((1, 2))
+
+
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> list[float]:
     """‖WX − ŴX‖² / ‖WX‖² per matrix, computed from H ∝ XᵀX (no activations needed)."""
-    W = W.float()
-    D = W - W_hat.float()
-    num = torch.einsum("erc,ecd,erd->e", D, H, D)
-    den = torch.einsum("erc,ecd,erd->e", W, H, W)
+    num, den = error_terms(W, W_hat, H)
     return (num / den.clamp(min=torch.finfo(torch.float32).tiny)).tolist()

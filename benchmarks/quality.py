@@ -1,0 +1,116 @@
+"""Quality table on the reference protocol (../shared/reference-protocol.md), beside the numbers
+the paper's own code gave under it.
+
+SmolLM2-135M-Instruct (fp32), embedded Wikipedia split; calibration 32 x 512 tokens (seed 0),
+evaluation = the first 24 non-overlapping 512-token windows of the test stream; checksums of
+both are asserted. 50% unstructured sparsity on gate/up/down_proj unless the run says 2:4.
+
+    python benchmarks/quality.py --runs dense,sparsegpt,se4,se16
+    python benchmarks/quality.py --runs se16 --small-clusters merge --tag merge
+
+Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
+'-2:4' for 2:4 sparsity. Results are merged into benchmarks/results/quality.json by run name
+(+ tag) and the table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from sparse_expansion.data import calibration_windows, evaluation_windows
+from sparse_expansion.driver import PruneConfig, prune_model
+from sparse_expansion.evaluate import perplexity
+from sparse_expansion.models import SMOLLM2, load_model
+from sparse_expansion.sparsity import Sparsity
+
+CALIB_CHECKSUM = 82074762
+EVAL_CHECKSUM = 61908702
+REFERENCE = {  # the paper's code under the same protocol (2 CPU cores)
+    "dense": (14.894, None), "magnitude": (249.38, None), "sparsegpt": (27.334, 523),
+    "se4": (24.926, 696), "se16": (24.999, 1371),
+}
+RESULTS = Path(__file__).parent / "results" / "quality.json"
+
+
+def protocol_windows(tokenizer):
+    calib = calibration_windows(tokenizer, "wiki", 32, 512, seed=0)
+    evalw = evaluation_windows(tokenizer, "wiki", 512, 24)
+    assert calib.sum().item() == CALIB_CHECKSUM, "calibration windows differ from the reference protocol"
+    assert evalw.sum().item() == EVAL_CHECKSUM, "evaluation windows differ from the reference protocol"
+    return calib, evalw
+
+
+def config_for(run: str, args) -> PruneConfig:
+    name, _, pattern = run.partition("-")
+    sparsity = Sparsity.parse(pattern or "0.5")
+    common = dict(sparsity=sparsity, sequential=args.sequential, seed=args.seed)
+    if name.startswith("se"):
+        return PruneConfig("sparse-expansion", clusters=int(name[2:]), pca_factor=args.pca_factor,
+                           kmeans_restarts=args.restarts, small_clusters=args.small_clusters,
+                           shrink_tokens=args.shrink_tokens, min_cluster_tokens=args.min_cluster_tokens, **common)
+    return PruneConfig(name, **common)
+
+
+def run_one(run: str, args, calib, evalw) -> dict:
+    model, _ = load_model(SMOLLM2)
+    row = {"run": run, "tag": args.tag}
+    if run != "dense":
+        config = config_for(run, args)
+        t0 = time.perf_counter()
+        layers = prune_model(model, calib, config, progress=not args.quiet)
+        row["prune_seconds"] = time.perf_counter() - t0
+        row["config"] = config.as_dict()
+        sizes = [min(r["cluster_sizes"]) for r in layers if "cluster_sizes" in r]
+        if sizes:
+            row["layers_with_cluster_under_50"] = sum(s < 50 for s in sizes)
+            row["smallest_cluster"] = min(sizes)
+        row["mean_relative_error"] = sum(r["relative_error"] for r in layers) / len(layers)
+    row.update(perplexity(model, evalw, progress=not args.quiet))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    dense = next((r["perplexity"] for r in rows if r["run"] == "dense"), REFERENCE["dense"][0])
+    sgpt = next((r["perplexity"] for r in rows if r["run"] == "sparsegpt" and not r.get("tag")), None)
+    out = ["| run | tag | perplexity | reference | gap to dense closed vs our SparseGPT | prune s | reference s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref_ppl, ref_s = REFERENCE.get(r["run"], (None, None))
+        closed = "" if sgpt is None or r["run"] in ("dense", "sparsegpt") or "2:4" in r["run"] \
+            else f"{(sgpt - r['perplexity']) / (sgpt - dense):.1%}"
+        out.append(f"| {r['run']} | {r.get('tag') or ''} | {r['perplexity']:.3f} | {ref_ppl or ''} | {closed} | "
+                   f"{r.get('prune_seconds', 0):.0f} | {ref_s or ''} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="dense,magnitude,wanda,sparsegpt,se4,se16")
+    p.add_argument("--tag", default="", help="label stored with the rows (e.g. the small-cluster rule)")
+    p.add_argument("--pca-factor", type=int, default=32)
+    p.add_argument("--restarts", type=int, default=PruneConfig.kmeans_restarts)
+    p.add_argument("--small-clusters", default=PruneConfig.small_clusters)
+    p.add_argument("--shrink-tokens", type=float, default=PruneConfig.shrink_tokens)
+    p.add_argument("--min-cluster-tokens", type=int, default=PruneConfig.min_cluster_tokens)
+    p.add_argument("--sequential", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    _, tokenizer = load_model(SMOLLM2)
+    calib, evalw = protocol_windows(tokenizer)
+    path = Path(args.output)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for run in args.runs.split(","):
+        row = run_one(run, args, calib, evalw)
+        print(f"{run} {args.tag}: perplexity {row['perplexity']:.3f} ({row.get('prune_seconds', 0):.0f} s)", flush=True)
+        rows = [r for r in rows if (r["run"], r.get("tag", "")) != (run, args.tag)] + [row]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+import json
+
+import pytest
+import torch
+
+from sparse_expansion import models
+from sparse_expansion.driver import PruneConfig, prune_model
+from sparse_expansion.errors import UsageError
+from sparse_expansion.experts import SparseExpertLinear, compress, decompress
+from sparse_expansion.expansion import merge_small_clusters
+from sparse_expansion.router import Router, fit_router, kmeans_torch
+from sparse_expansion.save import load_pruned, save_pruned_model
+from sparse_expansion.sparsity import Sparsity
+from tiny import random_tokens, tiny_model
+
+
+def se_config(**kw):
+    base = dict(method="sparse-expansion", sparsity=Sparsity(0.5), clusters=4, pca_factor=8, kmeans_restarts=2)
+    return PruneConfig(**{**base, **kw})
+
+
+def ffn_weights(model):
+    out = {}
+    for b, block in enumerate(models.decoder_blocks(model)):
+        for g in models.target_groups(model, "ffn"):
+            for name in g:
+                m = block.get_submodule(name)
+                out[f"{b}.{name}"] = m.weight[0] if isinstance(m, SparseExpertLinear) else models.linear_weight(m)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_cluster_is_exactly_sparsegpt(family):
+    calib = random_tokens(4, 32)
+    sgpt, se = tiny_model(family), tiny_model(family)
+    prune_model(sgpt, calib, PruneConfig("sparsegpt", Sparsity(0.5)), progress=False)
+    prune_model(se, calib, se_config(clusters=1), progress=False)
+    a, b = ffn_weights(sgpt), ffn_weights(se)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def blobs(n_per=200, k=5, dim=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, dim, generator=g) * 10
+    truth = torch.arange(k).repeat_interleave(n_per)
+    return centers[truth] + torch.randn(k * n_per, dim, generator=g), truth
+
+
+def test_kmeans_recovers_separated_clusters():
+    x, truth = blobs()
+    fit = fit_router(x, 5, pca_factor=0, seed=0, restarts=3)
+    # every true blob maps to exactly one cluster and vice versa
+    pairs = {(int(t), int(l)) for t, l in zip(truth, fit.labels)}
+    assert len(pairs) == 5 and len({l for _, l in pairs}) == 5
+    assert fit.backend == "torch"
+
+
+def test_kmeans_is_seeded_and_restarts_never_hurt():
+    x, _ = blobs(k=8, seed=3)
+    c1, i1 = kmeans_torch(x, 6, seed=1, restarts=1)
+    c1b, _ = kmeans_torch(x, 6, seed=1, restarts=1)
+    assert torch.equal(c1, c1b)
+    _, i5 = kmeans_torch(x, 6, seed=1, restarts=5)
+    assert i5 <= i1
+
+
+def test_pca_router_routes_calibration_tokens_to_their_labels_batch_by_batch():
+    x, _ = blobs(k=6, dim=64)
+    fit = fit_router(x, 6, pca_factor=8, seed=0, restarts=2)
+    assert fit.router.basis.shape == (64, 8)
+    routed = torch.cat([fit.router.assign(chunk) for chunk in x.split(77)])
+    assert torch.equal(routed, fit.labels)
+
+
+def test_driver_routing_reproduces_cluster_sizes():
+    model = tiny_model("llama")
+    calib = random_tokens(4, 32)
+    reports = prune_model(model, calib, se_config(), progress=False)
+    gate = next(r for r in reports if r["layer"] == "block0.mlp.gate_proj")
+    seen = []
+    module = model.model.layers[0].mlp.gate_proj
+    hook = module.register_forward_pre_hook(lambda m, a: seen.append(m.router.assign(a[0])))
+    with torch.no_grad():
+        for batch in calib.split(8):
+            model(batch)
+    hook.remove()
+    assert torch.bincount(torch.cat(seen), minlength=4).tolist() == gate["cluster_sizes"]
+    assert model.model.layers[0].mlp.up_proj.router is module.router  # gate/up share one router
+    assert model.model.layers[0].mlp.down_proj.router is not module.router
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (1, 24), (3, 5, 24), (0, 24)])
+def test_sparse_expert_linear_matches_per_token_reference(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    router = Router(torch.randn(3, 4, generator=g), torch.randn(24, generator=g), torch.randn(24, 4, generator=g))
+    weight = torch.randn(3, 7, 24, generator=g).to(dtype)
+    bias = torch.randn(3, 7, generator=g).to(dtype)
+    layer = SparseExpertLinear(router, weight, bias)
+    x = torch.randn(*shape[:-1], 24, generator=g).to(dtype) if shape != (7,) else torch.randn(24, generator=g).to(dtype)
+    y = layer(x)
+    flat = x.reshape(-1, 24)
+    expert = router.assign(flat)
+    expected = torch.stack([flat[t].float() @ weight[e].float().t() + bias[e].float() for t, e in enumerate(expert.tolist())]) \
+        if flat.shape[0] else torch.zeros(0, 7)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], 7)
+    torch.testing.assert_close(y.reshape(-1, 7).float(), expected, rtol=tol, atol=tol)
+
+
+def test_compress_roundtrip():
+    w = torch.randn(3, 5, 17) * (torch.rand(3, 5, 17) > 0.5)
+    parts = compress(w)
+    assert parts["values"].numel() == int((w != 0).sum())
+    assert torch.equal(decompress(parts), w)
+
+
+def test_same_seed_same_routers_and_masks():
+    calib = random_tokens(4, 32)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    prune_model(a, calib, se_config(seed=3), progress=False)
+    prune_model(b, calib, se_config(seed=3), progress=False)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_merge_rule_leaves_no_small_cluster_and_reroutes():
+    x, _ = blobs(n_per=100, k=4, dim=8)
+    x = torch.cat([x, x[:3] + 50.0])  # a far-away cluster of 3 tokens
+    fit = fit_router(x, 5, pca_factor=0, seed=0, restarts=2)
+    assert torch.bincount(fit.labels).min() == 3
+    router, labels, dropped = merge_small_clusters(fit.router, x, fit.labels, min_tokens=10)
+    assert len(dropped) == 1 and router.clusters == 4
+    assert torch.bincount(labels, minlength=4).min() >= 10
+    assert torch.equal(router.assign(x), labels)
+
+
+@pytest.mark.parametrize("rule", ["damping", "shrink", "merge"])
+def test_small_cluster_rules_are_reported(rule):
+    model = tiny_model("llama")
+    reports = prune_model(model, random_tokens(2, 32), se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
+                          progress=False)
+    for r in reports:
+        assert r["small_clusters"]["rule"] == rule
+        assert sum(r["cluster_sizes"]) == 64
+        if rule == "merge":
+            assert min(r["cluster_sizes"]) >= 10 and r["clusters"] == 8 - len(r["small_clusters"]["merged_clusters"])
+
+
+def test_bad_expansion_options():
+    for kw in (dict(clusters=0), dict(pca_factor=-1), dict(small_clusters="drop")):
+        with pytest.raises(UsageError):
+            prune_model(tiny_model("llama"), random_tokens(1, 8), se_config(**kw), progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved_expert_model(tmp_path_factory, smollm2):
+    _, tokenizer = smollm2
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    prune_model(model, random_tokens(4, 32, vocab=len(tokenizer)), se_config(), progress=False)
+    folder = tmp_path_factory.mktemp("se") / "model"
+    save_pruned_model(model, tokenizer, str(folder), {"layers": []})
+    return model, folder
+
+
+def test_save_load_gives_identical_logits(saved_expert_model):
+    model, folder = saved_expert_model
+    meta = json.loads((folder / "sparse_expansion.json").read_text())
+    assert meta["saved_bytes"] < 4 * meta["dense_bytes"]  # 4 experts at 50% stored compressed
+    loaded, tok = load_pruned(folder)
+    ids = random_tokens(2, 16, vocab=len(tok))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, SparseExpertLinear)
+    assert loaded.model.layers[1].mlp.gate_proj.router is loaded.model.layers[1].mlp.up_proj.router
+    reloaded, _ = models.load_model(str(folder))  # the CLI's loader recognises expert folders
+    assert isinstance(reloaded.model.layers[0].mlp.up_proj, SparseExpertLinear)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_experts_file_is_a_clear_error(saved_expert_model, tmp_path, damage):
+    import shutil
+    _, folder = saved_expert_model
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    path = copy / "experts.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="truncated or corrupted"):
+        load_pruned(copy)
+
+
+def test_truncated_dense_part_is_a_clear_error(saved_expert_model, tmp_path):
+    import shutil
+    _, folder = saved_expert_model
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    path = copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="dense part cannot be loaded"):
+        load_pruned(copy)
