@@ -102,10 +102,11 @@ def main() -> None:
     _, tokenizer = load_model(SMOLLM2)
     calib, evalw = protocol_windows(tokenizer)
     path = Path(args.output)
-    rows = json.loads(path.read_text()) if path.exists() else []
     for run in args.runs.split(","):
         row = run_one(run, args, calib, evalw)
         print(f"{run} {args.tag}: perplexity {row['perplexity']:.3f} ({row.get('prune_seconds', 0):.0f} s)", flush=True)
+        print(json.dumps(row), flush=True)
+        rows = json.loads(path.read_text()) if path.exists() else []  # re-read: runs may go in parallel
         rows = [r for r in rows if (r["run"], r.get("tag", "")) != (run, args.tag)] + [row]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=1))

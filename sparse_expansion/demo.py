@@ -1,5 +1,6 @@
 """`make demo`: held-out perplexity of the embedded SmolLM2-135M at 50% unstructured FFN sparsity.
 
+Dense, magnitude, Wanda, SparseGPT and Sparse Expansion with 16 clusters (default options).
 Same calibration windows (32 x 512 tokens of the Wikipedia train split, seed 0) and the same 24
 evaluation windows of 512 tokens for every method; dense first, then each method on a fresh copy.
 Writes the table as JSON to runs/demo.json.
@@ -17,7 +18,7 @@ from .evaluate import perplexity
 from .models import SMOLLM2, load_model
 from .sparsity import Sparsity
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparse-expansion")
 
 
 def run(methods=METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int = 512, windows: int = 24,
@@ -36,7 +37,8 @@ def run(methods=METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int 
         result = perplexity(model, evalw, progress=progress)
         achieved = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in reports) / \
             sum(r["shape"][0] * r["shape"][1] for r in reports)
-        rows.append({"method": method, "sparsity": achieved, **result, "prune_seconds": seconds})
+        label = f"{method} ({config.clusters})" if method == "sparse-expansion" else method
+        rows.append({"method": label, "sparsity": achieved, **result, "prune_seconds": seconds})
         print(f"{method}: perplexity {result['perplexity']:.3f} (pruned in {seconds:.0f} s)", flush=True)
     return rows
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kernels.routed_matmul import routed_matmul
+from .kernels.routed_matmul import compress_24, decompress_24, routed_matmul, routed_matmul_24
 from .router import Router
 
 
@@ -14,7 +14,9 @@ class SparseExpertLinear(nn.Module):
     """y = x · W_{e(x)}ᵀ + b_{e(x)}, e(x) = router.assign(x), for x of any leading shape.
 
     weight: [K, out, in] (the experts, zeros where pruned), bias: [K, out] or None. Routers may
-    be shared between modules (gate_proj and up_proj of a Llama MLP share one).
+    be shared between modules (gate_proj and up_proj of a Llama MLP share one). `to_24()` swaps
+    2:4-sparse experts to the compressed format (kept values + 2-bit indices), which the routed
+    Triton kernel decodes in registers, reading about half the weight bytes.
     """
 
     def __init__(self, router: Router, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -25,19 +27,35 @@ class SparseExpertLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.shape[2], weight.shape[1]
+        self.experts = weight.shape[0]
+        self.format = "dense"
 
-    @property
-    def experts(self) -> int:
-        return self.weight.shape[0]
+    def to_24(self) -> "SparseExpertLinear":
+        """Store the experts 2:4-compressed (ValueError if they are not 2:4 sparse)."""
+        if self.format == "dense":
+            values, meta = compress_24(self.weight.data)
+            del self.weight
+            self.register_buffer("values", values)
+            self.register_buffer("meta", meta)
+            self.format = "2:4"
+        return self
+
+    def dense_weight(self) -> torch.Tensor:
+        """The experts as [K, out, in], whatever the storage format."""
+        return self.weight if self.format == "dense" else decompress_24(self.values, self.meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         expert = self.router.assign(flat)
-        y = routed_matmul(flat.to(self.weight.dtype), expert, self.weight, self.bias)
+        if self.format == "dense":
+            y = routed_matmul(flat.to(self.weight.dtype), expert, self.weight, self.bias)
+        else:
+            y = routed_matmul_24(flat.to(self.values.dtype), expert, self.values, self.meta, self.bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, experts={self.experts}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, experts={self.experts}, "
+                f"format={self.format}")
 
 
 # ---- compressed storage: kept values + a bitmask -------------------------------------------------

@@ -78,7 +78,7 @@ def _expert_tensors(experts: dict[str, nn.Module]) -> tuple[dict[str, torch.Tens
             for key, buf in module.router.named_buffers():
                 tensors[f"routers.{routers[id(module.router)]}.{key}"] = buf.detach().cpu().contiguous()
         rid = routers[id(module.router)]
-        for key, part in compress(module.weight.detach().cpu()).items():
+        for key, part in compress(module.dense_weight().detach().cpu()).items():
             tensors[f"{name}.weight.{key}"] = part
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
@@ -97,10 +97,12 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
         if experts:
             prefixes = tuple(f"{name}." for name in experts)
             dense_part = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+            formats = {m.format for m in experts.values()}
             model.save_pretrained(folder, state_dict=dense_part)
             tensors, layers = _expert_tensors(experts)
             save_file(tensors, folder / EXPERTS_FILE)
             meta["experts"] = {"format": EXPERTS_FORMAT, "file": EXPERTS_FILE, "layers": layers,
+                               "runtime_format": "2:4" if formats == {"2:4"} else "dense",
                                "sha256": _sha256(folder / EXPERTS_FILE)}
         else:
             model.save_pretrained(folder)
@@ -108,7 +110,7 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
             tokenizer.save_pretrained(folder)
         dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                           if not n.startswith(tuple(f"{e}." for e in experts)))
-        dense_bytes += sum(m.weight[0].numel() * m.weight.element_size() for m in experts.values())
+        dense_bytes += sum(m.in_features * m.out_features * m.dense_weight().element_size() for m in experts.values())
         meta["saved_bytes"], meta["dense_bytes"] = folder_bytes(folder), dense_bytes
         (folder / METADATA).write_text(json.dumps(meta, indent=1))
     return write_atomically(output, write, overwrite)
@@ -173,7 +175,8 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
             routers[rid] = Router(get("centroids"), get("mean"), get("basis"))
         weight = decompress({k: tensors[f"{name}.weight.{k}"] for k in ("values", "mask", "shape")})
         bias = tensors.get(f"{name}.bias")
-        model.set_submodule(name, SparseExpertLinear(routers[rid], weight, bias))
+        module = SparseExpertLinear(routers[rid], weight, bias)
+        model.set_submodule(name, module.to_24() if info.get("runtime_format") == "2:4" else module)
     model.to(device).eval()
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(folder)

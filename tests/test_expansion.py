@@ -204,3 +204,29 @@ def test_truncated_dense_part_is_a_clear_error(saved_expert_model, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UsageError, match="dense part cannot be loaded"):
         load_pruned(copy)
+
+
+def test_24_format_gives_the_same_outputs_and_survives_save_load(tmp_path, smollm2):
+    _, tokenizer = smollm2
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    prune_model(model, random_tokens(4, 32, vocab=len(tokenizer)), se_config(sparsity=Sparsity.parse("2:4")),
+                progress=False)
+    ids = random_tokens(2, 16, vocab=len(tokenizer))
+    with torch.no_grad():
+        before = model(ids).logits
+        for m in model.modules():
+            if isinstance(m, SparseExpertLinear):
+                m.to_24()
+        after = model(ids).logits
+    torch.testing.assert_close(before, after)
+    save_pruned_model(model, tokenizer, str(tmp_path / "m"), {})
+    loaded, _ = load_pruned(tmp_path / "m")
+    assert loaded.model.layers[0].mlp.gate_proj.format == "2:4"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, after)
+
+
+def test_to_24_refuses_unstructured_experts():
+    router = Router(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        SparseExpertLinear(router, torch.randn(2, 3, 8)).to_24()

@@ -1,0 +1,201 @@
+"""benchmarks/layerwise.py at a tiny configuration: output structure, and that its stage-by-stage
+composition is the computation the driver runs (checks values, never wall-clock time)."""
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_expansion.driver import Method, PruneConfig
+from sparse_expansion.expansion import ExpansionMethod, InputStore
+from sparse_expansion.sparsity import Sparsity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("layerwise", ROOT / "benchmarks" / "layerwise.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+lw = _load()
+
+
+def tiny_config(out, **kw):
+    base = dict(shapes=("7b_up", "7b_down"), scale=64, nsamples=4, seqlen=64, batch_windows=2,
+                heldout_tokens=256, clusters=4, pca_factor=8, kmeans_restarts=2, sparsities=("0.5", "2:4"),
+                token_counts=(1, 16, 256), bench_budget_s=0.0, progress=False, plots=False, out=str(out))
+    return lw.BenchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layerwise")
+    torch.manual_seed(0)
+    return lw.run(tiny_config(out)), out
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def test_every_stage_and_ratio(tiny_run):
+    results, _ = tiny_run
+    assert results["failures"] == []
+    rows = results["pruning"]
+    for shape in ("7b_up/64", "7b_down/64"):
+        for sp in ("0.5", "2:4"):
+            for method in ("sparsegpt", "sparse-expansion"):
+                got = {r["impl"]: r for r in rows if (r["shape"], r["sparsity"], r["method"]) == (shape, sp, method)}
+                assert set(got) == {"library", "reference", "speedup"}, (shape, sp, method)
+                for impl in ("library", "reference"):
+                    r = got[impl]
+                    for s in lw.STAGES:
+                        assert _finite(r[f"{s}_s"]) and r[f"{s}_s"] >= 0, (impl, s)
+                    assert _finite(r["total_s"]) and r["total_s"] > 0
+                    assert r["total_s"] >= 0.5 * sum(r[f"{s}_s"] for s in lw.STAGES)
+                    assert _finite(r["heldout_error"])
+                ratios = got["speedup"]
+                expected = lw.STAGES if method == "sparse-expansion" else ("hessian", "inverse", "obs")
+                for s in expected:
+                    assert _finite(ratios[f"{s}_s"]) and ratios[f"{s}_s"] > 0, (method, s)
+                if method == "sparsegpt":  # no router: PCA and k-means do not run
+                    assert ratios["pca_s"] is None and ratios["kmeans_s"] is None
+                assert _finite(ratios["total_s"]) and _finite(ratios["heldout_error"])
+
+
+def test_heldout_errors(tiny_run):
+    results, _ = tiny_run
+    for shape in ("7b_up/64", "7b_down/64"):
+        for sp in ("0.5", "2:4"):
+            err = {r["method"]: r["heldout_error"] for r in results["quality"]
+                   if (r["shape"], r["sparsity"]) == (shape, sp)}
+            assert {"magnitude", "wanda", "sparsegpt", "sparse-expansion"} <= set(err)
+            assert all(_finite(e) and e > 0 for e in err.values()), err
+            assert err["sparsegpt"] <= err["magnitude"], (shape, sp, err)
+
+
+def test_inference_rows_and_targets(tiny_run):
+    results, _ = tiny_run
+    inf = results["inference"]
+    assert {(r["shape"], r["sparsity"], r["tokens"]) for r in inf} == {
+        (s, sp, t) for s in ("7b_up/64", "7b_down/64") for sp in ("0.5", "2:4") for t in (1, 16, 256)}
+    for r in inf:
+        for key in ("dense_ms", "routing_ms", "routed_ms", "routed_ratio"):
+            assert _finite(r[key]) and r[key] > 0, key
+        if r["sparsity"] == "2:4":  # compressed experts through routed_matmul_24
+            assert _finite(r["routed24_ms"]) and _finite(r["routed24_ratio"])
+        else:
+            assert r["routed24_ms"] is None
+    targets = results["targets"]
+    assert targets and all(isinstance(t["pass"], bool) and _finite(t["value"]) for t in targets)
+    assert sum("reference" in t["target"] for t in targets) == 4  # one per shape and sparsity
+
+
+def test_files_written(tiny_run):
+    results, out = tiny_run
+    data = json.loads((out / "layerwise_cpu.json").read_text())
+    assert set(data) >= {"config", "pruning", "quality", "inference", "targets", "failures"}
+    assert len(data["pruning"]) == len(results["pruning"])
+    with open(out / "layerwise_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["section"] for r in rows} == {"pruning", "quality", "inference", "targets"}
+    assert any(r["metric"] == "obs_s" and r["impl"] == "speedup" for r in rows)
+    text = lw.format_report(results)
+    assert "speedup" in text and "routed/dense" in text
+
+
+def _layer(cfg, name="7b_up"):
+    torch.manual_seed(0)
+    return lw.synthetic_layer(cfg, name, 0)
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
+    """prune_library's stages give exactly what ExpansionMethod.prune_group and Method.prune_group give."""
+    cfg = tiny_config(tmp_path)
+    layer = _layer(cfg)
+    W = layer.weight
+    sp = Sparsity.parse(sparsity)
+    d_out, d_in = W.shape
+
+    def block():
+        b = nn.Module()
+        b.lin = nn.Linear(d_in, d_out, bias=False)
+        b.lin.weight.data.copy_(W)
+        return b
+
+    # Sparse Expansion
+    run = lw.prune_library(W, layer.calib, sp, cfg.clusters, cfg)
+    pc = PruneConfig(method="sparse-expansion", sparsity=sp, clusters=cfg.clusters, pca_factor=cfg.pca_factor,
+                     kmeans_restarts=cfg.kmeans_restarts, seed=cfg.seed, kmeans_backend=cfg.kmeans_backend,
+                     small_clusters=cfg.small_clusters, shrink_tokens=cfg.shrink_tokens, percdamp=cfg.percdamp,
+                     blocksize=cfg.blocksize)
+    b = block()
+    store = InputStore(d_in, "cpu")
+    for xb in layer.calib:
+        store.add_batch(xb)
+    report = ExpansionMethod(pc).prune_group(b, {"lin": b.lin}, store, "b0")[0]
+    assert torch.equal(b.lin.router.centroids, run.router.centroids)
+    assert torch.equal(b.lin.weight, run.W_hat)
+    assert report["cluster_sizes"] == run.cluster_sizes
+    assert lw.calibration_error(W, run) == pytest.approx(report["relative_error"], rel=1e-5)
+    # SparseGPT
+    run1 = lw.prune_library(W, layer.calib, sp, 1, cfg)
+    b = block()
+    stats = Method(PruneConfig(method="sparsegpt", sparsity=sp)).collector({"lin": b.lin})
+    for xb in layer.calib:
+        stats.add_batch(xb)
+    Method(PruneConfig(method="sparsegpt", sparsity=sp)).prune_group(b, {"lin": b.lin}, stats, "b0")
+    assert torch.equal(b.lin.weight, run1.W_hat[0])
+
+
+def test_reference_matches_library_with_one_cluster(tmp_path):
+    """With one cluster the reference is SparseGPT's single-matrix code: same pruned weights up to
+    float rounding of the Hessian (the masks may differ in a few near-ties)."""
+    cfg = tiny_config(tmp_path)
+    layer = _layer(cfg, "7b_down")
+    sp = Sparsity(0.5)
+    lib = lw.prune_library(layer.weight, layer.calib, sp, 1, cfg)
+    ref = lw.prune_reference(layer.weight, layer.calib, sp, 1, cfg)
+    same_mask = ((lib.W_hat == 0) == (ref.W_hat == 0)).float().mean()
+    assert same_mask > 0.99
+    e_lib = lw.heldout_error(layer.weight, layer.heldout, lambda x: x @ lib.W_hat[0].t())
+    e_ref = lw.heldout_error(layer.weight, layer.heldout, lambda x: x @ ref.W_hat[0].t())
+    assert e_ref == pytest.approx(e_lib, rel=0.02)
+
+
+def test_reference_kmeans_and_pca_agree_with_the_library():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 6, generator=g) * 8
+    x = centers.repeat_interleave(60, 0) + torch.randn(300, 6, generator=g)
+    c = lw.reference_kmeans(x, 5, seed=0, restarts=2)
+    truth = torch.arange(5).repeat_interleave(60)
+    labels = torch.cdist(x, c).argmin(1)
+    assert len({(int(t), int(l)) for t, l in zip(truth, labels)}) == 5
+    from sparse_expansion.router import fit_pca
+    m1, b1 = lw.reference_pca(x, 3, "svd")
+    m2, b2 = fit_pca(x, 3)
+    m3, b3 = lw.reference_pca(x, 3, "eigh")
+    assert torch.allclose(m1, m2) and torch.allclose(b1, b2, atol=1e-4) and torch.allclose(b3, b2, atol=1e-4)
+
+
+def test_command_line_presets():
+    threads = torch.get_num_threads()  # config_from_args sets the CPU thread count
+    try:
+        quick = lw.config_from_args(["--quick", "--device", "cpu", "--shapes", "7b_up", "--no-plots"])
+        full = lw.config_from_args(["--full", "--device", "cpu", "--sparsity", "0.5,2:4", "--no-reference"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (quick.scale, quick.nsamples * quick.seqlen, quick.shapes) == (16, 16384, ("7b_up",))
+    assert (full.scale, full.nsamples, full.seqlen, full.reference) == (1, 128, 2048, False)
+    assert full.sparsities == ("0.5", "2:4") and full.reference_pca == "svd"
+    assert lw.scaled_shape("70b_down", 16) == (1792, 512)
