@@ -49,6 +49,21 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return scale * (q - zero)
 
 
+def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask [E, n] marking exactly the k lowest scores of each row of score [E, n].
+
+    A k-th value threshold (several times faster than topk for k ~ n/2 on CPU); ties at the
+    threshold go to the lowest indices.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    thresh = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    mask = score < thresh
+    ties = score == thresh
+    need = k - mask.sum(1, keepdim=True)
+    return mask | (ties & (ties.cumsum(1) <= need))
+
+
 def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
                         prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
                         blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,10 +89,7 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
         mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
         if not prune_n and sparsity > 0:
             score = (W1 ** 2 / d[:, None, :] ** 2).flatten(1)
-            k = int(score.shape[1] * sparsity)
-            if k:
-                idx = torch.topk(score, k, dim=1, largest=False).indices
-                mask1.view(E, -1).scatter_(1, idx, True)
+            mask1 = lowest_k_mask(score, int(score.shape[1] * sparsity)).view(E, R, count)
         for i in range(count):
             w = W1[:, :, i]
             if prune_n and i % prune_m == 0:
@@ -89,7 +101,7 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
                 q = quantize(q, grid.scale[:, :, 0], grid.zero[:, :, 0], grid.maxq)
             Q1[:, :, i] = q
             err = (w - q) / d[:, None, i]
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
+            W1[:, :, i:].addcmul_(err[:, :, None], Hinv1[:, None, i, i:], value=-1.0)
             Err1[:, :, i] = err
         W[:, :, i1:i2] = Q1
         pruned[:, :, i1:i2] = mask1
@@ -213,12 +225,7 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
             W1 = W[:, :, i1:i2]
             d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
             score = (W1 ** 2 / d[:, None, :] ** 2).flatten(1)
-            k = int(score.shape[1] * sparsity)
-            if k:
-                idx = torch.topk(score, k, dim=1, largest=False).indices
-                mask1 = torch.zeros(E, R * count, dtype=torch.bool, device=W.device)
-                mask1.scatter_(1, idx, True)
-                pruned[:, :, i1:i2] = mask1.view(E, R, count)
+            pruned[:, :, i1:i2] = lowest_k_mask(score, int(score.shape[1] * sparsity)).view(E, R, count)
         _obs_block_kernel[launch](
             W, pruned_u8, Hinv, err, scale, zero, R, C, i1, count, maxq,
             W.stride(0), W.stride(1), pruned_u8.stride(0), pruned_u8.stride(1),

@@ -31,17 +31,13 @@ SMALL_CLUSTER_RULES = ("damping", "shrink", "merge")
 
 
 class InputStore:
-    """Keeps a group's calibration inputs batch by batch, and the full Hessian as SparseGPT does."""
+    """Keeps a group's calibration inputs batch by batch (fp32)."""
 
-    def __init__(self, columns: int, device):
+    def __init__(self):
         self.batches: list[torch.Tensor] = []
-        self.H = torch.zeros(1, columns, columns, dtype=torch.float32, device=device)
-        self.count = torch.zeros(1, dtype=torch.long, device=device)
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        accumulate_hessian(self.H, self.count, x)
-        self.batches.append(x.float())
+        self.batches.append(x.reshape(-1, x.shape[-1]).float())
 
     def tokens(self) -> torch.Tensor:
         return torch.cat(self.batches)
@@ -75,17 +71,20 @@ class ExpansionMethod:
         self.config = config
 
     def collector(self, layers: dict[str, nn.Module]) -> InputStore:
-        W = linear_weight(next(iter(layers.values())))
-        return InputStore(W.shape[1], W.device)
+        return InputStore()
 
-    def _cluster_hessians(self, store: InputStore, labels: torch.Tensor, clusters: int):
-        H = torch.zeros(clusters, *store.H.shape[1:], dtype=torch.float32, device=store.H.device)
-        counts = torch.zeros(clusters, dtype=torch.long, device=store.H.device)
+    @staticmethod
+    def _cluster_hessians(store: InputStore, labels: torch.Tensor, clusters: int):
+        """Per-cluster H_c [K, d, d] and counts [K], and the layer's full H [1, d, d] = Σ n_c·H_c / N."""
+        d, device = store.batches[0].shape[1], labels.device
+        H = torch.zeros(clusters, d, d, dtype=torch.float32, device=device)
+        counts = torch.zeros(clusters, dtype=torch.long, device=device)
         start = 0
         for xb in store.batches:  # same batches as SparseGPT's accumulation: K = 1 gives its H exactly
             accumulate_hessian(H, counts, xb, labels[start:start + xb.shape[0]])
             start += xb.shape[0]
-        return H, counts
+        full = torch.einsum("k,kij->ij", counts.to(H.dtype), H)[None] / start
+        return H, counts, full
 
     def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], store: InputStore, where: str) -> list[dict]:
         cfg = self.config
@@ -99,16 +98,16 @@ class ExpansionMethod:
             router, labels, dropped = merge_small_clusters(router, x, labels, cfg.min_cluster_tokens)
             handling["merged_clusters"] = dropped
         t1 = time.perf_counter()
-        H_c, counts = self._cluster_hessians(store, labels, router.clusters)
+        H_c, counts, H_full = self._cluster_hessians(store, labels, router.clusters)
         H_solve = H_c.clone()
-        total = int(store.count[0])
+        total = x.shape[0]
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        H_solve[empty] = store.H[0]
+        H_solve[empty] = H_full[0]
         if cfg.small_clusters == "shrink":
             n = counts.to(H_c.dtype)[:, None, None]
             partial = (counts > 0) & (counts < total)
             tau = cfg.shrink_tokens
-            H_solve[partial] = ((n * H_c + tau * store.H) / (n + tau))[partial]
+            H_solve[partial] = ((n * H_c + tau * H_full) / (n + tau))[partial]
             handling["shrink_tokens"] = tau
         handling["empty_clusters_full_hessian"] = empty
         t_hessian = time.perf_counter() - t1
@@ -124,7 +123,7 @@ class ExpansionMethod:
             block.set_submodule(name, SparseExpertLinear(router, W_hat.to(module.weight.dtype), bias))
             # error on each cluster's own tokens, and on all tokens as routed (‖ΔW_c X_c‖² = n_c/2·tr(ΔW_c H_c ΔW_cᵀ))
             num, den = solvers.error_terms(W[None], W_hat, H_c)
-            full = solvers.error_terms(W[None], W[None], store.H)[1][0]
+            full = solvers.error_terms(W[None], W[None], H_full)[1][0]
             per_cluster = (num / den.clamp(min=torch.finfo(torch.float32).tiny)).tolist()
             overall = float((counts.to(num.dtype) * num).sum() / (total * full))
             reports.append({

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import NumericalError
-from .kernels.obs import find_quant_grid, obs_prune, quantize
+from .kernels.obs import find_quant_grid, lowest_k_mask, obs_prune, quantize
 from .sparsity import Sparsity
 
 DAMPING_STEPS = (1, 10, 100, 1000, 10000)  # multiples of percdamp tried in turn
@@ -30,13 +30,9 @@ def prune_scores(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torc
         idx = torch.topk(groups, sparsity.n, dim=-1, largest=False).indices
         pruned.view(E, R, C // sparsity.m, sparsity.m).scatter_(-1, idx, True)
     elif per_row:
-        k = int(C * sparsity.rate)
-        if k:
-            pruned.scatter_(2, torch.topk(score, k, dim=2, largest=False).indices, True)
+        pruned = lowest_k_mask(score.reshape(E * R, C), int(C * sparsity.rate)).view(E, R, C)
     else:
-        k = int(R * C * sparsity.rate)
-        if k:
-            pruned.view(E, -1).scatter_(1, torch.topk(score.reshape(E, -1), k, dim=1, largest=False).indices, True)
+        pruned = lowest_k_mask(score.reshape(E, R * C), int(R * C * sparsity.rate)).view(E, R, C)
     return ~pruned
 
 
