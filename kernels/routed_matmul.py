@@ -31,19 +31,21 @@ def routed_matmul_reference(x: torch.Tensor, expert: torch.Tensor, weight: torch
     the results are scattered back to token order. Output dtype = x.dtype.
     """
     T = x.shape[0]
-    out = x.new_empty(T, weight.shape[1])
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=weight.shape[0]).tolist()
+    xs = x[order]  # one gather, contiguous slices per expert, one scatter back
+    ys = x.new_empty(T, weight.shape[1])
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        idx = order[start:start + n]
-        start += n
-        y = x[idx] @ weight[e].t()
+        y = xs[start:start + n] @ weight[e].t()
         if bias is not None:
             y = y + bias[e]
-        out[idx] = y.to(out.dtype)
+        ys[start:start + n] = y.to(ys.dtype)
+        start += n
+    out = torch.empty_like(ys)
+    out[order] = ys
     return out
 
 

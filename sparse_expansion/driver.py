@@ -104,6 +104,11 @@ class Method:
     def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], stats: HessianStats, where: str
                     ) -> list[dict]:
         cfg, H = self.config, stats.H
+        factor = None
+        if cfg.method == "sparsegpt":  # one factorisation for the whole group
+            t0 = time.perf_counter()
+            factor = solvers.inverse_hessian_factor(H, cfg.percdamp, f"{where}.{'/'.join(layers)}")
+            t_factor = time.perf_counter() - t0
         reports = []
         for name, module in layers.items():
             t0 = time.perf_counter()
@@ -114,16 +119,14 @@ class Method:
             elif cfg.method == "wanda":
                 W_hat = solvers.wanda(W, H, cfg.sparsity, cfg.bits)
             else:
-                W_hat, info = solvers.sparsegpt(W, H, cfg.sparsity, cfg.bits, cfg.blocksize, cfg.percdamp,
-                                                name=f"{where}.{name}")
+                W_hat, info = solvers.sparsegpt(W, factor, cfg.sparsity, cfg.bits, cfg.blocksize)
             set_linear_weight(module, W_hat[0])
             report = {"layer": f"{where}.{name}", "shape": list(W.shape[1:]), "tokens": int(stats.count[0]),
                       "sparsity": float((W_hat == 0).float().mean()),
                       "relative_error": solvers.relative_error(W, W_hat, H)[0],
                       "seconds_solve": time.perf_counter() - t0}
             if info is not None:
-                report["damping"] = info.damping[0]
-                report["dead_inputs"] = info.dead_inputs[0]
+                report.update(damping=info.damping[0], dead_inputs=info.dead_inputs[0], seconds_factor=t_factor)
             reports.append(report)
         return reports
 

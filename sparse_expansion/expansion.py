@@ -110,6 +110,7 @@ class ExpansionMethod:
             H_solve[partial] = ((n * H_c + tau * H_full) / (n + tau))[partial]
             handling["shrink_tokens"] = tau
         handling["empty_clusters_full_hessian"] = empty
+        factor = solvers.inverse_hessian_factor(H_solve, cfg.percdamp, f"{where}.{'/'.join(layers)}")
         t_hessian = time.perf_counter() - t1
         sizes = counts.tolist()
         reports = []
@@ -117,8 +118,7 @@ class ExpansionMethod:
             t2 = time.perf_counter()
             W = linear_weight(module).detach().float().clone(memory_format=torch.contiguous_format)
             experts = W.expand(router.clusters, *W.shape)
-            W_hat, info = solvers.sparsegpt(experts, H_solve, cfg.sparsity, cfg.bits, cfg.blocksize, cfg.percdamp,
-                                            name=f"{where}.{name}")
+            W_hat, info = solvers.sparsegpt(experts, factor, cfg.sparsity, cfg.bits, cfg.blocksize)
             bias = None if module.bias is None else module.bias.detach().expand(router.clusters, -1).clone()
             block.set_submodule(name, SparseExpertLinear(router, W_hat.to(module.weight.dtype), bias))
             # error on each cluster's own tokens, and on all tokens as routed (‖ΔW_c X_c‖² = n_c/2·tr(ΔW_c H_c ΔW_cᵀ))

@@ -21,6 +21,14 @@ class SolveInfo:
     dead_inputs: list[int] = field(default_factory=list)
 
 
+@dataclass
+class HessianFactor:
+    """What SparseGPT needs of a Hessian; computed once and shared by the linears of a group."""
+    Hinv: torch.Tensor        # [E, C, C] upper Cholesky factor of (H + λI)⁻¹
+    dead: torch.Tensor        # [E, C] inputs with a zero diagonal
+    damping: list[float]      # λ / mean(diag H) used per matrix
+
+
 def prune_scores(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
     """Kept mask [E, R, C] that removes the lowest scores: per matrix, per row, or N of every M."""
     E, R, C = score.shape
@@ -59,13 +67,12 @@ def wanda(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None
     return _round_kept(W, bits) * prune_scores(W.abs() * col_norm[:, None, :], sparsity, per_row=True)
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer"
-                           ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer") -> HessianFactor:
     """Upper Cholesky factor of (H + λI)⁻¹ per matrix, with λ = damp·mean(diag H).
 
     Dead inputs (zero diagonal) get H_jj = 1 so that the factorisation exists; the caller zeros
     their weights. The damping starts at `percdamp` and is raised step by step for each matrix
-    whose factorisation fails. Returns (Hinv [E, C, C], dead [E, C] bool, damping used per matrix).
+    whose factorisation fails.
     """
     H = H.float().clone()
     E, C, _ = H.shape
@@ -89,22 +96,23 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = 
                 used[e] = damp
         todo = [e for j, e in enumerate(todo) if not ok[j]]
         if not todo:
-            return Hinv, dead, used
+            return HessianFactor(Hinv, dead, used)
     raise NumericalError(f"{name}: the Hessian does not factor even with damping {percdamp * DAMPING_STEPS[-1]:g} "
                          f"x mean diagonal; check the layer's inputs for NaN/inf or use more calibration tokens")
 
 
-def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None = None,
+def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsity, bits: int | None = None,
               blocksize: int = 128, percdamp: float = 0.01, name: str = "layer"
               ) -> tuple[torch.Tensor, SolveInfo]:
-    """SparseGPT (Frantar & Alistarh, 2023) on E matrices [E, R, C] with Hessians [E, C, C]."""
+    """SparseGPT (Frantar & Alistarh, 2023) on E matrices [E, R, C] with Hessians [E, C, C]
+    (or their `inverse_hessian_factor`, when several linears share one input)."""
     W = W.float().contiguous().clone()
-    Hinv, dead, damping = inverse_hessian_factor(H, percdamp, name)
-    W[dead[:, None, :].expand_as(W)] = 0.0
+    f = H if isinstance(H, HessianFactor) else inverse_hessian_factor(H, percdamp, name)
+    W[f.dead[:, None, :].expand_as(W)] = 0.0
     grid = find_quant_grid(W, bits) if bits is not None else None
-    W, _ = obs_prune(W, Hinv, sparsity.rate if not sparsity.structured else 0.0,
+    W, _ = obs_prune(W, f.Hinv, sparsity.rate if not sparsity.structured else 0.0,
                      sparsity.n, sparsity.m, grid, blocksize)
-    return W, SolveInfo(damping=damping, dead_inputs=dead.sum(dim=1).tolist())
+    return W, SolveInfo(damping=f.damping, dead_inputs=f.dead.sum(dim=1).tolist())
 
 
 def error_terms(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
