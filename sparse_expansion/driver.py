@@ -41,7 +41,7 @@ class PruneConfig:
     kmeans_restarts: int = 10
     kmeans_backend: str = "auto"
     small_clusters: str = "shrink"
-    shrink_tokens: float = 64.0
+    shrink_tokens: float = 512.0
     min_cluster_tokens: int = 64
 
     def as_dict(self) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_expansion.driver import Method, PruneConfig
-from sparse_expansion.expansion import ExpansionMethod, InputStore
+from sparse_expansion.expansion import ExpansionMethod
 from sparse_expansion.sparsity import Sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,10 +140,11 @@ def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
                      small_clusters=cfg.small_clusters, shrink_tokens=cfg.shrink_tokens, percdamp=cfg.percdamp,
                      blocksize=cfg.blocksize)
     b = block()
-    store = InputStore(d_in, "cpu")
+    method = ExpansionMethod(pc)
+    store = method.collector({"lin": b.lin})
     for xb in layer.calib:
         store.add_batch(xb)
-    report = ExpansionMethod(pc).prune_group(b, {"lin": b.lin}, store, "b0")[0]
+    report = method.prune_group(b, {"lin": b.lin}, store, "b0")[0]
     assert torch.equal(b.lin.router.centroids, run.router.centroids)
     assert torch.equal(b.lin.weight, run.W_hat)
     assert report["cluster_sizes"] == run.cluster_sizes
