@@ -87,31 +87,35 @@ def kmeans_torch(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, max
                  tol: float = 1e-4) -> tuple[torch.Tensor, float]:
     """Lloyd's k-means with k-means++ init; best of `restarts` runs by inertia.
 
-    Returns (centroids [k, dim], inertia). Stops a run when the centroid shift falls below
-    tol × the mean per-feature variance (scikit-learn's rule). An emptied cluster takes the
-    point farthest from its centroid.
+    The restarts run side by side as one batch. Returns (centroids [k, dim], inertia). A run
+    stops when its centroid shift falls below tol × the mean per-feature variance (scikit-learn's
+    rule); an emptied cluster takes the point farthest from its centroid.
     """
     z = z.float()
     gen = torch.Generator(device=z.device).manual_seed(seed)
     threshold = tol * z.var(0, unbiased=False).mean()
-    best, best_inertia = None, float("inf")
-    for _ in range(restarts):
-        c = _kmeans_pp(z, k, gen)
-        for _ in range(max_iter):
-            onehot = torch.nn.functional.one_hot(nearest_centroid(z, c), k).to(z.dtype)
-            counts = onehot.sum(0)
-            new = (onehot.t() @ z) / counts.clamp(min=1)[:, None]
-            for e in torch.nonzero(counts == 0).flatten().tolist():
-                far = (z - onehot @ new).square().sum(1).argmax()
-                new[e] = z[far]
-            shift = (new - c).square().sum()
-            c = new
-            if shift <= threshold:
-                break
-        inertia = float((z - c[nearest_centroid(z, c)]).square().sum())
-        if inertia < best_inertia:
-            best, best_inertia = c, inertia
-    return best, best_inertia
+    c = torch.stack([_kmeans_pp(z, k, gen) for _ in range(restarts)])  # [R, k, dim]
+    active = torch.ones(restarts, dtype=torch.bool, device=z.device)
+    for _ in range(max_iter):
+        onehot = torch.nn.functional.one_hot(_nearest_batched(z, c), k).to(z.dtype)  # [R, N, k]
+        counts = onehot.sum(1)  # [R, k]
+        new = (onehot.transpose(1, 2) @ z) / counts.clamp(min=1)[..., None]
+        for r, e in torch.nonzero(counts == 0).tolist():
+            far = (z - onehot[r] @ new[r]).square().sum(1).argmax()
+            new[r, e] = z[far]
+        shift = (new - c).square().sum((1, 2))
+        c = torch.where(active[:, None, None], new, c)
+        active &= shift > threshold
+        if not active.any():
+            break
+    inertia = torch.stack([(z - cr[nearest_centroid(z, cr)]).square().sum() for cr in c])
+    best = int(inertia.argmin())
+    return c[best], float(inertia[best])
+
+
+def _nearest_batched(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """nearest_centroid for R sets of centroids c [R, k, dim] at once: labels [R, N]."""
+    return (c.square().sum(2)[:, None, :] - 2.0 * torch.matmul(z, c.transpose(1, 2))).argmin(2)
 
 
 def kmeans_cuml(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, max_iter: int = 300,
