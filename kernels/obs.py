@@ -49,6 +49,9 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return scale * (q - zero)
 
 
+UPDATE_COLUMNS = 32  # columns per error-propagation step of the torch reference
+
+
 def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask [E, n] marking exactly the k lowest scores of each row of score [E, n].
 
@@ -72,41 +75,48 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
     W: [E, R, C] (any float dtype; computed in fp32). Hinv: [E, C, C] fp32 upper Cholesky factor
     of H⁻¹. Unstructured at rate `sparsity` when prune_n == 0, else prune_n of every prune_m
     consecutive columns (blocksize is then rounded down to a multiple of prune_m).
+
+    The mask of each `blocksize` block is chosen at its start, as in SparseGPT; the column loop
+    then runs over sub-blocks of UPDATE_COLUMNS columns whose errors reach all later columns
+    through one matrix product each. This is the same computation as updating the whole block
+    column by column (up to rounding) with ~4x less elementwise work, which is what costs on CPU.
     """
     W = W.float().clone()
     E, R, C = W.shape
     pruned = torch.zeros_like(W, dtype=torch.bool)
+    sub = UPDATE_COLUMNS
     if prune_n:
         blocksize = max(prune_m, blocksize - blocksize % prune_m)
+        sub = max(prune_m, sub - sub % prune_m)  # an N:M group never straddles two sub-blocks
     for i1 in range(0, C, blocksize):
         i2 = min(i1 + blocksize, C)
-        count = i2 - i1
-        W1 = W[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-        d = torch.diagonal(Hinv1, dim1=1, dim2=2)  # [E, count]
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
         if not prune_n and sparsity > 0:
-            score = (W1 ** 2 / d[:, None, :] ** 2).flatten(1)
-            mask1 = lowest_k_mask(score, int(score.shape[1] * sparsity)).view(E, R, count)
-        for i in range(count):
-            w = W1[:, :, i]
-            if prune_n and i % prune_m == 0:
-                score = W1[:, :, i:i + prune_m] ** 2 / d[:, None, i:i + prune_m] ** 2
-                idx = torch.topk(score, prune_n, dim=2, largest=False).indices
-                mask1[:, :, i:i + prune_m].scatter_(2, idx, True)
-            q = w.masked_fill(mask1[:, :, i], 0.0)
-            if grid is not None:
-                q = quantize(q, grid.scale[:, :, 0], grid.zero[:, :, 0], grid.maxq)
-            Q1[:, :, i] = q
-            err = (w - q) / d[:, None, i]
-            W1[:, :, i:].addcmul_(err[:, :, None], Hinv1[:, None, i, i:], value=-1.0)
-            Err1[:, :, i] = err
-        W[:, :, i1:i2] = Q1
-        pruned[:, :, i1:i2] = mask1
-        if i2 < C:
-            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+            d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
+            score = (W[:, :, i1:i2] ** 2 / d[:, None, :] ** 2).flatten(1)
+            pruned[:, :, i1:i2] = lowest_k_mask(score, int(score.shape[1] * sparsity)).view(E, R, i2 - i1)
+        for j1 in range(i1, i2, sub):
+            j2 = min(j1 + sub, i2)
+            W1 = W[:, :, j1:j2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[:, j1:j2, j1:j2]
+            d = torch.diagonal(Hinv1, dim1=1, dim2=2)  # [E, count]
+            mask1 = pruned[:, :, j1:j2]  # a view: N:M choices are written through
+            for i in range(j2 - j1):
+                w = W1[:, :, i]
+                if prune_n and i % prune_m == 0:
+                    score = W1[:, :, i:i + prune_m] ** 2 / d[:, None, i:i + prune_m] ** 2
+                    idx = torch.topk(score, prune_n, dim=2, largest=False).indices
+                    mask1[:, :, i:i + prune_m].scatter_(2, idx, True)
+                q = w.masked_fill(mask1[:, :, i], 0.0)
+                if grid is not None:
+                    q = quantize(q, grid.scale[:, :, 0], grid.zero[:, :, 0], grid.maxq)
+                err = (w - q) / d[:, None, i]
+                W1[:, :, i:].addcmul_(err[:, :, None], Hinv1[:, None, i, i:], value=-1.0)
+                W1[:, :, i] = q
+                Err1[:, :, i] = err
+            W[:, :, j1:j2] = W1
+            if j2 < C:
+                W[:, :, j2:].baddbmm_(Err1, Hinv[:, j1:j2, j2:], alpha=-1.0)
     return W, ~pruned
 
 
