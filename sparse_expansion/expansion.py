@@ -102,12 +102,13 @@ class ExpansionMethod:
         H_solve = H_c.clone()
         total = x.shape[0]
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        H_solve[empty] = H_full[0]
-        if cfg.small_clusters == "shrink":
-            n = counts.to(H_c.dtype)[:, None, None]
-            partial = (counts > 0) & (counts < total)
+        for c in empty:
+            H_solve[c] = H_full[0]
+        if cfg.small_clusters == "shrink":  # in place, one cluster at a time
             tau = cfg.shrink_tokens
-            H_solve[partial] = ((n * H_c + tau * H_full) / (n + tau))[partial]
+            for c, n in enumerate(counts.tolist()):
+                if 0 < n < total:
+                    H_solve[c].mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))
             handling["shrink_tokens"] = tau
         handling["empty_clusters_full_hessian"] = empty
         factor = solvers.inverse_hessian_factor(H_solve, cfg.percdamp, f"{where}.{'/'.join(layers)}")
@@ -123,7 +124,7 @@ class ExpansionMethod:
             block.set_submodule(name, SparseExpertLinear(router, W_hat.to(module.weight.dtype), bias))
             # error on each cluster's own tokens, and on all tokens as routed (‖ΔW_c X_c‖² = n_c/2·tr(ΔW_c H_c ΔW_cᵀ))
             num, den = solvers.error_terms(W[None], W_hat, H_c)
-            full = solvers.error_terms(W[None], W[None], H_full)[1][0]
+            full = ((W @ H_full[0]) * W).sum()
             per_cluster = (num / den.clamp(min=torch.finfo(torch.float32).tiny)).tolist()
             overall = float((counts.to(num.dtype) * num).sum() / (total * full))
             reports.append({
