@@ -65,6 +65,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparse_expansion import solvers
+from sparse_expansion.driver import PruneConfig
+from sparse_expansion.expansion import solve_hessians
 from sparse_expansion.experts import SparseExpertLinear
 from sparse_expansion.kernels.hessian import accumulate_hessian
 from sparse_expansion.kernels.obs import obs_prune, obs_prune_reference
@@ -99,7 +101,7 @@ class BenchConfig:
     kmeans_restarts: int = 10
     kmeans_backend: str = "auto"
     small_clusters: str = "shrink"  # the driver's default; or "damping" (the paper's behaviour)
-    shrink_tokens: float = 64.0
+    shrink_tokens: float = PruneConfig.shrink_tokens
     percdamp: float = 0.01
     blocksize: int = 128
     sparsities: tuple[str, ...] = ("0.5",)
@@ -387,22 +389,6 @@ class PruneRun:
     kmeans_backend: str | None = None
 
 
-def _solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, cfg: BenchConfig
-                    ) -> torch.Tensor:
-    """ExpansionMethod.prune_group's small-cluster rule: empty clusters take the full Hessian;
-    with `shrink` the others become (n_c·H_c + τ·H)/(n_c + τ)."""
-    H_solve = H_c.clone()
-    total = int(counts.sum())
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    H_solve[empty] = H_full[0]
-    if cfg.small_clusters == "shrink":
-        n = counts.to(H_c.dtype)[:, None, None]
-        partial = (counts > 0) & (counts < total)
-        tau = cfg.shrink_tokens
-        H_solve[partial] = ((n * H_c + tau * H_full) / (n + tau))[partial]
-    return H_solve
-
-
 def inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """(Hinv, dead, damping) of solvers.inverse_hessian_factor, whether it returns a tuple or a
     HessianFactor (the library's API has had both)."""
@@ -451,7 +437,7 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
                 accumulate_hessian(H_c, counts, xb, labels[start:start + xb.shape[0]])
                 start += xb.shape[0]
             H_full = torch.einsum("k,kij->ij", counts.to(H_c.dtype), H_c)[None] / start  # Σ n_c·H_c / N
-            H_solve = _solve_hessians(H_c, counts, H_full, cfg)
+            H_solve = solve_hessians(H_c, counts, H_full, cfg.small_clusters, cfg.shrink_tokens)
     with clock("inverse"):  # solvers.inverse_hessian_factor (once per group in the driver)
         Hinv, dead, damping = inverse_factor(H_solve, cfg.percdamp)
     del H_solve

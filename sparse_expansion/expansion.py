@@ -58,6 +58,20 @@ def merge_small_clusters(router: Router, x: torch.Tensor, labels: torch.Tensor, 
     return merged, nearest_centroid(merged.project(x), merged.centroids), dropped
 
 
+def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float
+                   ) -> torch.Tensor:
+    """The Hessians the experts are pruned with: empty clusters take the layer's H; with the
+    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ), in place."""
+    H_solve = H_c.clone()
+    total = int(counts.sum())
+    for c, n in enumerate(counts.tolist()):
+        if n == 0:
+            H_solve[c] = H_full[0]
+        elif rule == "shrink" and n < total:
+            H_solve[c].mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))
+    return H_solve
+
+
 class ExpansionMethod:
     """The `sparse-expansion` method for the sequential driver (see driver.Method)."""
 
@@ -99,18 +113,11 @@ class ExpansionMethod:
             handling["merged_clusters"] = dropped
         t1 = time.perf_counter()
         H_c, counts, H_full = self._cluster_hessians(store, labels, router.clusters)
-        H_solve = H_c.clone()
         total = x.shape[0]
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        for c in empty:
-            H_solve[c] = H_full[0]
-        if cfg.small_clusters == "shrink":  # in place, one cluster at a time
-            tau = cfg.shrink_tokens
-            for c, n in enumerate(counts.tolist()):
-                if 0 < n < total:
-                    H_solve[c].mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))
-            handling["shrink_tokens"] = tau
-        handling["empty_clusters_full_hessian"] = empty
+        H_solve = solve_hessians(H_c, counts, H_full, cfg.small_clusters, cfg.shrink_tokens)
+        if cfg.small_clusters == "shrink":
+            handling["shrink_tokens"] = cfg.shrink_tokens
+        handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         factor = solvers.inverse_hessian_factor(H_solve, cfg.percdamp, f"{where}.{'/'.join(layers)}")
         t_hessian = time.perf_counter() - t1
         sizes = counts.tolist()
