@@ -897,6 +897,13 @@ def write_plots(results: dict, prefix: str) -> list[str]:
         return fig, flat[:n]
 
     written = []
+
+    def save(fig, path: str) -> None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
     rows = [r for r in results["pruning"] if r["impl"] in ("library", "reference")]
     if rows:
         groups = list(dict.fromkeys((r["shape"], r["sparsity"]) for r in rows))
@@ -915,11 +922,7 @@ def write_plots(results: dict, prefix: str) -> list[str]:
             ax.tick_params(labelsize=8)
         axes[0].legend(fontsize=7)
         fig.suptitle("pruning time per stage (lib = library, ref = one cluster at a time)", fontsize=10)
-        fig.tight_layout()
-        path = f"{prefix}_stages.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"{prefix}_stages.png")
     inf = results["inference"]
     if inf:
         groups = list(dict.fromkeys((r["shape"], r["sparsity"]) for r in inf))
@@ -942,11 +945,7 @@ def write_plots(results: dict, prefix: str) -> list[str]:
                 handles.setdefault(lab, h)
         axes[0].legend(handles.values(), handles.keys(), fontsize=7)
         fig.suptitle("routed forward (SparseExpertLinear, routing included) vs dense nn.Linear", fontsize=10)
-        fig.tight_layout()
-        path = f"{prefix}_routed.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"{prefix}_routed.png")
     return written
 
 
