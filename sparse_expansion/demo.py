@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 
 from .data import calibration_windows, evaluation_windows
-from .driver import PruneConfig, prune_model
+from .driver import METHODS, PruneConfig, prune_model
 from .evaluate import perplexity
 from .models import SMOLLM2, load_model
 from .sparsity import Sparsity
-
-METHODS = ("magnitude", "wanda", "sparsegpt", "sparse-expansion")
-
 
 def run(methods=METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int = 512, windows: int = 24,
         seed: int = 0, progress: bool = True) -> list[dict]:
