@@ -413,9 +413,9 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
                 accumulate_hessian(H_full, n_full, xb)
         H_c, H_solve, counts = H_full, H_full, n_full
     else:
-        batches = [xb.float() for xb in batches]  # expansion.InputStore keeps fp32 batches
+        batches = [xb.float() for xb in batches]  # expansion.ClusterStats keeps fp32 rows
         with clock("pca"):
-            x = torch.cat(batches)  # InputStore.tokens()
+            x = torch.cat(batches)  # ClusterStats.next_pass
             mean = basis = None
             if cfg.pca_factor:
                 mean, basis = fit_pca(x, max(1, C // cfg.pca_factor))
@@ -429,7 +429,7 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
             router.centroids.copy_(centroids)
             labels = router.assign(x)
             del z, x
-        with clock("hessian"):  # ExpansionMethod._cluster_hessians + the small-cluster rule
+        with clock("hessian"):  # ClusterStats._accumulate + the small-cluster rule
             H_c = torch.zeros(clusters, C, C, dtype=torch.float32, device=dev)
             counts = torch.zeros(clusters, dtype=torch.long, device=dev)
             start = 0

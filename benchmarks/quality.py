@@ -59,7 +59,7 @@ def run_one(run: str, args, calib, evalw) -> dict:
     if run != "dense":
         config = config_for(run, args)
         t0 = time.perf_counter()
-        layers = prune_model(model, calib, config, progress=not args.quiet)
+        layers = prune_model(model, calib, config, progress=not args.quiet).layers
         row["prune_seconds"] = time.perf_counter() - t0
         row["config"] = config.as_dict()
         sizes = [min(r["cluster_sizes"]) for r in layers if "cluster_sizes" in r]

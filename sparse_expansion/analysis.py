@@ -324,7 +324,7 @@ class LayerAnalysis:
             return {n: self.dense(n) for n in self.names}
         key = (method, float(rate), clusters if method == "sparse-expansion" else None)
         if key not in self._cache:
-            from .driver import PruneConfig, make_method
+            from .driver import PruneConfig, collect, make_method
             from .sparsity import Sparsity
             cfg = self.config
             pc = PruneConfig(method=method, sparsity=Sparsity(float(rate)), seed=cfg.seed,
@@ -334,9 +334,7 @@ class LayerAnalysis:
             holder = copy.deepcopy(decoder_blocks(self.model)[self.block])
             layers = {n: holder.get_submodule(n) for n in self.names}
             prune = make_method(pc)
-            collector = prune.collector(layers)
-            for xb in self.calib:
-                collector.add_batch(xb)
+            collector = collect(prune, layers, self.calib)
             t0 = time.perf_counter()
             with torch.no_grad():
                 reports = prune.prune_group(holder, layers, collector, f"block{self.block}")

@@ -177,10 +177,11 @@ def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device=device)
     calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    reports = prune_model(model, calib, config, progress=not args.quiet)
+    result = prune_model(model, calib, config, progress=not args.quiet)
+    reports = result.layers
     seconds = time.perf_counter() - t0
     metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(),
-                "seconds": seconds, "layers": reports}
+                "seconds": seconds, "layers": reports, "blocks": result.blocks}
     out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
     saved = read_metadata(out)
     mean_err = sum(r["relative_error"] for r in reports) / max(len(reports), 1)

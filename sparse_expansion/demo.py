@@ -29,7 +29,7 @@ def run(methods=METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int 
         model, _ = load_model(SMOLLM2)
         t0 = time.perf_counter()
         config = PruneConfig(method=method, sparsity=Sparsity.parse(sparsity))
-        reports = prune_model(model, calib, config, progress=progress)
+        reports = prune_model(model, calib, config, progress=progress).layers
         seconds = time.perf_counter() - t0
         result = perplexity(model, evalw, progress=progress)
         achieved = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in reports) / \

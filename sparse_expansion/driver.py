@@ -8,6 +8,7 @@ pruned, so every method shares this loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from . import solvers
 from .errors import NumericalError, UsageError
 from .kernels.hessian import accumulate_hessian
+from .memory import PeakMemory
 from .models import block_output, capture_block_inputs, decoder_blocks, linear_weight, set_linear_weight, target_groups
 from .sparsity import Sparsity
 
@@ -43,6 +45,7 @@ class PruneConfig:
     small_clusters: str = "shrink"
     shrink_tokens: float = 512.0
     min_cluster_tokens: int = 64
+    max_cluster_tokens: int = 262144  # PCA and k-means fit on a seeded sample of at most this many tokens
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -59,6 +62,10 @@ class HessianStats:
 
     def add_batch(self, x: torch.Tensor) -> None:
         accumulate_hessian(self.H, self.count, x.reshape(-1, x.shape[-1]))
+
+    def next_pass(self) -> bool:
+        """Whether another pass over the inputs is needed (never: one pass gives H)."""
+        return False
 
 
 def check_method(name: str) -> None:
@@ -96,7 +103,7 @@ class Method:
         check_method(config.method)
         self.config = config
 
-    def collector(self, layers: dict[str, nn.Module]) -> HessianStats:
+    def collector(self, layers: dict[str, nn.Module], tokens: int) -> HessianStats:
         first = next(iter(layers.values()))
         W = linear_weight(first)
         return HessianStats(W.shape[1], W.device)
@@ -138,54 +145,110 @@ def make_method(config: PruneConfig):
     return Method(config)
 
 
-def _check_finite(t: torch.Tensor, where: str) -> None:
+def check_finite(t: torch.Tensor, where: str) -> None:
     if not torch.isfinite(t).all():
-        raise NumericalError(f"{where}: activations contain NaN or inf; check the model's dtype and inputs")
+        raise NumericalError(f"{where}: activations contain NaN or inf; check the model's weights, dtype and inputs")
+
+
+def collect(method, layers: dict[str, nn.Module], batches: list[torch.Tensor]):
+    """A group's statistics from its input batches (outside the driver: benchmarks, analysis)."""
+    collector = method.collector(layers, sum(xb.reshape(-1, xb.shape[-1]).shape[0] for xb in batches))
+    while True:
+        for xb in batches:
+            collector.add_batch(xb)
+        if not collector.next_pass():
+            return collector
+
+
+@dataclass
+class PruneResult:
+    layers: list[dict]   # one report per pruned linear
+    blocks: list[dict]   # one entry per decoder block: seconds, peak memory
+
+
+def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Callable] | None = None,
+               keep_outputs: bool = False) -> list:
+    """Run `block` on every cached input (moved to `device`), with forward-pre-hooks calling
+    hooks[module](input); returns the outputs, on the inputs' device, when asked."""
+    handles = [m.register_forward_pre_hook(lambda _m, args, f=f: f(args[0])) for m, f in (hooks or {}).items()]
+    outputs = []
+    try:
+        for hidden, args, kwargs in cached:
+            out = block_output(block(hidden.to(device), *args, **kwargs))
+            if keep_outputs:
+                outputs.append((out.to(hidden.device), args, kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, method) -> list[dict]:
+    """Collect each phase's statistics (as many passes over the block's inputs as the method's
+    collectors ask for), then prune the phase's groups. Returns the block's layer reports."""
+    where, reports = f"block{b}", []
+    tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached)
+    for hidden, _, _ in cached:
+        check_finite(hidden, f"{where} input")
+    for phase in phases:
+        layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
+        collectors = [method.collector(layers, tokens) for layers in layer_groups]
+
+        def collecting(c, label):
+            def add(x):
+                check_finite(x, f"{where}.{label} input")
+                c.add_batch(x)
+            return add
+        pending = list(zip(layer_groups, collectors))
+        t_collect = time.perf_counter()
+        while pending:
+            _run_block(block, cached, device, {next(iter(layers.values())): collecting(c, "/".join(layers))
+                                               for layers, c in pending})
+            pending = [(layers, c) for layers, c in pending if c.next_pass()]
+        t_collect = time.perf_counter() - t_collect
+        for layers, c in zip(layer_groups, collectors):
+            reports += [{"block": b, **r, "seconds_collect": t_collect} for r in method.prune_group(block, layers, c, where)]
+    return reports
 
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, method: Method | None = None,
-                progress: bool = True) -> list[dict]:
-    """Prune `model` in place with calibration token ids [N, L]. Returns one report per linear.
+                progress: bool = True, checkpoint=None, offload_activations: bool = False) -> PruneResult:
+    """Prune `model` in place with calibration token ids [N, L].
 
     Within a block every group's statistics come from the dense block's inputs; the pruned
-    block's outputs feed the next block.
+    block's outputs feed the next block. With a `checkpoint.Checkpoint`, the run resumes after
+    its last saved block and saves every block it finishes. `offload_activations` keeps the
+    calibration activations on the CPU between blocks (each batch visits the model's device).
     """
     method = method or make_method(config)
     groups = target_groups(model, config.targets)
     check_shapes(model, config)
     # one dense pass collects every group's inputs; --sequential gives each group its own pass
     phases = [[g] for g in groups] if config.sequential else [list(groups)]
-    batches = list(calibration.split(config.batch_size))
-    cached = capture_block_inputs(model, batches)
-    reports: list[dict] = []
     blocks = decoder_blocks(model)
     start, end = config.blocks or (0, len(blocks))
     check_block_range(start, end, len(blocks))
-    bar = tqdm(range(end), desc=f"prune {config.method}", disable=not progress, unit="block")
+    device = next(model.parameters()).device
+    cached = capture_block_inputs(model, list(calibration.split(config.batch_size)))
+    if offload_activations:
+        cached = [(hidden.cpu(), args, kwargs) for hidden, args, kwargs in cached]
+    result = PruneResult([], [])
+    first = 0
+    if checkpoint is not None:
+        first, cached, result = checkpoint.restore(model, config.targets, cached, result)
+    bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress, unit="block",
+               initial=first, total=end)
     for b in bar:
         block = blocks[b]
-        where = f"block{b}"
-        for phase in phases if b >= start else []:
-            layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
-            collectors = [method.collector(layers) for layers in layer_groups]
-            hooks = [next(iter(layers.values())).register_forward_pre_hook(
-                         lambda _m, args, c=c: c.add_batch(args[0]))
-                     for layers, c in zip(layer_groups, collectors)]
-            t_collect = time.perf_counter()
-            try:
-                for hidden, args, kwargs in cached:
-                    _check_finite(hidden, f"{where} input")
-                    block(hidden, *args, **kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
-            t_collect = time.perf_counter() - t_collect
-            for layers, c in zip(layer_groups, collectors):
-                for r in method.prune_group(block, layers, c, where):
-                    reports.append({"block": b, **r, "seconds_collect": t_collect})
-        cached = [(block_output(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in cached]
-        recent = [r["relative_error"] for r in reports if r["block"] == b]
-        if recent:
-            bar.set_postfix(err=f"{sum(recent) / len(recent):.3g}")
-    return reports
+        with PeakMemory(device) as memory:
+            t0 = time.perf_counter()
+            reports = _prune_block(block, b, cached, device, phases, method) if b >= start else []
+            cached = _run_block(block, cached, device, keep_outputs=True)
+        result.layers += reports
+        result.blocks.append({"block": b, "pruned": b >= start, "seconds": time.perf_counter() - t0, **memory.peak})
+        if checkpoint is not None:
+            checkpoint.save(b, block, groups if b >= start else [], cached, result)
+        if reports:
+            bar.set_postfix(err=f"{sum(r['relative_error'] for r in reports) / len(reports):.3g}")
+    return result

@@ -1,9 +1,10 @@
 """Sparse Expansion (Sawmya et al., ICLR 2025): one SparseGPT expert per input cluster.
 
 For each group of linears sharing an input (gate_proj + up_proj of a Llama MLP; every other FFN
-linear alone): fit a router (PCA + k-means) on the group's calibration inputs, accumulate one
-Hessian per cluster, prune one copy of each linear per cluster with SparseGPT (all clusters in
-one batched solve), and swap in `SparseExpertLinear` modules that share the group's router.
+linear alone): fit a router (PCA + k-means) on the group's calibration inputs (a seeded sample of
+at most `max_cluster_tokens` of them), accumulate one Hessian per cluster batch by batch, prune
+one copy of each linear per cluster with SparseGPT (all clusters in one batched solve), and swap
+in `SparseExpertLinear` modules that share the group's router.
 
 Small clusters (the paper's code leaves clusters of 1-7 tokens in some layers) are handled by an
 explicit rule, reported per layer:
@@ -28,19 +29,6 @@ from .models import linear_weight
 from .router import Router, fit_router, nearest_centroid
 
 SMALL_CLUSTER_RULES = ("damping", "shrink", "merge")
-
-
-class InputStore:
-    """Keeps a group's calibration inputs batch by batch (fp32)."""
-
-    def __init__(self):
-        self.batches: list[torch.Tensor] = []
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        self.batches.append(x.reshape(-1, x.shape[-1]).float())
-
-    def tokens(self) -> torch.Tensor:
-        return torch.cat(self.batches)
 
 
 def merge_small_clusters(router: Router, x: torch.Tensor, labels: torch.Tensor, min_tokens: int
@@ -72,6 +60,80 @@ def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor
     return H_solve
 
 
+def token_sample(tokens: int, bound: int, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a seeded sample of `bound` of `tokens` rows; None when all rows fit."""
+    if tokens <= bound:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(tokens, generator=gen)[:bound].sort().values
+
+
+class ClusterStats:
+    """What Sparse Expansion collects for one group, in up to two passes over its input batches.
+
+    Pass 1 keeps a seeded sample of at most `max_cluster_tokens` input rows (all of them when the
+    calibration set is smaller) and fits the router on it. Pass 2 accumulates one Hessian per
+    cluster, batch by batch, with the router's labels; when the sample holds every row it replays
+    the stored rows instead of asking the driver for another pass over the block.
+    """
+
+    def __init__(self, config, tokens: int):
+        self.config = config
+        self.tokens = tokens
+        self.keep = token_sample(tokens, config.max_cluster_tokens, config.seed)
+        self.sample: list[torch.Tensor] = []
+        self.seen = 0
+        self.fit = None
+        self.H = self.counts = None
+        self.handling: dict = {"rule": config.small_clusters}
+        self.seconds_router = self.seconds_hessian = 0.0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if self.fit is not None:
+            self._accumulate(x, self.fit.router.assign(x))
+            return
+        rows = x
+        if self.keep is not None:  # the sampled rows that fall in this batch
+            lo, hi = torch.searchsorted(self.keep, torch.tensor([self.seen, self.seen + x.shape[0]])).tolist()
+            rows = x[(self.keep[lo:hi] - self.seen).to(x.device)]
+        self.sample.append(rows.float())
+        self.seen += x.shape[0]
+
+    def _accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        if self.H is None:
+            k, d = self.fit.router.clusters, x.shape[-1]
+            self.H = torch.zeros(k, d, d, dtype=torch.float32, device=x.device)
+            self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
+        accumulate_hessian(self.H, self.counts, x, labels)
+        self.seconds_hessian += time.perf_counter() - t0
+
+    def next_pass(self) -> bool:
+        if self.fit is not None:
+            return False
+        cfg = self.config
+        t0 = time.perf_counter()
+        x = torch.cat(self.sample)
+        fit = fit_router(x, cfg.clusters, cfg.pca_factor, cfg.seed, cfg.kmeans_restarts, cfg.kmeans_backend)
+        if cfg.small_clusters == "merge":  # the threshold scaled to the sample
+            min_tokens = cfg.min_cluster_tokens * x.shape[0] / self.tokens
+            fit.router, fit.labels, self.handling["merged_clusters"] = merge_small_clusters(
+                fit.router, x, fit.labels, min_tokens)
+        self.fit = fit
+        self.handling["sampled_tokens"] = x.shape[0]
+        self.seconds_router = time.perf_counter() - t0
+        del x
+        sample, self.sample = self.sample, None
+        if self.keep is not None:
+            return True
+        start = 0
+        for xb in sample:  # same batches as SparseGPT's accumulation: one cluster gives its H exactly
+            self._accumulate(xb, fit.labels[start:start + xb.shape[0]])
+            start += xb.shape[0]
+        return False
+
+
 class ExpansionMethod:
     """The `sparse-expansion` method for the sequential driver (see driver.Method)."""
 
@@ -82,44 +144,28 @@ class ExpansionMethod:
             raise UsageError(f"--pca-factor {config.pca_factor}: use 0 (no PCA) or a positive divisor")
         if config.small_clusters not in SMALL_CLUSTER_RULES:
             raise UsageError(f"--small-clusters {config.small_clusters!r}: use one of {', '.join(SMALL_CLUSTER_RULES)}")
+        if config.max_cluster_tokens < config.clusters:
+            raise UsageError(f"--max-cluster-tokens {config.max_cluster_tokens}: k-means needs at least as many "
+                             f"tokens as --clusters ({config.clusters})")
         self.config = config
 
-    def collector(self, layers: dict[str, nn.Module]) -> InputStore:
-        return InputStore()
+    def collector(self, layers: dict[str, nn.Module], tokens: int) -> ClusterStats:
+        return ClusterStats(self.config, tokens)
 
-    @staticmethod
-    def _cluster_hessians(store: InputStore, labels: torch.Tensor, clusters: int):
-        """Per-cluster H_c [K, d, d] and counts [K], and the layer's full H [1, d, d] = Σ n_c·H_c / N."""
-        d, device = store.batches[0].shape[1], labels.device
-        H = torch.zeros(clusters, d, d, dtype=torch.float32, device=device)
-        counts = torch.zeros(clusters, dtype=torch.long, device=device)
-        start = 0
-        for xb in store.batches:  # same batches as SparseGPT's accumulation: K = 1 gives its H exactly
-            accumulate_hessian(H, counts, xb, labels[start:start + xb.shape[0]])
-            start += xb.shape[0]
-        full = torch.einsum("k,kij->ij", counts.to(H.dtype), H)[None] / start
-        return H, counts, full
-
-    def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], store: InputStore, where: str) -> list[dict]:
-        cfg = self.config
-        x = store.tokens()
-        t0 = time.perf_counter()
-        fit = fit_router(x, cfg.clusters, cfg.pca_factor, cfg.seed, cfg.kmeans_restarts, cfg.kmeans_backend)
-        router, labels = fit.router, fit.labels
-        t_router = time.perf_counter() - t0
-        handling: dict = {"rule": cfg.small_clusters}
-        if cfg.small_clusters == "merge":
-            router, labels, dropped = merge_small_clusters(router, x, labels, cfg.min_cluster_tokens)
-            handling["merged_clusters"] = dropped
+    def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], stats: ClusterStats, where: str
+                    ) -> list[dict]:
+        cfg, fit, H_c, counts = self.config, stats.fit, stats.H, stats.counts
+        router, handling = fit.router, dict(stats.handling)
         t1 = time.perf_counter()
-        H_c, counts, H_full = self._cluster_hessians(store, labels, router.clusters)
-        total = x.shape[0]
+        total = int(counts.sum())
+        H_full = torch.einsum("k,kij->ij", counts.to(H_c.dtype), H_c)[None] / total  # Σ n_c·H_c / N
         H_solve = solve_hessians(H_c, counts, H_full, cfg.small_clusters, cfg.shrink_tokens)
         if cfg.small_clusters == "shrink":
             handling["shrink_tokens"] = cfg.shrink_tokens
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         factor = solvers.inverse_hessian_factor(H_solve, cfg.percdamp, f"{where}.{'/'.join(layers)}")
-        t_hessian = time.perf_counter() - t1
+        t_hessian = stats.seconds_hessian + time.perf_counter() - t1
+        t_router = stats.seconds_router
         sizes = counts.tolist()
         reports = []
         for name, module in layers.items():

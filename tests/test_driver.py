@@ -20,7 +20,7 @@ def test_every_family_prunes_each_ffn_linear_once(family, monkeypatch):
     real_set = models.set_linear_weight
     monkeypatch.setattr("sparse_expansion.driver.set_linear_weight",
                         lambda m, w: (calls.append(id(m)), real_set(m, w)))
-    reports = prune_model(model, random_tokens(4, 32), PruneConfig("sparsegpt", Sparsity(0.5)), progress=False)
+    reports = prune_model(model, random_tokens(4, 32), PruneConfig("sparsegpt", Sparsity(0.5)), progress=False).layers
     assert [r["layer"] for r in reports] == sorted(target_names(model, "ffn"), key=[r["layer"] for r in reports].index)
     assert len(calls) == len(set(calls)) == len(target_names(model, "ffn"))
     for b, block in enumerate(models.decoder_blocks(model)):
@@ -38,7 +38,7 @@ def test_every_family_prunes_each_ffn_linear_once(family, monkeypatch):
 def test_targets_all_adds_attention(family):
     model = tiny_model(family)
     reports = prune_model(model, random_tokens(2, 16), PruneConfig("wanda", Sparsity.parse("2:4"), targets="all"),
-                          progress=False)
+                          progress=False).layers
     assert {r["layer"] for r in reports} == target_names(model, "all")
     assert all(r["sparsity"] == 0.5 for r in reports)
 

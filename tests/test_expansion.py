@@ -76,7 +76,7 @@ def test_pca_router_routes_calibration_tokens_to_their_labels_batch_by_batch():
 def test_driver_routing_reproduces_cluster_sizes():
     model = tiny_model("llama")
     calib = random_tokens(4, 32)
-    reports = prune_model(model, calib, se_config(), progress=False)
+    reports = prune_model(model, calib, se_config(), progress=False).layers
     gate = next(r for r in reports if r["layer"] == "block0.mlp.gate_proj")
     seen = []
     module = model.model.layers[0].mlp.gate_proj
@@ -140,7 +140,7 @@ def test_merge_rule_leaves_no_small_cluster_and_reroutes():
 def test_small_cluster_rules_are_reported(rule):
     model = tiny_model("llama")
     reports = prune_model(model, random_tokens(2, 32), se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
-                          progress=False)
+                          progress=False).layers
     for r in reports:
         assert r["small_clusters"]["rule"] == rule
         assert sum(r["cluster_sizes"]) == 64

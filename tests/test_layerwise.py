@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_expansion.driver import Method, PruneConfig
+from sparse_expansion.driver import Method, PruneConfig, collect
 from sparse_expansion.expansion import ExpansionMethod
 from sparse_expansion.sparsity import Sparsity
 
@@ -141,10 +141,7 @@ def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
                      blocksize=cfg.blocksize)
     b = block()
     method = ExpansionMethod(pc)
-    store = method.collector({"lin": b.lin})
-    for xb in layer.calib:
-        store.add_batch(xb)
-    report = method.prune_group(b, {"lin": b.lin}, store, "b0")[0]
+    report = method.prune_group(b, {"lin": b.lin}, collect(method, {"lin": b.lin}, layer.calib), "b0")[0]
     assert torch.equal(b.lin.router.centroids, run.router.centroids)
     assert torch.equal(b.lin.weight, run.W_hat)
     assert report["cluster_sizes"] == run.cluster_sizes
@@ -152,9 +149,7 @@ def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
     # SparseGPT
     run1 = lw.prune_library(W, layer.calib, sp, 1, cfg)
     b = block()
-    stats = Method(PruneConfig(method="sparsegpt", sparsity=sp)).collector({"lin": b.lin})
-    for xb in layer.calib:
-        stats.add_batch(xb)
+    stats = collect(Method(PruneConfig(method="sparsegpt", sparsity=sp)), {"lin": b.lin}, layer.calib)
     Method(PruneConfig(method="sparsegpt", sparsity=sp)).prune_group(b, {"lin": b.lin}, stats, "b0")
     assert torch.equal(b.lin.weight, run1.W_hat[0])
 
