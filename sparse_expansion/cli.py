@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--sequential", action="store_true",
                     help="collect each group's inputs after the block's earlier groups are pruned")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    lr = pr.add_argument_group("long runs")
+    lr.add_argument("--checkpoint-dir", default=None,
+                    help="save every finished block here; re-running the same command resumes after the last one")
+    lr.add_argument("--offload-activations", action="store_true",
+                    help="keep the calibration activations on the CPU between blocks (GPU runs)")
     se = pr.add_argument_group("sparse-expansion")
     se.add_argument("--clusters", type=int, default=PruneConfig.clusters, help="experts per layer (k-means clusters)")
     se.add_argument("--pca-factor", type=int, default=PruneConfig.pca_factor,
@@ -52,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="tau of --small-clusters shrink, in tokens")
     se.add_argument("--min-cluster-tokens", type=int, default=PruneConfig.min_cluster_tokens,
                     help="smallest cluster kept by --small-clusters merge")
+    se.add_argument("--max-cluster-tokens", type=int, default=PruneConfig.max_cluster_tokens,
+                    help="PCA and k-means fit on a seeded sample of at most this many tokens per layer")
 
     ev = sub.add_parser("eval", help="perplexity on held-out windows")
     ev.add_argument("model", help="model reference as for prune, or a folder written by prune")
@@ -151,6 +158,7 @@ def check_prune_args(args) -> PruneConfig:
     check_model_ref(args.model)
     _check_seqlen(args.model, args.seqlen)
     _positive(args.kmeans_restarts, "--kmeans-restarts")
+    _positive(args.max_cluster_tokens, "--max-cluster-tokens")
     if args.shrink_tokens < 0 or args.min_cluster_tokens < 0:
         raise UsageError("--shrink-tokens and --min-cluster-tokens must not be negative")
     config = PruneConfig(method=args.method, sparsity=sparsity, bits=args.bits, targets=args.targets,
@@ -158,7 +166,8 @@ def check_prune_args(args) -> PruneConfig:
                          blocks=_block_range(args.blocks),
                          clusters=args.clusters, pca_factor=args.pca_factor, kmeans_restarts=args.kmeans_restarts,
                          kmeans_backend=args.kmeans_backend, small_clusters=args.small_clusters,
-                         shrink_tokens=args.shrink_tokens, min_cluster_tokens=args.min_cluster_tokens)
+                         shrink_tokens=args.shrink_tokens, min_cluster_tokens=args.min_cluster_tokens,
+                         max_cluster_tokens=args.max_cluster_tokens)
     make_method(config)  # validates the method's own options
     if config.method == "sparse-expansion":
         choose_backend(config.kmeans_backend, _device(args.device))
@@ -166,9 +175,20 @@ def check_prune_args(args) -> PruneConfig:
     return config
 
 
+def open_checkpoint(args, config: PruneConfig, device: str):
+    """The run's `Checkpoint` (None without --checkpoint-dir); refuses one made with other arguments."""
+    if args.checkpoint_dir is None:
+        return None
+    from .checkpoint import Checkpoint
+    identity = {"model": args.model, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "device": torch.device(device).type, **config.as_dict()}
+    return Checkpoint(args.checkpoint_dir, identity)
+
+
 def cmd_prune(args) -> int:
     config = check_prune_args(args)
     device = _device(args.device)
+    checkpoint = open_checkpoint(args, config, device)
     from .data import calibration_windows
     from .driver import prune_model
     from .models import load_model
@@ -177,7 +197,10 @@ def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device=device)
     calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    result = prune_model(model, calib, config, progress=not args.quiet)
+    if checkpoint is not None:
+        print(checkpoint.describe(), file=sys.stderr)
+    result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
+                         offload_activations=args.offload_activations)
     reports = result.layers
     seconds = time.perf_counter() - t0
     metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(),

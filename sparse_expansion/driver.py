@@ -236,7 +236,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     result = PruneResult([], [])
     first = 0
     if checkpoint is not None:
-        first, cached, result = checkpoint.restore(model, config.targets, cached, result)
+        first, cached, result = checkpoint.restore(model, cached, result)
     bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress, unit="block",
                initial=first, total=end)
     for b in bar:
@@ -248,7 +248,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
         result.layers += reports
         result.blocks.append({"block": b, "pruned": b >= start, "seconds": time.perf_counter() - t0, **memory.peak})
         if checkpoint is not None:
-            checkpoint.save(b, block, groups if b >= start else [], cached, result)
+            checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], cached, result)
         if reports:
             bar.set_postfix(err=f"{sum(r['relative_error'] for r in reports) / len(reports):.3g}")
     return result

@@ -49,7 +49,20 @@ def write_atomically(output: str, write, overwrite: bool = False) -> Path:
             tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by runs killed while writing
+        if not _alive(stale.name.rsplit("-", 1)[1]):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -69,7 +82,8 @@ def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseExpertLinear)}
 
 
-def _expert_tensors(experts: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], dict]:
+def expert_tensors(experts: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, layout) of routed expert modules keyed by name: experts compressed, each router once."""
     from .experts import compress
     tensors, layers, routers = {}, {}, {}
     for name, module in experts.items():
@@ -99,7 +113,7 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
             dense_part = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
             formats = {m.format for m in experts.values()}
             model.save_pretrained(folder, state_dict=dense_part)
-            tensors, layers = _expert_tensors(experts)
+            tensors, layers = expert_tensors(experts)
             save_file(tensors, folder / EXPERTS_FILE)
             meta["experts"] = {"format": EXPERTS_FORMAT, "file": EXPERTS_FILE, "layers": layers,
                                "runtime_format": "2:4" if formats == {"2:4"} else "dense",
@@ -131,15 +145,32 @@ def is_expert_folder(folder: str | Path) -> bool:
     return bool(meta and "experts" in meta)
 
 
+def rebuild_experts(root: nn.Module, tensors: dict[str, torch.Tensor], layers: dict, runtime_format: str = "dense"
+                    ) -> None:
+    """Put the `SparseExpertLinear` modules described by (tensors, layers) of `expert_tensors` into
+    `root`, on the device of the module each one replaces."""
+    from .experts import SparseExpertLinear, decompress
+    from .router import Router
+
+    routers: dict[int, Router] = {}
+    for name, layer in layers.items():
+        rid = layer["router"]
+        if rid not in routers:
+            get = lambda key: tensors.get(f"routers.{rid}.{key}")  # noqa: E731
+            routers[rid] = Router(get("centroids"), get("mean"), get("basis"))
+        weight = decompress({k: tensors[f"{name}.weight.{k}"] for k in ("values", "mask", "shape")})
+        module = SparseExpertLinear(routers[rid], weight, tensors.get(f"{name}.bias"))
+        module = module.to_24() if runtime_format == "2:4" else module
+        device = next(root.get_submodule(name).parameters()).device
+        root.set_submodule(name, module.to(device))
+
+
 def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) of a folder written by `prune`, with its routed experts rebuilt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from .experts import SparseExpertLinear, decompress
-    from .router import Router
 
     folder = Path(folder)
     meta = read_metadata(folder)
@@ -167,16 +198,7 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     unexpected = [k for k in loading["missing_keys"] if not k.startswith(prefixes)]
     if unexpected:
         raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
-    routers: dict[int, Router] = {}
-    for name, layer in info["layers"].items():
-        rid = layer["router"]
-        if rid not in routers:
-            get = lambda key: tensors.get(f"routers.{rid}.{key}")  # noqa: E731
-            routers[rid] = Router(get("centroids"), get("mean"), get("basis"))
-        weight = decompress({k: tensors[f"{name}.weight.{k}"] for k in ("values", "mask", "shape")})
-        bias = tensors.get(f"{name}.bias")
-        module = SparseExpertLinear(routers[rid], weight, bias)
-        model.set_submodule(name, module.to_24() if info.get("runtime_format") == "2:4" else module)
+    rebuild_experts(model, tensors, info["layers"], info.get("runtime_format", "dense"))
     model.to(device).eval()
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(folder)

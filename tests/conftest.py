@@ -12,3 +12,15 @@ def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (fp32, CPU). Do not modify it."""
     from sparse_expansion.models import load_model
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smollm2):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a transformers folder."""
+    from tiny import tiny_model
+    _, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -9,7 +9,6 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from sparse_expansion import cli, models
-from tiny import tiny_model
 
 
 @pytest.fixture
@@ -73,17 +72,6 @@ def test_bad_eval_arguments(capsys, no_model_loading):
     assert cli.main(["eval", "/no/such/folder/model.gguf"]) == 2
     assert cli.main(["eval", "smollm2", "--max-windows", "0"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 3
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2):
-    """A tiny random Llama with the SmolLM2 tokenizer, saved as a transformers folder."""
-    _, tokenizer = smollm2
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_prune_then_eval_end_to_end(tiny_folder, tmp_path):

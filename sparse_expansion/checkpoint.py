@@ -1,0 +1,159 @@
+"""Checkpoints of a pruning run, so that a killed run resumes after its last finished block.
+
+A checkpoint folder holds:
+  checkpoint.json                  the run's identity (every argument that changes the result),
+                                   the next block to prune, the reports so far and the name of
+                                   the activations file; rewritten by rename after every block,
+                                   so it always describes complete files
+  block-NNNN.safetensors           the pruned linears of block NNNN (experts compressed, routers)
+  activations-NNNN.safetensors     the calibration activations after block NNNN, i.e. the next
+                                   block's inputs, in the model's dtype (one file is kept)
+
+Resuming restores the pruned blocks and the activations exactly, so on the same device a resumed
+run gives the same model as an uninterrupted one, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+FORMAT = "sparse-expansion-checkpoint-v1"
+STATE = "checkpoint.json"
+KILL_ENV = "SPARSE_EXPANSION_KILL_AT"  # fault injection for tests: "block:K" or "checkpoint:K"
+
+
+def _write_file(path: Path, write) -> None:
+    """write(tmp_path), flush it to disk, then rename it over `path` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _write_file(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()}))
+
+
+def _ours(name: str) -> bool:
+    return re.fullmatch(r"\.?(block|activations)-\d+\.safetensors(\.tmp)?|\.?checkpoint\.json(\.tmp)?", name) is not None
+
+
+def _fault(point: str, block: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{point}:{block}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Checkpoint:
+    """The checkpoint folder of one run. Opening it checks that an existing checkpoint was made
+    with the same identity (a UsageError names the first argument that differs)."""
+
+    def __init__(self, folder: str | Path, identity: dict):
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity))  # as it reads back from JSON
+        self.state = self._read()
+
+    def _read(self) -> dict | None:
+        flag = f"--checkpoint-dir {str(self.folder)!r}"
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"{flag} is a file; give a folder")
+        path = self.folder / STATE
+        if not path.exists():  # a new folder, or a run killed before its first commit
+            if self.folder.exists() and any(not _ours(f.name) for f in self.folder.iterdir()):
+                raise UsageError(f"{flag} is not empty and holds no checkpoint; give an empty or new folder")
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} is corrupted (not JSON); delete the folder to start over") from None
+        if state.get("format") != FORMAT:
+            raise UsageError(f"{path}: unknown checkpoint format {state.get('format')!r}; expected {FORMAT}")
+        old = state["identity"]
+        for key in sorted(set(old) | set(self.identity)):
+            if old.get(key) != self.identity.get(key):
+                raise UsageError(f"{flag} holds a run with {key}={old.get(key)!r} but this command has "
+                                 f"{key}={self.identity.get(key)!r}; repeat the first command's arguments to resume, "
+                                 f"or give another --checkpoint-dir")
+        return state
+
+    @property
+    def next_block(self) -> int:
+        return 0 if self.state is None else self.state["next_block"]
+
+    def describe(self) -> str:
+        if self.state is None:
+            return f"checkpoints in {self.folder}"
+        return (f"resuming from {self.folder}: blocks 0-{self.next_block - 1} done, "
+                f"{self.state['activations']['bytes'] / 2**20:.1f} MiB of activations")
+
+    def restore(self, model: nn.Module, cached: list, result):
+        """(first block, cached inputs, result) to continue from: the saved blocks are loaded into
+        `model`, the saved activations replace those of `cached`, the saved reports fill `result`."""
+        from safetensors.torch import load_file
+        from .models import decoder_blocks
+        if self.state is None:
+            return 0, cached, result
+        blocks = decoder_blocks(model)
+        for b, name in self.state["block_files"].items():
+            self._load_block(blocks[int(b)], self.folder / name)
+        saved = load_file(self.folder / self.state["activations"]["file"])
+        if len(saved) != len(cached):
+            raise UsageError(f"{self.folder}: the checkpoint holds {len(saved)} activation batches, the run has "
+                             f"{len(cached)}; delete the folder to start over")
+        cached = [(saved[f"batch{i}"].to(hidden.device), args, kwargs) for i, (hidden, args, kwargs) in enumerate(cached)]
+        result.layers[:], result.blocks[:] = self.state["layers"], self.state["blocks"]
+        return self.next_block, cached, result
+
+    @staticmethod
+    def _load_block(block: nn.Module, path: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from .save import rebuild_experts
+        with safe_open(path, "pt") as f:
+            meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = load_file(path)
+        rebuild_experts(block, tensors, meta["experts"])
+        for name in meta["linears"]:
+            module = block.get_submodule(name)
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def save(self, b: int, block: nn.Module, names: list[str], cached: list, result) -> None:
+        """Save block `b` (its pruned linears `names`) and the activations after it, then commit."""
+        from .experts import SparseExpertLinear
+        from .save import expert_tensors
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = dict(self.state or {"format": FORMAT, "identity": self.identity, "block_files": {}})
+        state["block_files"] = dict(state["block_files"])
+        if names:
+            modules = {n: block.get_submodule(n) for n in names}
+            experts = {n: m for n, m in modules.items() if isinstance(m, SparseExpertLinear)}
+            tensors, layout = expert_tensors(experts)
+            linears = [n for n in names if n not in experts]
+            for n in linears:
+                tensors.update({f"{n}.{k}": v for k, v in modules[n].state_dict().items()})
+            name = f"block-{b:04d}.safetensors"
+            _save_tensors(self.folder / name, tensors, {"experts": layout, "linears": linears})
+            state["block_files"][str(b)] = name
+        activations = f"activations-{b:04d}.safetensors"
+        _save_tensors(self.folder / activations, {f"batch{i}": hidden for i, (hidden, _, _) in enumerate(cached)})
+        _fault("checkpoint", b)
+        state.update(next_block=b + 1, layers=result.layers, blocks=result.blocks,
+                     activations={"file": activations,
+                                  "bytes": sum(h.numel() * h.element_size() for h, _, _ in cached)})
+        _write_file(self.folder / STATE, lambda tmp: tmp.write_text(json.dumps(state)))
+        self.state = state
+        _fault("block", b)
+        for old in self.folder.glob("activations-*.safetensors"):
+            if old.name != activations:
+                old.unlink()
