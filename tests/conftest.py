@@ -24,3 +24,12 @@ def tiny_folder(tmp_path_factory, smollm2):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A .txt calibration source of 400 embedded Wikipedia documents (tokenizes in a blink)."""
+    from sparse_expansion.data import wiki_documents
+    path = tmp_path_factory.mktemp("corpus") / "wiki400.txt"
+    path.write_text("\n\n".join(wiki_documents()[:400]), encoding="utf-8")
+    return path

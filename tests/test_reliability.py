@@ -19,9 +19,9 @@ from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 
 
-def prune_cmd(model, out, *extra):
-    return [sys.executable, "-m", "sparse_expansion.cli", "prune", str(model), "--nsamples", "4", "--seqlen", "64",
-            "--output", str(out), "--quiet", *extra]
+def prune_cmd(model, corpus, out, *extra):
+    return [sys.executable, "-m", "sparse_expansion.cli", "prune", str(model), "--calib", str(corpus),
+            "--nsamples", "4", "--seqlen", "64", "--output", str(out), "--quiet", *extra]
 
 
 def run(cmd, **env):
@@ -39,21 +39,21 @@ def same_model(a, b):
 
 
 @pytest.mark.parametrize("method,kill_at", [("sparsegpt", "block:0"), ("sparse-expansion", "checkpoint:1")])
-def test_killed_run_resumes_to_the_same_model(tiny_folder, tmp_path, method, kill_at):
+def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_path, method, kill_at):
     """SIGKILL after block 0 is committed, or while block 1's checkpoint is written: the output
     folder does not exist; re-running the command resumes and gives the uninterrupted model bit
     for bit. Sparse Expansion fits its routers on a 100-token sample of the 256, over two passes."""
     args = ["--method", method, "--seed", "5"]
     if method == "sparse-expansion":
         args += ["--clusters", "4", "--kmeans-restarts", "2", "--max-cluster-tokens", "100"]
-    first = run(prune_cmd(tiny_folder, tmp_path / "uninterrupted", *args))
+    first = run(prune_cmd(tiny_folder, small_corpus, tmp_path / "uninterrupted", *args))
     assert first.returncode == 0, first.stderr
     out, ckpt = tmp_path / "resumed", tmp_path / "ckpt"
-    killed = run(prune_cmd(tiny_folder, out, *args, "--checkpoint-dir", str(ckpt)), **{KILL_ENV: kill_at})
+    killed = run(prune_cmd(tiny_folder, small_corpus, out, *args, "--checkpoint-dir", str(ckpt)), **{KILL_ENV: kill_at})
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and not list(tmp_path.glob(".resumed*"))
     assert json.loads((ckpt / "checkpoint.json").read_text())["next_block"] == 1
-    resumed = run(prune_cmd(tiny_folder, out, *args, "--checkpoint-dir", str(ckpt)))
+    resumed = run(prune_cmd(tiny_folder, small_corpus, out, *args, "--checkpoint-dir", str(ckpt)))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "blocks 0-0 done" in resumed.stderr
     same_model(tmp_path / "uninterrupted", out)
