@@ -91,10 +91,15 @@ class Checkpoint:
         return 0 if self.state is None else self.state["next_block"]
 
     def describe(self) -> str:
+        """One line on where the run stands: new, or resuming (blocks done, sizes)."""
         if self.state is None:
-            return f"checkpoints in {self.folder}"
-        return (f"resuming from {self.folder}: blocks 0-{self.next_block - 1} done, "
+            return f"checkpoints go to {self.folder} after every block"
+        return (f"resuming from {self.folder}: blocks 0-{self.next_block - 1} done; "
+                f"{self.disk_bytes() / 2**20:.1f} MiB on disk, of which "
                 f"{self.state['activations']['bytes'] / 2**20:.1f} MiB of activations")
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.iterdir()) if self.folder.exists() else 0
 
     def restore(self, model: nn.Module, cached: list, result):
         """(first block, cached inputs, result) to continue from: the saved blocks are loaded into

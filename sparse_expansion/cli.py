@@ -212,6 +212,9 @@ def cmd_prune(args) -> int:
           f"in {seconds:.1f} s (mean relative error {mean_err:.4f}); saved to {out}: "
           f"{saved['saved_bytes'] / 2**20:.1f} MiB of weights, {saved['saved_bytes'] / saved['dense_bytes']:.2f}x "
           f"the dense model's {saved['dense_bytes'] / 2**20:.1f} MiB")
+    if checkpoint is not None:
+        print(f"checkpoint {checkpoint.folder}: {checkpoint.disk_bytes() / 2**20:.1f} MiB "
+              f"({checkpoint.state['activations']['bytes'] / 2**20:.1f} MiB of activations); delete it when done")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Sequential layer-wise pruning over a model's decoder blocks.
 
 For each block: run the calibration activations through the dense block while each target group
-(linears sharing one input) collects statistics of its input; prune every group; run the pruned
-block to produce the next block's inputs. A `Method` says what a group collects and how it is
-pruned, so every method shares this loop.
+(linears sharing one input) collects statistics of its input, in as many passes as its collector
+asks for; prune every group; run the pruned block to produce the next block's inputs. A `Method`
+says what a group collects and how it is pruned, so every method shares this loop. A checkpoint,
+when given, saves every finished block and the activations after it (see checkpoint.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from . import solvers
 from .errors import NumericalError, UsageError
 from .kernels.hessian import accumulate_hessian
 from .memory import PeakMemory
-from .models import block_output, capture_block_inputs, decoder_blocks, linear_weight, set_linear_weight, target_groups
+from .models import (block_output, capture_block_inputs, decoder_blocks, linear_weight, move, set_linear_weight,
+                     target_groups)
 from .sparsity import Sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparse-expansion")
@@ -174,7 +176,7 @@ def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Ca
     outputs = []
     try:
         for hidden, args, kwargs in cached:
-            out = block_output(block(hidden.to(device), *args, **kwargs))
+            out = block_output(block(hidden.to(device), *move(args, device), **move(kwargs, device)))
             if keep_outputs:
                 outputs.append((out.to(hidden.device), args, kwargs))
     finally:
@@ -219,7 +221,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     Within a block every group's statistics come from the dense block's inputs; the pruned
     block's outputs feed the next block. With a `checkpoint.Checkpoint`, the run resumes after
     its last saved block and saves every block it finishes. `offload_activations` keeps the
-    calibration activations on the CPU between blocks (each batch visits the model's device).
+    calibration activations (and the blocks' other inputs: masks, position embeddings) on the
+    CPU; each batch visits the model's device only while a block runs on it.
     """
     method = method or make_method(config)
     groups = target_groups(model, config.targets)
@@ -230,9 +233,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     start, end = config.blocks or (0, len(blocks))
     check_block_range(start, end, len(blocks))
     device = next(model.parameters()).device
-    cached = capture_block_inputs(model, list(calibration.split(config.batch_size)))
-    if offload_activations:
-        cached = [(hidden.cpu(), args, kwargs) for hidden, args, kwargs in cached]
+    cached = capture_block_inputs(model, list(calibration.split(config.batch_size)),
+                                  "cpu" if offload_activations else None)
     result = PruneResult([], [])
     first = 0
     if checkpoint is not None:
@@ -248,7 +250,9 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
         result.layers += reports
         result.blocks.append({"block": b, "pruned": b >= start, "seconds": time.perf_counter() - t0, **memory.peak})
         if checkpoint is not None:
+            t0 = time.perf_counter()
             checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], cached, result)
+            result.blocks[-1]["seconds_checkpoint"] = time.perf_counter() - t0
         if reports:
             bar.set_postfix(err=f"{sum(r['relative_error'] for r in reports) / len(reports):.3g}")
     return result

@@ -218,9 +218,10 @@ class _StopForward(Exception):
 class _Catcher(nn.Module):
     """Stands in for the first decoder block: records its inputs, then stops the forward pass."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, store_device=None):
         super().__init__()
         self.block = block
+        self.store_device = store_device
         self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def __getattr__(self, name):  # models read attributes of their blocks (e.g. attention_type)
@@ -230,19 +231,35 @@ class _Catcher(nn.Module):
             return getattr(self._modules["block"], name)
 
     def forward(self, hidden, *args, **kwargs):
-        self.calls.append((hidden, args, kwargs))
+        self.calls.append(move((hidden, args, kwargs), self.store_device))
         raise _StopForward
 
 
+def move(obj, device):
+    """obj with every tensor inside its tuples, lists and dicts moved to `device` (None: left as is)."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        items = [move(o, device) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, tuple, dict]]:
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], store_device=None
+                         ) -> list[tuple[torch.Tensor, tuple, dict]]:
     """Inputs of the first decoder block for each batch of token ids [B, L]: (hidden, args, kwargs).
 
     Every argument the model passes (masks, position embeddings, cache positions) is kept as
-    is, so that the blocks can be re-run on their own with `block(hidden, *args, **kwargs)`.
+    is, so that the blocks can be re-run on their own with `block(*move((hidden, args, kwargs),
+    device))`. With a `store_device` (e.g. "cpu") they are kept there as they are captured.
     """
     blocks = decoder_blocks(model)
-    catcher = _Catcher(blocks[0])
+    catcher = _Catcher(blocks[0], store_device)
     blocks[0] = catcher
     device = next(model.parameters()).device
     try:

@@ -82,3 +82,10 @@ def test_capture_keeps_every_keyword_argument():
     assert "position_embeddings" in kwargs
     out = models.block_output(models.decoder_blocks(model)[0](hidden, *args, **kwargs))
     assert out.shape == hidden.shape
+
+
+def test_capture_can_store_every_input_elsewhere():
+    """--offload-activations keeps hidden states, masks and position embeddings off the model's device."""
+    (hidden, args, kwargs), = models.capture_block_inputs(tiny_model("llama"), [random_tokens(2, 8)], "meta")
+    tensors = [hidden, *kwargs["position_embeddings"]] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    assert all(t.is_meta for t in tensors)

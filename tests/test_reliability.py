@@ -204,3 +204,11 @@ def test_offloaded_activations_and_block_memory_report():
     assert [r["relative_error"] for r in ra.layers] == [r["relative_error"] for r in rb.layers]
     assert [blk["block"] for blk in rb.blocks] == [0, 1]
     assert all(blk["peak_rss_bytes"] > 100 * 2**20 and blk["seconds"] > 0 for blk in rb.blocks)
+
+
+def test_a_hessian_that_never_factors_names_the_layer():
+    from sparse_expansion import solvers
+    H = torch.eye(6)[None].clone()
+    H[0, 2, 3] = H[0, 3, 2] = float("nan")
+    with pytest.raises(NumericalError, match=r"block4\.mlp\.down_proj: the Hessian does not factor even with damping 100"):
+        solvers.inverse_hessian_factor(H, 0.01, "block4.mlp.down_proj")
