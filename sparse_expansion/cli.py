@@ -179,7 +179,12 @@ def open_checkpoint(args, config: PruneConfig, device: str):
     """The run's `Checkpoint` (None without --checkpoint-dir); refuses one made with other arguments."""
     if args.checkpoint_dir is None:
         return None
+    from pathlib import Path
     from .checkpoint import Checkpoint
+    folder, output = Path(args.checkpoint_dir).resolve(), Path(args.output).resolve()
+    if folder == output or output in folder.parents:
+        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir!r} lies in --output {args.output!r}, which is "
+                         f"replaced at the end; give a folder outside it")
     identity = {"model": args.model, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "device": torch.device(device).type, **config.as_dict()}
     return Checkpoint(args.checkpoint_dir, identity)

@@ -99,7 +99,13 @@ def check_target_shapes(model_ref: str, config: PruneConfig) -> None:
 
 
 class Method:
-    """Baseline methods: one Hessian per group, then one solver call per linear."""
+    """Baseline methods: one Hessian per group, then one solver call per linear.
+
+    What the driver asks of a method: `collector(layers, tokens)` gives an object whose
+    `add_batch(x)` sees every input batch of the group and whose `next_pass()` says, after each
+    pass over the block's inputs, whether it needs another; `prune_group(block, layers,
+    collector, where)` then prunes the group in place and returns one report per linear.
+    """
 
     def __init__(self, config: PruneConfig):
         check_method(config.method)
@@ -185,6 +191,14 @@ def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Ca
     return outputs
 
 
+def _checked(collector, where: str) -> Callable:
+    """collector.add_batch, refusing NaN/inf inputs with the layer named."""
+    def add(x: torch.Tensor) -> None:
+        check_finite(x, f"{where} input")
+        collector.add_batch(x)
+    return add
+
+
 def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, method) -> list[dict]:
     """Collect each phase's statistics (as many passes over the block's inputs as the method's
     collectors ask for), then prune the phase's groups. Returns the block's layer reports."""
@@ -195,16 +209,10 @@ def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, m
     for phase in phases:
         layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
         collectors = [method.collector(layers, tokens) for layers in layer_groups]
-
-        def collecting(c, label):
-            def add(x):
-                check_finite(x, f"{where}.{label} input")
-                c.add_batch(x)
-            return add
         pending = list(zip(layer_groups, collectors))
         t_collect = time.perf_counter()
         while pending:
-            _run_block(block, cached, device, {next(iter(layers.values())): collecting(c, "/".join(layers))
+            _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, f"{where}.{'/'.join(layers)}")
                                                for layers, c in pending})
             pending = [(layers, c) for layers, c in pending if c.next_pass()]
         t_collect = time.perf_counter() - t_collect

@@ -255,8 +255,8 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], store_de
     """Inputs of the first decoder block for each batch of token ids [B, L]: (hidden, args, kwargs).
 
     Every argument the model passes (masks, position embeddings, cache positions) is kept as
-    is, so that the blocks can be re-run on their own with `block(*move((hidden, args, kwargs),
-    device))`. With a `store_device` (e.g. "cpu") they are kept there as they are captured.
+    is, so that the blocks can be re-run on their own with `block(hidden, *args, **kwargs)`. With a
+    `store_device` (e.g. "cpu") they are kept there as they are captured (`move` them back to run).
     """
     blocks = decoder_blocks(model)
     catcher = _Catcher(blocks[0], store_device)

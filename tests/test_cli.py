@@ -33,6 +33,9 @@ BAD_PRUNE = {
     "unknown_source": (["--calib", "no-such-corpus"], "neither one of wiki, wikitext2, c4"),
     "bad_targets": (["--targets", "mlp"], "use ffn or all"),
     "zero_samples": (["--nsamples", "0"], "must be at least 1"),
+    "zero_cluster_tokens": (["--max-cluster-tokens", "0"], "--max-cluster-tokens 0: must be at least 1"),
+    "cluster_tokens_below_clusters": (["--method", "sparse-expansion", "--clusters", "16", "--max-cluster-tokens", "8"],
+                                      "at least as many tokens as --clusters (16)"),
 }
 
 

@@ -80,6 +80,9 @@ BAD_CHECKPOINT_DIRS = {
     "a_foreign_folder": (lambda d: (d.mkdir(), (d / "notes.txt").write_text("x")), "holds no checkpoint"),
     "corrupted_state": (lambda d: (d.mkdir(), (d / "checkpoint.json").write_text("{")), "corrupted"),
     "other_format": (lambda d: (d.mkdir(), (d / "checkpoint.json").write_text('{"format": "v0"}')), "unknown checkpoint format"),
+
+
+    "inside_output": (lambda d: None, "lies in --output"),
 }
 
 
@@ -87,8 +90,9 @@ BAD_CHECKPOINT_DIRS = {
 def test_bad_checkpoint_dir(case, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sparse_expansion.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
     make, message = BAD_CHECKPOINT_DIRS[case]
-    make(tmp_path / "ckpt")
-    assert cli.main(["prune", "smollm2", "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]) == 2
+    ckpt = tmp_path / "out" / "ckpt" if case == "inside_output" else tmp_path / "ckpt"
+    make(ckpt)
+    assert cli.main(["prune", "smollm2", "--output", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
