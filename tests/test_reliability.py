@@ -61,6 +61,10 @@ def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_pat
     assert meta["arguments"]["seed"] == meta["config"]["seed"] == 5
     assert [b["block"] for b in meta["blocks"]] == [0, 1] and all(b["peak_rss_bytes"] > 0 for b in meta["blocks"])
     assert [f.name for f in ckpt.glob("activations-*")] == ["activations-0001.safetensors"]
+    # a finished checkpoint only saves again
+    again = run(prune_cmd(tiny_folder, small_corpus, tmp_path / "again", *args, "--checkpoint-dir", str(ckpt)))
+    assert again.returncode == 0 and "blocks 0-1 done" in again.stderr, again.stderr
+    same_model(tmp_path / "uninterrupted", tmp_path / "again")
 
 
 def test_checkpoint_of_other_arguments_is_refused(tmp_path, capsys, monkeypatch):
