@@ -27,7 +27,7 @@ from .errors import UsageError
 
 FORMAT = "sparse-expansion-checkpoint-v1"
 STATE = "checkpoint.json"
-KILL_ENV = "SPARSE_EXPANSION_KILL_AT"  # fault injection for tests: "block:K" or "checkpoint:K"
+KILL_ENV = "SPARSE_EXPANSION_KILL_AT"  # fault injection for tests: "block:K", "checkpoint:K" or "save"
 
 
 def _write_file(path: Path, write) -> None:
@@ -49,8 +49,9 @@ def _ours(name: str) -> bool:
     return re.fullmatch(r"\.?(block|activations)-\d+\.safetensors(\.tmp)?|\.?checkpoint\.json(\.tmp)?", name) is not None
 
 
-def _fault(point: str, block: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{point}:{block}":
+def fault_point(point: str) -> None:
+    """SIGKILL this process here when $SPARSE_EXPANSION_KILL_AT names `point` (tests of resuming)."""
+    if os.environ.get(KILL_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -152,13 +153,13 @@ class Checkpoint:
             state["block_files"][str(b)] = name
         activations = f"activations-{b:04d}.safetensors"
         _save_tensors(self.folder / activations, {f"batch{i}": hidden for i, (hidden, _, _) in enumerate(cached)})
-        _fault("checkpoint", b)
+        fault_point(f"checkpoint:{b}")
         state.update(next_block=b + 1, layers=result.layers, blocks=result.blocks,
                      activations={"file": activations,
                                   "bytes": sum(h.numel() * h.element_size() for h, _, _ in cached)})
         _write_file(self.folder / STATE, lambda tmp: tmp.write_text(json.dumps(state)))
         self.state = state
-        _fault("block", b)
+        fault_point(f"block:{b}")
         for old in self.folder.glob("activations-*.safetensors"):
             if old.name != activations:
                 old.unlink()

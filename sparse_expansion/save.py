@@ -33,6 +33,7 @@ def check_output(output: str, overwrite: bool = False) -> None:
 
 def write_atomically(output: str, write, overwrite: bool = False) -> Path:
     """Call write(tmp_folder), then move the finished folder to `output` in one rename."""
+    from .checkpoint import fault_point
     final = Path(output)
     check_output(output, overwrite)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
@@ -40,6 +41,7 @@ def write_atomically(output: str, write, overwrite: bool = False) -> Path:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        fault_point("save")
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
