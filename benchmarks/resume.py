@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             / max(len(blocks) - args.kill_after - 1, 1),
             "seconds_block_mean": sum(b["seconds"] for b in blocks) / len(blocks),
             "peak_rss_bytes_max": max(b["peak_rss_bytes"] or 0 for b in blocks),
-            "stderr_resumed": resumed.stderr.strip().splitlines()[:1],
+            "resume_message": next((line for line in resumed.stderr.splitlines() if line.startswith("resuming")), None),
         }
         if args.eval:
             row["perplexity"] = perplexity(work / "resumed")
