@@ -84,6 +84,7 @@ class ClusterStats:
         self.sample: list[torch.Tensor] = []
         self.seen = 0
         self.fit = None
+        self.router_tokens = 0  # rows the router was fitted on
         self.H = self.counts = None
         self.handling: dict = {"rule": config.small_clusters}
         self.seconds_router = self.seconds_hessian = 0.0
@@ -114,23 +115,21 @@ class ClusterStats:
             return False
         cfg = self.config
         t0 = time.perf_counter()
+        sizes = [rows.shape[0] for rows in self.sample]
         x = torch.cat(self.sample)
+        self.sample = None  # the batches live on as views of x
         fit = fit_router(x, cfg.clusters, cfg.pca_factor, cfg.seed, cfg.kmeans_restarts, cfg.kmeans_backend)
         if cfg.small_clusters == "merge":  # the threshold scaled to the sample
             min_tokens = cfg.min_cluster_tokens * x.shape[0] / self.tokens
             fit.router, fit.labels, self.handling["merged_clusters"] = merge_small_clusters(
                 fit.router, x, fit.labels, min_tokens)
-        self.fit = fit
-        self.handling["sampled_tokens"] = x.shape[0]
+        self.fit, self.router_tokens = fit, x.shape[0]
         self.seconds_router = time.perf_counter() - t0
-        del x
-        sample, self.sample = self.sample, None
         if self.keep is not None:
             return True
-        start = 0
-        for xb in sample:  # same batches as SparseGPT's accumulation: one cluster gives its H exactly
-            self._accumulate(xb, fit.labels[start:start + xb.shape[0]])
-            start += xb.shape[0]
+        # same batches as SparseGPT's accumulation: one cluster gives its H exactly
+        for xb, labels in zip(x.split(sizes), fit.labels.split(sizes)):
+            self._accumulate(xb, labels)
         return False
 
 
@@ -187,7 +186,7 @@ class ExpansionMethod:
                 "clusters": router.clusters, "cluster_sizes": sizes,
                 "cluster_relative_error": [e if s else None for e, s in zip(per_cluster, sizes)],
                 "small_clusters": handling, "damping": info.damping, "dead_inputs": info.dead_inputs,
-                "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
+                "router_tokens": stats.router_tokens, "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
                 "seconds_router": t_router, "seconds_hessian": t_hessian,
                 "seconds_solve": time.perf_counter() - t2,
             })

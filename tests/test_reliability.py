@@ -191,12 +191,12 @@ def test_bounded_sample_fits_routers_in_two_passes():
     for xb in x.split(40):
         stats.add_batch(xb)
     assert not stats.next_pass() and int(stats.counts.sum()) == 128
-    assert stats.handling["sampled_tokens"] == 50
+    assert stats.router_tokens == 50
     # with one cluster the sampled router changes nothing: exactly SparseGPT's Hessian and weights
     a, b = tiny_model("llama"), tiny_model("llama")
     prune_model(a, calib, PruneConfig("sparsegpt", Sparsity(0.5)), progress=False)
     result = prune_model(b, calib, se_config(clusters=1, max_cluster_tokens=20), progress=False)
-    assert all(r["small_clusters"]["sampled_tokens"] == 20 for r in result.layers)
+    assert all(r["router_tokens"] == 20 for r in result.layers)
     for name in ("gate_proj", "up_proj", "down_proj"):
         for i in range(2):
             dense = a.model.layers[i].mlp.get_submodule(name).weight
