@@ -185,8 +185,9 @@ def open_checkpoint(args, config: PruneConfig, device: str):
     if folder == output or output in folder.parents:
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir!r} lies in --output {args.output!r}, which is "
                          f"replaced at the end; give a folder outside it")
-    identity = {"model": args.model, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                "device": torch.device(device).type, **config.as_dict()}
+    from . import __version__
+    identity = {"version": __version__, "model": args.model, "calib": args.calib, "nsamples": args.nsamples,
+                "seqlen": args.seqlen, "device": torch.device(device).type, **config.as_dict()}
     return Checkpoint(args.checkpoint_dir, identity)
 
 
