@@ -123,11 +123,10 @@ class Checkpoint:
     @staticmethod
     def _load_block(block: nn.Module, path: Path) -> None:
         from safetensors import safe_open
-        from safetensors.torch import load_file
         from .save import rebuild_experts
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "pt") as f:  # one read: the layout and the tensors
             meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        tensors = load_file(path)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         rebuild_experts(block, tensors, meta["experts"])
         for name in meta["linears"]:
             module = block.get_submodule(name)
