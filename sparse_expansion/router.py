@@ -41,6 +41,14 @@ class Router(nn.Module):
         """Expert index [T] (int64) of every token of x [..., d]."""
         return nearest_centroid(self.project(x), self.centroids)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """centroids, and mean/basis when there is a PCA, on the CPU (for safetensors)."""
+        return {key: buf.detach().cpu().contiguous() for key, buf in self.named_buffers()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "Router":
+        return cls(tensors["centroids"], tensors.get("mean"), tensors.get("basis"))
+
     def extra_repr(self) -> str:
         return f"clusters={self.clusters}, pca={'none' if self.basis is None else tuple(self.basis.shape)}"
 

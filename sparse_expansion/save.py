@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .experts import SparseExpertLinear, pack_experts, unpack_experts
+from .faults import fault_point
 
 METADATA = "sparse_expansion.json"
 EXPERTS_FILE = "experts.safetensors"
@@ -33,7 +35,6 @@ def check_output(output: str, overwrite: bool = False) -> None:
 
 def write_atomically(output: str, write, overwrite: bool = False) -> Path:
     """Call write(tmp_folder), then move the finished folder to `output` in one rename."""
-    from .checkpoint import fault_point
     final = Path(output)
     check_output(output, overwrite)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
@@ -80,27 +81,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from .experts import SparseExpertLinear
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseExpertLinear)}
-
-
-def expert_tensors(experts: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, layout) of routed expert modules keyed by name: experts compressed, each router once."""
-    from .experts import compress
-    tensors, layers, routers = {}, {}, {}
-    for name, module in experts.items():
-        if id(module.router) not in routers:  # shared routers are stored once
-            routers[id(module.router)] = len(routers)
-            for key, buf in module.router.named_buffers():
-                tensors[f"routers.{routers[id(module.router)]}.{key}"] = buf.detach().cpu().contiguous()
-        rid = routers[id(module.router)]
-        for key, part in compress(module.dense_weight().detach().cpu()).items():
-            tensors[f"{name}.weight.{key}"] = part
-        if module.bias is not None:
-            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
-        layers[name] = {"router": rid, "experts": module.experts, "in_features": module.in_features,
-                        "out_features": module.out_features}
-    return tensors, layers
 
 
 def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False) -> Path:
@@ -115,7 +96,7 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
             dense_part = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
             formats = {m.format for m in experts.values()}
             model.save_pretrained(folder, state_dict=dense_part)
-            tensors, layers = expert_tensors(experts)
+            tensors, layers = pack_experts(experts)
             save_file(tensors, folder / EXPERTS_FILE)
             meta["experts"] = {"format": EXPERTS_FORMAT, "file": EXPERTS_FILE, "layers": layers,
                                "runtime_format": "2:4" if formats == {"2:4"} else "dense",
@@ -145,26 +126,6 @@ def read_metadata(folder: str | Path) -> dict | None:
 def is_expert_folder(folder: str | Path) -> bool:
     meta = read_metadata(folder) if Path(folder).is_dir() else None
     return bool(meta and "experts" in meta)
-
-
-def rebuild_experts(root: nn.Module, tensors: dict[str, torch.Tensor], layers: dict, runtime_format: str = "dense"
-                    ) -> None:
-    """Put the `SparseExpertLinear` modules described by (tensors, layers) of `expert_tensors` into
-    `root`, on the device of the module each one replaces."""
-    from .experts import SparseExpertLinear, decompress
-    from .router import Router
-
-    routers: dict[int, Router] = {}
-    for name, layer in layers.items():
-        rid = layer["router"]
-        if rid not in routers:
-            get = lambda key: tensors.get(f"routers.{rid}.{key}")  # noqa: E731
-            routers[rid] = Router(get("centroids"), get("mean"), get("basis"))
-        weight = decompress({k: tensors[f"{name}.weight.{k}"] for k in ("values", "mask", "shape")})
-        module = SparseExpertLinear(routers[rid], weight, tensors.get(f"{name}.bias"))
-        module = module.to_24() if runtime_format == "2:4" else module
-        device = next(root.get_submodule(name).parameters()).device
-        root.set_submodule(name, module.to(device))
 
 
 def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
@@ -200,7 +161,7 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     unexpected = [k for k in loading["missing_keys"] if not k.startswith(prefixes)]
     if unexpected:
         raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
-    rebuild_experts(model, tensors, info["layers"], info.get("runtime_format", "dense"))
+    unpack_experts(model, tensors, info["layers"], info.get("runtime_format", "dense"))
     model.to(device).eval()
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(folder)

@@ -73,7 +73,7 @@ def test_sparse_expansion_saved_by_cli_loads_and_generates(tmp_path):
     import sys
 
     from sparse_expansion.experts import SparseExpertLinear
-    from sparse_expansion.models import load_model
+    from sparse_expansion.loading import load_model
 
     out = tmp_path / "se"
     run = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "prune", "smollm2", "--method", "sparse-expansion",

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 EXPERIMENTS = ("neurons", "histograms", "clusters", "sparsity-sweep", "ablation")
 SQRT_2PI = math.sqrt(2.0 * math.pi)
@@ -257,7 +257,7 @@ def _log(cfg: AnalysisConfig, msg: str) -> None:
 
 def resolve_linears(model: nn.Module, linears: tuple[str, ...] | None) -> tuple[str, ...]:
     """The analysed linears: a subset of one FFN input group (they share one captured input)."""
-    from .models import family_of
+    from ..models import family_of
     groups = family_of(model).ffn
     if linears is None:
         return tuple(groups[0])
@@ -269,7 +269,7 @@ def resolve_linears(model: nn.Module, linears: tuple[str, ...] | None) -> tuple[
 
 
 def resolve_block(model: nn.Module, block: int | None) -> int:
-    from .models import decoder_blocks
+    from ..models import decoder_blocks
     count = len(decoder_blocks(model))
     if block is None:
         return count // 2
@@ -324,23 +324,24 @@ class LayerAnalysis:
             return {n: self.dense(n) for n in self.names}
         key = (method, float(rate), clusters if method == "sparse-expansion" else None)
         if key not in self._cache:
-            from .driver import PruneConfig, collect, make_method
-            from .sparsity import Sparsity
+            from ..config import PruneConfig
+            from ..methods import ExpansionOptions, collect
+            from ..sparsity import Sparsity
             cfg = self.config
-            pc = PruneConfig(method=method, sparsity=Sparsity(float(rate)), seed=cfg.seed,
-                             clusters=clusters or cfg.clusters, pca_factor=cfg.pca_factor,
-                             kmeans_restarts=cfg.kmeans_restarts)
-            from .models import decoder_blocks
+            options = ExpansionOptions(clusters=clusters or cfg.clusters, pca_factor=cfg.pca_factor,
+                                       kmeans_restarts=cfg.kmeans_restarts) if method == "sparse-expansion" else None
+            pc = PruneConfig(method=method, sparsity=Sparsity(float(rate)), seed=cfg.seed, options=options)
+            from ..models import decoder_blocks
             holder = copy.deepcopy(decoder_blocks(self.model)[self.block])
             layers = {n: holder.get_submodule(n) for n in self.names}
-            prune = make_method(pc)
+            prune = pc.make_method()
             collector = collect(prune, layers, self.calib)
             t0 = time.perf_counter()
             with torch.no_grad():
                 reports = prune.prune_group(holder, layers, collector, f"block{self.block}")
                 outs = {n: holder.get_submodule(n)(self.x).float() for n in self.names}
             self.reports[key] = {"seconds": time.perf_counter() - t0,
-                                 "layers": [{k: v for k, v in r.items() if not k.startswith("seconds")}
+                                 "layers": [{k: v for k, v in r.to_dict().items() if not k.startswith("seconds")}
                                             for r in reports]}
             self._cache[key] = outs
         return self._cache[key]
@@ -374,7 +375,7 @@ def analyze_layer(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Ten
     """Capture one block's FFN input over calibration ids [N, L] (all positions) and held-out
     ids [M, L'] (positions ≥ skip_first), by a pre-hook during a forward of the dense model."""
     cfg = config or AnalysisConfig()
-    from .models import decoder_blocks, linear_weight
+    from ..models import decoder_blocks, linear_weight
     b = resolve_block(model, cfg.block)
     names = resolve_linears(model, cfg.linears)
     block = decoder_blocks(model)[b]
@@ -727,11 +728,11 @@ def experiment_ablation(model: nn.Module, calib_ids: torch.Tensor, eval_ids: tor
     restored to its dense weights afterwards. Writes ablation.png, ablation.csv, ablation.json.
     """
     cfg = config or AnalysisConfig()
-    from . import solvers
-    from .driver import HessianStats
-    from .evaluate import perplexity
-    from .models import decoder_blocks, linear_weight, set_linear_weight
-    from .sparsity import Sparsity
+    from .. import solvers
+    from ..methods import HessianStats
+    from ..evaluate import perplexity
+    from ..models import decoder_blocks, linear_weight, set_linear_weight
+    from ..sparsity import Sparsity
     names = resolve_linears(model, cfg.linears)
     blocks = decoder_blocks(model)
     t0 = time.perf_counter()
@@ -884,10 +885,10 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 def check_analyze_args(args) -> tuple[AnalysisConfig, tuple[str, ...]]:
     """Validate `sparse-expansion analyze` arguments before any model is loaded."""
-    from .cli import _check_seqlen, _device, _positive
-    from .data import check_source
-    from .models import check_model_ref, meta_model
-    from .sparsity import Sparsity
+    from ..checks import device as _device, positive as _positive, seqlen as _check_seqlen
+    from ..data import check_source
+    from ..loading import check_model_ref, meta_model
+    from ..sparsity import Sparsity
     experiments = parse_experiments(args.experiment)
     rates = {}
     for flag, text in (("--sparsity", args.sparsity), ("--ablation-sparsity", args.ablation_sparsity)):
@@ -928,9 +929,9 @@ def check_analyze_args(args) -> tuple[AnalysisConfig, tuple[str, ...]]:
 
 def cmd_analyze(args) -> int:
     """`sparse-expansion analyze MODEL --experiment ... --out DIR`."""
-    from .cli import _device
-    from .data import calibration_windows, evaluation_windows
-    from .models import load_model
+    from ..checks import device as _device
+    from ..data import calibration_windows, evaluation_windows
+    from ..loading import load_model
     cfg, experiments = check_analyze_args(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device=_device(args.device))

@@ -1,0 +1,43 @@
+"""Argument checks shared by the command line, the analysis and the library: each raises a
+UsageError whose message names the flag and the fix."""
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+from .loading import model_context
+
+
+def positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} {value}: must be at least 1")
+
+
+def device(name: str) -> str:
+    """The device a --device value names ('auto': CUDA when available, else the CPU)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device {name!r}: use auto, cpu or cuda")
+    return name
+
+
+def seqlen(model_ref: str, value: int, flag: str = "--seqlen") -> None:
+    """A window length that is positive and fits the model's context (read from its config)."""
+    positive(value, flag)
+    context = model_context(model_ref)
+    if context is not None and value > context:
+        raise UsageError(f"{flag} {value} exceeds the model's context of {context} tokens; use {flag} {context} or less")
+
+
+def block_range(text: str | None) -> tuple[int, int] | None:
+    """--blocks START:END parsed (the range itself is checked against the model by the driver)."""
+    if text is None:
+        return None
+    try:
+        start, end = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--blocks {text!r}: write START:END, e.g. 0:8") from None
+    return start, end

@@ -1,0 +1,50 @@
+"""`PruneConfig`: what every pruning run shares; a method's own settings sit in `options`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .methods import Method, MethodOptions, method_class
+from .sparsity import Sparsity, check_bits
+
+TARGETS = ("ffn", "all")
+
+
+@dataclass
+class PruneConfig:
+    """method: a registered name (methods.METHODS); sparsity: a `Sparsity`, a rate or "N:M";
+    options: the method's `Options` (its defaults when omitted). Checked on construction."""
+    method: str = "sparsegpt"
+    sparsity: Sparsity | str | float = "0.5"
+    bits: int | None = None      # joint quantization of the kept weights, 2-8 bits
+    targets: str = "ffn"         # ffn, or all (adds the attention projections)
+    batch_size: int = 8          # calibration windows per forward pass
+    sequential: bool = False     # collect each group's inputs after the block's earlier groups are pruned
+    blocks: tuple[int, int] | None = None  # prune only blocks [start, end); all when None
+    seed: int = 0
+    options: MethodOptions | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        cls = method_class(self.method)
+        if not isinstance(self.sparsity, Sparsity):
+            self.sparsity = Sparsity.parse(str(self.sparsity))
+        check_bits(self.bits)
+        if self.targets not in TARGETS:
+            raise UsageError(f"--targets {self.targets!r}: use ffn or all")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.blocks is not None:
+            self.blocks = tuple(self.blocks)
+        if self.options is None:
+            self.options = cls.Options()
+        elif type(self.options) is not cls.Options:
+            raise UsageError(f"{self.method} takes {cls.Options.__name__}, not {type(self.options).__name__}")
+
+    def make_method(self) -> Method:
+        return method_class(self.method)(self)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "sparsity": str(self.sparsity), "bits": self.bits, "targets": self.targets,
+                "batch_size": self.batch_size, "sequential": self.sequential,
+                "blocks": None if self.blocks is None else list(self.blocks), "seed": self.seed,
+                "options": self.options.as_dict()}

@@ -1,0 +1,161 @@
+"""The `sparse-expansion` method: one SparseGPT expert per input cluster, routed per token.
+
+The stages are the functions of sparse_expansion/expansion.py; this module collects what they
+need from the driver's passes (`ClusterStats`) and swaps in `SparseExpertLinear` modules that
+share the group's router.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import expansion as stages
+from .. import solvers
+from ..errors import UsageError
+from ..experts import SparseExpertLinear
+from ..kernels.hessian import accumulate_hessian
+from ..models import linear_weight
+from ..reports import LayerReport
+from ..router import KMEANS_BACKENDS
+from .sparsegpt import SparseGPTOptions
+from .base import Method
+
+
+@dataclass
+class ExpansionOptions(SparseGPTOptions):
+    clusters: int = field(default=16, metadata={"help": "experts per layer (k-means clusters)"})
+    pca_factor: int = field(default=32, metadata={"help": "PCA to input_dim // F components; 0 = no PCA"})
+    kmeans_restarts: int = field(default=10, metadata={"help": "k-means restarts (best inertia kept)"})
+    kmeans_backend: str = field(default="auto", metadata={"help": "auto, torch or cuml"})
+    small_clusters: str = field(default="shrink",
+                                metadata={"help": "damping (paper), shrink (toward the layer Hessian) or merge"})
+    shrink_tokens: float = field(default=512.0, metadata={"help": "tau of --small-clusters shrink, in tokens"})
+    min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
+    max_cluster_tokens: int = field(default=262144, metadata={
+        "help": "PCA and k-means fit on a seeded sample of at most this many tokens per layer"})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("clusters", "kmeans_restarts", "max_cluster_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.pca_factor < 0:
+            raise UsageError(f"--pca-factor {self.pca_factor}: use 0 (no PCA) or a positive divisor")
+        if self.kmeans_backend not in KMEANS_BACKENDS:
+            raise UsageError(f"--kmeans-backend {self.kmeans_backend!r}: use one of {', '.join(KMEANS_BACKENDS)}")
+        if self.small_clusters not in stages.SMALL_CLUSTER_RULES:
+            raise UsageError(f"--small-clusters {self.small_clusters!r}: use one of "
+                             f"{', '.join(stages.SMALL_CLUSTER_RULES)}")
+        if self.shrink_tokens < 0 or self.min_cluster_tokens < 0:
+            raise UsageError("--shrink-tokens and --min-cluster-tokens must not be negative")
+        if self.max_cluster_tokens < self.clusters:
+            raise UsageError(f"--max-cluster-tokens {self.max_cluster_tokens}: k-means needs at least as many "
+                             f"tokens as --clusters ({self.clusters})")
+
+
+class ClusterStats:
+    """What Sparse Expansion collects for one group, in up to two passes over its input batches.
+
+    Pass 1 keeps a seeded sample of at most `max_cluster_tokens` input rows (all of them when the
+    calibration set is smaller); at its end the router is fit on the sample. Pass 2 accumulates
+    one Hessian per cluster, batch by batch, with the router's labels; when the sample holds
+    every row the stored rows are replayed instead of asking the driver for another pass.
+    """
+
+    def __init__(self, options: ExpansionOptions, seed: int, tokens: int):
+        self.options, self.seed, self.tokens = options, seed, tokens
+        self.keep = stages.token_sample(tokens, options.max_cluster_tokens, seed)
+        self.sample: list[torch.Tensor] = []
+        self.seen = 0
+        self.fit = None
+        self.router_tokens = 0  # rows the router was fitted on
+        self.H = self.counts = None
+        self.handling: dict = {"rule": options.small_clusters}
+        self.seconds_router = self.seconds_hessian = 0.0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if self.fit is not None:
+            self._accumulate(x, self.fit.router.assign(x))
+            return
+        rows = x
+        if self.keep is not None:  # the sampled rows that fall in this batch
+            lo, hi = torch.searchsorted(self.keep, torch.tensor([self.seen, self.seen + x.shape[0]])).tolist()
+            rows = x[(self.keep[lo:hi] - self.seen).to(x.device)]
+        self.sample.append(rows.float())
+        self.seen += x.shape[0]
+
+    def _accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        if self.H is None:
+            k, d = self.fit.router.clusters, x.shape[-1]
+            self.H = torch.zeros(k, d, d, dtype=torch.float32, device=x.device)
+            self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
+        accumulate_hessian(self.H, self.counts, x, labels)
+        self.seconds_hessian += time.perf_counter() - t0
+
+    def end_pass(self) -> bool:
+        """After pass 1: fit the router, then either ask for pass 2 or replay the full sample."""
+        if self.fit is not None:
+            return False
+        o = self.options
+        t0 = time.perf_counter()
+        sizes = [rows.shape[0] for rows in self.sample]
+        x = torch.cat(self.sample)
+        self.sample = None  # the batches live on as views of x
+        self.fit, self.handling = stages.fit_group_router(
+            x, o.clusters, o.pca_factor, self.seed, o.kmeans_restarts, o.kmeans_backend, o.small_clusters,
+            o.min_cluster_tokens, self.tokens)
+        self.router_tokens = x.shape[0]
+        self.seconds_router = time.perf_counter() - t0
+        if self.keep is not None:
+            return True
+        # same batches as SparseGPT's accumulation: one cluster gives its H exactly
+        for xb, labels in zip(x.split(sizes), self.fit.labels.split(sizes)):
+            self._accumulate(xb, labels)
+        return False
+
+
+class ExpansionMethod(Method):
+    name = "sparse-expansion"
+    Options = ExpansionOptions
+
+    def label(self) -> str:
+        return f"{self.name} ({self.options.clusters})"
+
+    def collector(self, layers: dict[str, nn.Module], tokens: int) -> ClusterStats:
+        return ClusterStats(self.options, self.config.seed, tokens)
+
+    def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], stats: ClusterStats, where: str
+                    ) -> list[LayerReport]:
+        cfg, o, fit, H_c, counts = self.config, self.options, stats.fit, stats.H, stats.counts
+        router, handling = fit.router, dict(stats.handling)
+        t1 = time.perf_counter()
+        H_full = stages.layer_hessian(H_c, counts)
+        H_solve = stages.solve_hessians(H_c, counts, H_full, o.small_clusters, o.shrink_tokens)
+        if o.small_clusters == "shrink":
+            handling["shrink_tokens"] = o.shrink_tokens
+        handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
+        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, f"{where}.{'/'.join(layers)}")
+        t_hessian = stats.seconds_hessian + time.perf_counter() - t1
+        reports = []
+        for name, module in layers.items():
+            t2 = time.perf_counter()
+            W = linear_weight(module)
+            W_hat, info = stages.solve_experts(W, factor, cfg.sparsity, cfg.bits, o.blocksize)
+            bias = None if module.bias is None else module.bias.detach().expand(router.clusters, -1).clone()
+            block.set_submodule(name, SparseExpertLinear(router, W_hat.to(module.weight.dtype), bias))
+            overall, per_cluster = stages.expert_errors(W, W_hat, H_c, counts, H_full)
+            reports.append(LayerReport(
+                layer=f"{where}.{name}", shape=list(W.shape), tokens=int(counts.sum()),
+                sparsity=float((W_hat == 0).float().mean()), relative_error=overall,
+                seconds_solve=time.perf_counter() - t2, damping=info.damping, dead_inputs=info.dead_inputs,
+                extras={"clusters": router.clusters, "cluster_sizes": counts.tolist(),
+                        "cluster_relative_error": per_cluster, "small_clusters": handling,
+                        "router_tokens": stats.router_tokens, "kmeans_backend": fit.backend,
+                        "kmeans_inertia": fit.inertia, "seconds_router": stats.seconds_router,
+                        "seconds_hessian": t_hessian}))
+        return reports

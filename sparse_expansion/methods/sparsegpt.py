@@ -1,0 +1,39 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS column updates with a shared inverse-Hessian factor."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import solvers
+from ..errors import UsageError
+from .base import HessianStats, Method, MethodOptions
+
+
+@dataclass
+class SparseGPTOptions(MethodOptions):
+    blocksize: int = field(default=128, metadata={"help": "columns per lazy OBS block"})
+    percdamp: float = field(default=0.01, metadata={"help": "Hessian damping, fraction of its mean diagonal"})
+
+    def validate(self) -> None:
+        if self.blocksize < 1:
+            raise UsageError(f"--blocksize {self.blocksize}: must be at least 1")
+        if not 0 < self.percdamp < 1:
+            raise UsageError(f"--percdamp {self.percdamp}: use a fraction in (0, 1), e.g. 0.01")
+
+
+class SparseGPTMethod(Method):
+    name = "sparsegpt"
+    Options = SparseGPTOptions
+
+    def prepare_group(self, stats: HessianStats, group: str) -> None:
+        t0 = time.perf_counter()  # one factorisation for the whole group
+        self.factor = solvers.inverse_hessian_factor(stats.H, self.options.percdamp, group)
+        self.seconds_factor = time.perf_counter() - t0
+
+    def prune_linear(self, W: torch.Tensor, stats: HessianStats) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        W_hat, info = solvers.sparsegpt(W, self.factor, cfg.sparsity, cfg.bits, self.options.blocksize)
+        return W_hat, {"damping": info.damping, "dead_inputs": info.dead_inputs,
+                       "extras": {"seconds_factor": self.seconds_factor}}
