@@ -12,6 +12,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from . import __version__, checks
 from .analysis.command import add_analyze_parser, cmd_analyze
 from .checkpoint import Checkpoint
@@ -20,7 +22,7 @@ from .data import calibration_windows, check_source, evaluation_windows
 from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
 from .evaluate import perplexity
-from .loading import check_model_ref, load_model, meta_model
+from .loading import check_model_ref, load_model, load_tokenizer, meta_model
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
 from .router import choose_backend
@@ -115,15 +117,23 @@ def open_checkpoint(args) -> Checkpoint | None:
     return Checkpoint(args.checkpoint_dir, args.model)
 
 
-def cmd_prune(args) -> int:
+def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
+    """Everything before the model's weights load: the checked config, the device, the
+    calibration token ids and the checkpoint, bound to this run (another run's is refused here)."""
     config = check_prune_args(args)
     device = checks.device(args.device)
     checkpoint = open_checkpoint(args)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=device)
-    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
     if checkpoint is not None:
+        checkpoint.bind(config, calib, device)
         print(checkpoint.describe(), file=sys.stderr)
+    return config, device, checkpoint, calib
+
+
+def cmd_prune(args) -> int:
+    t0 = time.perf_counter()
+    config, device, checkpoint, calib = start_run(args)
+    model, tokenizer = load_model(args.model, device=device)
     result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
                          offload_activations=args.offload_activations)
     seconds = time.perf_counter() - t0

@@ -103,26 +103,42 @@ def meta_model(ref: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _source(ref: str) -> tuple[str, dict]:
+    """(folder or hub id, from_pretrained keyword arguments) of a checked model reference."""
     check_model_ref(ref)
     if ref == SMOLLM2:
-        ref = str(smollm2_folder())
-    if is_expert_folder(ref):
-        return load_pruned(ref, device=device)
-    kwargs = {}
-    folder = ref
+        return str(smollm2_folder()), {}
     if ref.endswith(".gguf"):
-        folder, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
+        return str(Path(ref).parent), {"gguf_file": Path(ref).name}
+    return ref, {}
+
+
+def _cannot_load(ref: str, e: Exception) -> UsageError:
+    return UsageError(f"cannot load model {ref!r}: {e}. Offline? Use '{SMOLLM2}', a local folder or a .gguf file")
+
+
+def load_tokenizer(ref: str):
+    """The tokenizer of a model reference, without loading the model's weights."""
+    from transformers import AutoTokenizer
+    folder, kwargs = _source(ref)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except OSError as e:
+        raise _cannot_load(ref, e) from None
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2'."""
+    from transformers import AutoModelForCausalLM
+    folder, kwargs = _source(ref)
+    if is_expert_folder(folder):
+        return load_pruned(folder, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
-        raise UsageError(f"cannot load model {ref!r}: {e}. Offline? Use '{SMOLLM2}', a local folder "
-                         f"or a .gguf file") from None
+        raise _cannot_load(ref, e) from None
     if kwargs.get("gguf_file"):
         dequantized(model)
     model.to(device).eval()
     model.config.use_cache = False
-    return model, tokenizer
+    return model, load_tokenizer(ref)

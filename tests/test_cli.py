@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sparse_expansion import cli, models
+from sparse_expansion import cli
 
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(cli, "load_tokenizer", refuse)
 
 
 BAD_PRUNE = {
@@ -33,7 +34,11 @@ BAD_PRUNE = {
     "unknown_source": (["--calib", "no-such-corpus"], "neither one of wiki, wikitext2, c4"),
     "bad_targets": (["--targets", "mlp"], "use ffn or all"),
     "zero_samples": (["--nsamples", "0"], "must be at least 1"),
-    "zero_cluster_tokens": (["--max-cluster-tokens", "0"], "--max-cluster-tokens 0: must be at least 1"),
+    "zero_cluster_tokens": (["--method", "sparse-expansion", "--max-cluster-tokens", "0"],
+                            "--max-cluster-tokens 0: must be at least 1"),
+    "option_of_another_method": (["--clusters", "4"], "--clusters is an option of sparse-expansion, not of sparsegpt"),
+    "zero_blocksize": (["--blocksize", "0"], "--blocksize 0: must be at least 1"),
+    "bad_kmeans_backend": (["--method", "sparse-expansion", "--kmeans-backend", "sklearn"], "use one of auto, torch, cuml"),
     "cluster_tokens_below_clusters": (["--method", "sparse-expansion", "--clusters", "16", "--max-cluster-tokens", "8"],
                                       "at least as many tokens as --clusters (16)"),
 }

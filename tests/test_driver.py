@@ -18,10 +18,10 @@ def test_every_family_prunes_each_ffn_linear_once(family, monkeypatch):
     model = tiny_model(family)
     calls = []
     real_set = models.set_linear_weight
-    monkeypatch.setattr("sparse_expansion.driver.set_linear_weight",
+    monkeypatch.setattr("sparse_expansion.methods.base.set_linear_weight",
                         lambda m, w: (calls.append(id(m)), real_set(m, w)))
     reports = prune_model(model, random_tokens(4, 32), PruneConfig("sparsegpt", Sparsity(0.5)), progress=False).layers
-    assert [r["layer"] for r in reports] == sorted(target_names(model, "ffn"), key=[r["layer"] for r in reports].index)
+    assert [r.layer for r in reports] == sorted(target_names(model, "ffn"), key=[r.layer for r in reports].index)
     assert len(calls) == len(set(calls)) == len(target_names(model, "ffn"))
     for b, block in enumerate(models.decoder_blocks(model)):
         for g in models.target_groups(model, "ffn"):
@@ -30,7 +30,7 @@ def test_every_family_prunes_each_ffn_linear_once(family, monkeypatch):
                 assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
         for g in models.target_groups(model, "all")[:1]:  # attention stays dense by default
             assert (models.linear_weight(block.get_submodule(g[0])) != 0).all()
-    assert all(r["relative_error"] > 0 for r in reports)
+    assert all(r.relative_error > 0 for r in reports)
     assert torch.isfinite(model(random_tokens(1, 16)).logits).all()
 
 
@@ -39,21 +39,21 @@ def test_targets_all_adds_attention(family):
     model = tiny_model(family)
     reports = prune_model(model, random_tokens(2, 16), PruneConfig("wanda", Sparsity.parse("2:4"), targets="all"),
                           progress=False).layers
-    assert {r["layer"] for r in reports} == target_names(model, "all")
-    assert all(r["sparsity"] == 0.5 for r in reports)
+    assert {r.layer for r in reports} == target_names(model, "all")
+    assert all(r.sparsity == 0.5 for r in reports)
 
 
 def test_pruned_block_outputs_feed_the_next_block(monkeypatch):
     """The second block's Hessian must come from the pruned first block, not the dense one."""
     calib = random_tokens(2, 16)
     seen = {}
-    from sparse_expansion import driver
-    real = driver.Method.prune_group
+    from sparse_expansion.methods import Method
+    real = Method.prune_group
 
     def spy(self, block, layers, stats, where):
         seen.setdefault(where, stats.H.clone())
         return real(self, block, layers, stats, where)
-    monkeypatch.setattr(driver.Method, "prune_group", spy)
+    monkeypatch.setattr(Method, "prune_group", spy)
     prune_model(tiny_model("llama"), calib, PruneConfig("magnitude", Sparsity(0.9)), progress=False)
     pruned_H = seen["block1"]
     seen.clear()

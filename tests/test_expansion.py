@@ -3,20 +3,22 @@ import json
 import pytest
 import torch
 
-from sparse_expansion import models
-from sparse_expansion.driver import PruneConfig, prune_model
+from sparse_expansion import loading, models
+from sparse_expansion.config import PruneConfig
+from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
 from sparse_expansion.experts import SparseExpertLinear, compress, decompress
 from sparse_expansion.expansion import merge_small_clusters
+from sparse_expansion.methods import ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
 from sparse_expansion.save import load_pruned, save_pruned_model
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 
 
-def se_config(**kw):
-    base = dict(method="sparse-expansion", sparsity=Sparsity(0.5), clusters=4, pca_factor=8, kmeans_restarts=2)
-    return PruneConfig(**{**base, **kw})
+def se_config(sparsity=Sparsity(0.5), **kw):
+    options = ExpansionOptions(**{"clusters": 4, "pca_factor": 8, "kmeans_restarts": 2, **kw})
+    return PruneConfig("sparse-expansion", sparsity, options=options)
 
 
 def ffn_weights(model):
@@ -77,7 +79,7 @@ def test_driver_routing_reproduces_cluster_sizes():
     model = tiny_model("llama")
     calib = random_tokens(4, 32)
     reports = prune_model(model, calib, se_config(), progress=False).layers
-    gate = next(r for r in reports if r["layer"] == "block0.mlp.gate_proj")
+    gate = next(r for r in reports if r.layer == "block0.mlp.gate_proj")
     seen = []
     module = model.model.layers[0].mlp.gate_proj
     hook = module.register_forward_pre_hook(lambda m, a: seen.append(m.router.assign(a[0])))
@@ -85,7 +87,7 @@ def test_driver_routing_reproduces_cluster_sizes():
         for batch in calib.split(8):
             model(batch)
     hook.remove()
-    assert torch.bincount(torch.cat(seen), minlength=4).tolist() == gate["cluster_sizes"]
+    assert torch.bincount(torch.cat(seen), minlength=4).tolist() == gate.extras["cluster_sizes"]
     assert model.model.layers[0].mlp.up_proj.router is module.router  # gate/up share one router
     assert model.model.layers[0].mlp.down_proj.router is not module.router
 
@@ -132,7 +134,7 @@ def test_small_cluster_rules_are_reported(rule):
     model = tiny_model("llama")
     reports = prune_model(model, random_tokens(2, 32), se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
                           progress=False).layers
-    for r in reports:
+    for r in (r.extras for r in reports):
         assert r["small_clusters"]["rule"] == rule
         assert sum(r["cluster_sizes"]) == 64
         if rule == "merge":
@@ -142,7 +144,7 @@ def test_small_cluster_rules_are_reported(rule):
 def test_bad_expansion_options():
     for kw in (dict(clusters=0), dict(pca_factor=-1), dict(small_clusters="drop")):
         with pytest.raises(UsageError):
-            prune_model(tiny_model("llama"), random_tokens(1, 8), se_config(**kw), progress=False)
+            se_config(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +167,7 @@ def test_save_load_gives_identical_logits(saved_expert_model):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, SparseExpertLinear)
     assert loaded.model.layers[1].mlp.gate_proj.router is loaded.model.layers[1].mlp.up_proj.router
-    reloaded, _ = models.load_model(str(folder))  # the CLI's loader recognises expert folders
+    reloaded, _ = loading.load_model(str(folder))  # the CLI's loader recognises expert folders
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, SparseExpertLinear)
 
 

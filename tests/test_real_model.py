@@ -6,7 +6,9 @@ import torch
 
 from sparse_expansion import solvers
 from sparse_expansion.data import calibration_windows, evaluation_windows, load_split
-from sparse_expansion.driver import HessianStats, PruneConfig, prune_model
+from sparse_expansion.config import PruneConfig
+from sparse_expansion.driver import prune_model
+from sparse_expansion.methods import HessianStats
 from sparse_expansion.evaluate import perplexity
 from sparse_expansion.sparsity import Sparsity
 

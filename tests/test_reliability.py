@@ -9,11 +9,14 @@ import sys
 import pytest
 import torch
 
-from sparse_expansion import cli, driver
-from sparse_expansion.checkpoint import KILL_ENV, Checkpoint
-from sparse_expansion.driver import PruneConfig, prune_model
+from sparse_expansion import cli
+from sparse_expansion.checkpoint import Checkpoint
+from sparse_expansion.config import PruneConfig
+from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import NumericalError
-from sparse_expansion.expansion import ClusterStats
+from sparse_expansion.faults import KILL_ENV
+from sparse_expansion.methods import ClusterStats, ExpansionOptions, Method
+from sparse_expansion.reports import PruneResult
 from sparse_expansion.save import write_atomically
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
@@ -68,12 +71,13 @@ def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_pat
     assert [f.name for f in ckpt.glob("activations-*")] == ["activations-0001.safetensors"]
 
 
-def test_checkpoint_of_other_arguments_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sparse_expansion.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
-    base = ["prune", "smollm2", "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]
-    args = cli._parser().parse_args(base + ["--sparsity", "0.5"])
-    ckpt = cli.open_checkpoint(args, cli.check_prune_args(args), "cpu")
-    ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], driver.PruneResult([], []))
+def test_checkpoint_of_other_arguments_is_refused(tiny_folder, small_corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sparse_expansion.cli.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    base = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "2", "--seqlen", "32",
+            "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(base + ["--sparsity", "0.5"]))
+    ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], PruneResult())
+    capsys.readouterr()
     assert cli.main(base + ["--sparsity", "0.6"]) == 2
     err = capsys.readouterr().err.strip()
     assert "sparsity='0.5' but this command has sparsity='0.6'" in err and len(err.splitlines()) == 1
@@ -93,7 +97,7 @@ BAD_CHECKPOINT_DIRS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINT_DIRS))
 def test_bad_checkpoint_dir(case, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sparse_expansion.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sparse_expansion.cli.load_model", lambda *a, **k: pytest.fail("model loaded"))
     make, message = BAD_CHECKPOINT_DIRS[case]
     ckpt = tmp_path / "out" / "ckpt" if case == "inside_output" else tmp_path / "ckpt"
     make(ckpt)
@@ -106,7 +110,7 @@ def test_bad_checkpoint_dir(case, tmp_path, capsys, monkeypatch):
 def test_a_folder_killed_before_its_first_commit_is_reused(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / ".activations-0000.safetensors.tmp").write_bytes(b"half")
-    assert Checkpoint(tmp_path / "ckpt", {"a": 1}).next_block == 0
+    assert Checkpoint(tmp_path / "ckpt", "a-model").next_block == 0
 
 
 def test_stale_partial_outputs_of_dead_runs_are_removed(tmp_path):
@@ -116,9 +120,9 @@ def test_stale_partial_outputs_of_dead_runs_are_removed(tmp_path):
     assert (tmp_path / "out" / "f").read_text() == "done" and not stale.exists()
 
 
-def se_config(**kw):
-    kw = {"clusters": 4, "kmeans_restarts": 2, "pca_factor": 8, **kw}
-    return PruneConfig("sparse-expansion", Sparsity(0.5), **kw)
+def se_config(seed=0, **kw):
+    options = ExpansionOptions(**{"clusters": 4, "kmeans_restarts": 2, "pca_factor": 8, **kw})
+    return PruneConfig("sparse-expansion", Sparsity(0.5), seed=seed, options=options)
 
 
 def test_same_seed_same_model_other_seed_other_routers():
@@ -170,7 +174,7 @@ def test_nan_model_exits_1_and_writes_nothing(tmp_path, smollm2, capsys):
 def test_half_precision_models_use_fp32_hessians_and_keep_their_dtype(method, dtype, monkeypatch):
     model = tiny_model("llama").to(dtype)
     hessians = []
-    for cls in (driver.Method, type(driver.make_method(se_config()))):
+    for cls in (Method, type(se_config().make_method())):
         real = cls.prune_group
         monkeypatch.setattr(cls, "prune_group", lambda self, block, layers, stats, where, real=real:
                             (hessians.append(stats.H.dtype), real(self, block, layers, stats, where))[1])
@@ -183,20 +187,20 @@ def test_half_precision_models_use_fp32_hessians_and_keep_their_dtype(method, dt
 
 def test_bounded_sample_fits_routers_in_two_passes():
     calib = random_tokens(4, 32)  # 128 tokens per layer
-    stats = ClusterStats(se_config(max_cluster_tokens=50), tokens=128)
+    stats = ClusterStats(se_config(max_cluster_tokens=50).options, seed=0, tokens=128)
     x = torch.randn(128, 16)
     for xb in x.split(40):
         stats.add_batch(xb)
-    assert sum(s.shape[0] for s in stats.sample) == 50 and stats.next_pass()
+    assert sum(s.shape[0] for s in stats.sample) == 50 and stats.end_pass()
     for xb in x.split(40):
         stats.add_batch(xb)
-    assert not stats.next_pass() and int(stats.counts.sum()) == 128
+    assert not stats.end_pass() and int(stats.counts.sum()) == 128
     assert stats.router_tokens == 50
     # with one cluster the sampled router changes nothing: exactly SparseGPT's Hessian and weights
     a, b = tiny_model("llama"), tiny_model("llama")
     prune_model(a, calib, PruneConfig("sparsegpt", Sparsity(0.5)), progress=False)
     result = prune_model(b, calib, se_config(clusters=1, max_cluster_tokens=20), progress=False)
-    assert all(r["router_tokens"] == 20 for r in result.layers)
+    assert all(r.extras["router_tokens"] == 20 for r in result.layers)
     for name in ("gate_proj", "up_proj", "down_proj"):
         for i in range(2):
             dense = a.model.layers[i].mlp.get_submodule(name).weight
@@ -210,9 +214,9 @@ def test_offloaded_activations_and_block_memory_report():
     rb = prune_model(b, calib, se_config(), progress=False, offload_activations=True)
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), n
-    assert [r["relative_error"] for r in ra.layers] == [r["relative_error"] for r in rb.layers]
-    assert [blk["block"] for blk in rb.blocks] == [0, 1]
-    assert all(blk["peak_rss_bytes"] > 100 * 2**20 and blk["seconds"] > 0 for blk in rb.blocks)
+    assert [r.relative_error for r in ra.layers] == [r.relative_error for r in rb.layers]
+    assert [blk.block for blk in rb.blocks] == [0, 1]
+    assert all(blk.peak_rss_bytes > 100 * 2**20 and blk.seconds > 0 for blk in rb.blocks)
 
 
 def test_a_hessian_that_never_factors_names_the_layer():
