@@ -15,7 +15,7 @@ import argparse
 import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,9 +24,6 @@ from ..kernels.hessian import accumulate_hessian
 from ..models import linear_weight, set_linear_weight
 from ..reports import LayerReport
 from .. import solvers
-
-if TYPE_CHECKING:
-    from ..config import PruneConfig
 
 
 def flag(name: str) -> str:
@@ -90,7 +87,8 @@ class Method:
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
-    def __init__(self, config: "PruneConfig"):
+    def __init__(self, config):
+        """config: the run's config.PruneConfig (shared settings; `config.options` are this method's)."""
         self.config = config
         self.options = config.options
 
