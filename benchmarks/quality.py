@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from sparse_expansion.data import calibration_windows, evaluation_windows
-from sparse_expansion.driver import PruneConfig, prune_model
+from sparse_expansion.config import PruneConfig
+from sparse_expansion.driver import prune_model
 from sparse_expansion.evaluate import perplexity
-from sparse_expansion.models import SMOLLM2, load_model
-from sparse_expansion.sparsity import Sparsity
+from sparse_expansion.loading import SMOLLM2, load_model
+from sparse_expansion.methods import ExpansionOptions
 
 CALIB_CHECKSUM = 82074762
 EVAL_CHECKSUM = 61908702
@@ -44,12 +45,12 @@ def protocol_windows(tokenizer):
 
 def config_for(run: str, args) -> PruneConfig:
     name, _, pattern = run.partition("-")
-    sparsity = Sparsity.parse(pattern or "0.5")
-    common = dict(sparsity=sparsity, sequential=args.sequential, seed=args.seed)
+    common = dict(sparsity=pattern or "0.5", sequential=args.sequential, seed=args.seed)
     if name.startswith("se"):
-        return PruneConfig("sparse-expansion", clusters=int(name[2:]), pca_factor=args.pca_factor,
-                           kmeans_restarts=args.restarts, small_clusters=args.small_clusters,
-                           shrink_tokens=args.shrink_tokens, min_cluster_tokens=args.min_cluster_tokens, **common)
+        options = ExpansionOptions(clusters=int(name[2:]), pca_factor=args.pca_factor, kmeans_restarts=args.restarts,
+                                   small_clusters=args.small_clusters, shrink_tokens=args.shrink_tokens,
+                                   min_cluster_tokens=args.min_cluster_tokens)
+        return PruneConfig("sparse-expansion", options=options, **common)
     return PruneConfig(name, **common)
 
 
@@ -59,14 +60,14 @@ def run_one(run: str, args, calib, evalw) -> dict:
     if run != "dense":
         config = config_for(run, args)
         t0 = time.perf_counter()
-        layers = prune_model(model, calib, config, progress=not args.quiet).layers
+        result = prune_model(model, calib, config, progress=not args.quiet)
         row["prune_seconds"] = time.perf_counter() - t0
         row["config"] = config.as_dict()
-        sizes = [min(r["cluster_sizes"]) for r in layers if "cluster_sizes" in r]
+        sizes = [min(r.extras["cluster_sizes"]) for r in result.layers if "cluster_sizes" in r.extras]
         if sizes:
             row["layers_with_cluster_under_50"] = sum(s < 50 for s in sizes)
             row["smallest_cluster"] = min(sizes)
-        row["mean_relative_error"] = sum(r["relative_error"] for r in layers) / len(layers)
+        row["mean_relative_error"] = result.mean_relative_error
     row.update(perplexity(model, evalw, progress=not args.quiet))
     return row
 
@@ -90,10 +91,10 @@ def main() -> None:
     p.add_argument("--runs", default="dense,magnitude,wanda,sparsegpt,se4,se16")
     p.add_argument("--tag", default="", help="label stored with the rows (e.g. the small-cluster rule)")
     p.add_argument("--pca-factor", type=int, default=32)
-    p.add_argument("--restarts", type=int, default=PruneConfig.kmeans_restarts)
-    p.add_argument("--small-clusters", default=PruneConfig.small_clusters)
-    p.add_argument("--shrink-tokens", type=float, default=PruneConfig.shrink_tokens)
-    p.add_argument("--min-cluster-tokens", type=int, default=PruneConfig.min_cluster_tokens)
+    p.add_argument("--restarts", type=int, default=ExpansionOptions.kmeans_restarts)
+    p.add_argument("--small-clusters", default=ExpansionOptions.small_clusters)
+    p.add_argument("--shrink-tokens", type=float, default=ExpansionOptions.shrink_tokens)
+    p.add_argument("--min-cluster-tokens", type=int, default=ExpansionOptions.min_cluster_tokens)
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(RESULTS))

