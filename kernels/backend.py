@@ -9,7 +9,7 @@ _CHOICES = ("auto", "torch", "triton")
 def kernel_mode() -> str:
     mode = os.environ.get("SPARSE_EXPANSION_KERNELS", "auto").lower()
     if mode not in _CHOICES:
-        raise ValueError(f"SPARSE_EXPANSION_KERNELS={mode!r}: use one of {', '.join(_CHOICES)}")
+        raise ValueError(f"SPARSE_EXPANSION_KERNELS={mode!r}: use one of {', '.join(_CHOICES)}, or unset it")
     return mode
 
 

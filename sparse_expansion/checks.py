@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UsageError
+from .kernels.backend import kernel_mode
 from .loading import model_context
 
 
@@ -41,3 +42,11 @@ def block_range(text: str | None) -> tuple[int, int] | None:
     except ValueError:
         raise UsageError(f"--blocks {text!r}: write START:END, e.g. 0:8") from None
     return start, end
+
+
+def kernel_backend() -> str:
+    """The kernel choice of $SPARSE_EXPANSION_KERNELS (auto, torch or triton)."""
+    try:
+        return kernel_mode()
+    except ValueError as e:
+        raise UsageError(str(e)) from None

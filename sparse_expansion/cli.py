@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import __version__, checks
 from .analysis.command import add_analyze_parser, cmd_analyze
@@ -92,6 +93,7 @@ def method_config(args) -> PruneConfig:
 
 
 def check_prune_args(args) -> PruneConfig:
+    checks.kernel_backend()
     config = method_config(args)
     checks.positive(args.nsamples, "--nsamples")
     check_output(args.output, args.overwrite)
@@ -152,6 +154,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    checks.kernel_backend()
     check_source(args.data)
     check_model_ref(args.model)
     checks.seqlen(args.model, args.seqlen)
@@ -171,6 +174,9 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    bars = hf_logging.is_progress_bar_enabled()
+    if getattr(args, "quiet", False):  # transformers' own loading/saving bars too
+        hf_logging.disable_progress_bar()
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "analyze": cmd_analyze}[args.command](args)
     except UsageError as e:
@@ -179,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalError as e:
         print(f"sparse-expansion: numerical error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ For one group of linears sharing an input: fit a router (PCA + k-means) on the g
 the Hessians the experts are solved with (`layer_hessian`, `solve_hessians`: the small-cluster
 rule), factor them once per group (solvers.inverse_hessian_factor), then prune one copy of each
 linear per cluster in one batched SparseGPT call (`solve_experts`) and measure it
-(`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise.py
+(`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise/
 calls the same functions.
 
 Small clusters (the paper's code leaves clusters of 1-7 tokens in some layers) are handled by an

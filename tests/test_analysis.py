@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from sparse_expansion import analysis, cli, models
-from sparse_expansion.analysis import (AnalysisConfig, mapping_difficulty, run_experiments, w1_between,
-                                       w1_to_gaussian)
+from sparse_expansion import analysis, cli, loading, models
+from sparse_expansion.analysis import (AnalysisConfig, command, common, mapping_difficulty, run_experiments,
+                                       w1_between, w1_to_gaussian)
+from sparse_expansion.errors import UsageError
 from tiny import random_tokens, tiny_model
 
 stats = pytest.importorskip("scipy.stats")
@@ -198,7 +199,7 @@ def test_layer_variants_prune_only_a_copy():
     out = layer.outputs("sparsegpt", 0.5)["mlp.up_proj"]
     assert out.shape == (4 * 31, 128) and not torch.equal(out, layer.dense("mlp.up_proj"))
     assert torch.equal(models.decoder_blocks(model)[0].mlp.up_proj.weight, w)
-    with pytest.raises(analysis.UsageError, match="one FFN input group"):
+    with pytest.raises(UsageError, match="one FFN input group"):
         analysis.resolve_linears(model, ("mlp.up_proj", "mlp.down_proj"))
 
 
@@ -212,7 +213,8 @@ def test_layer_variants_prune_only_a_copy():
     (["--linears", "mlp.gate_proj,mlp.down_proj"], "one FFN input group"),
 ])
 def test_bad_analyze_arguments(extra, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before checks"))
+    for module in (loading, command):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("model loaded before checks"))
     assert cli.main(["analyze", "smollm2", "--out", str(tmp_path / "o"), "--no-plots", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -238,12 +240,14 @@ def test_analyze_command_end_to_end(tmp_path, smollm2):
 
 
 def test_without_matplotlib_figures_are_skipped_or_refused(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(analysis, "matplotlib_available", lambda: False)
-    monkeypatch.setattr(analysis, "_PLOT_NOTE_SHOWN", False)
-    assert analysis._pyplot(AnalysisConfig(plots=None)) is None  # library default: tables only, with a note
+    for module in (common, command):
+        monkeypatch.setattr(module, "matplotlib_available", lambda: False)
+    monkeypatch.setattr(common, "_PLOT_NOTE_SHOWN", False)
+    assert common._pyplot(AnalysisConfig(plots=None)) is None  # library default: tables only, with a note
     assert "pip install matplotlib" in capsys.readouterr().out
-    with pytest.raises(analysis.UsageError, match="pip install matplotlib"):
-        analysis._pyplot(AnalysisConfig(plots=True))
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before checks"))
+    with pytest.raises(UsageError, match="pip install matplotlib"):
+        common._pyplot(AnalysisConfig(plots=True))
+    for module in (loading, command):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("model loaded before checks"))
     assert cli.main(["analyze", "smollm2", "--out", str(tmp_path / "o")]) == 2
     assert "--no-plots" in capsys.readouterr().err

@@ -1,7 +1,6 @@
-"""benchmarks/layerwise.py at a tiny configuration: output structure, and that its stage-by-stage
+"""benchmarks/layerwise at a tiny configuration: output structure, and that its stage-by-stage
 composition is the computation the driver runs (checks values, never wall-clock time)."""
 import csv
-import importlib.util
 import json
 import math
 import sys
@@ -11,36 +10,32 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_expansion.driver import Method, PruneConfig, collect
-from sparse_expansion.expansion import ExpansionMethod
+from sparse_expansion.config import PruneConfig
+from sparse_expansion.methods import ExpansionMethod, ExpansionOptions, SparseGPTMethod, SparseGPTOptions, collect
+from sparse_expansion.router import fit_pca
 from sparse_expansion.sparsity import Sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a namespace package at the repository root
+    sys.path.insert(0, str(ROOT))
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("layerwise", ROOT / "benchmarks" / "layerwise.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-lw = _load()
+from benchmarks.layerwise import config, evaluate, inputs, reference, report, stages  # noqa: E402
+from benchmarks.layerwise.run import run  # noqa: E402
 
 
 def tiny_config(out, **kw):
     base = dict(shapes=("7b_up", "7b_down"), scale=64, nsamples=4, seqlen=64, batch_windows=2,
-                heldout_tokens=256, clusters=4, pca_factor=8, kmeans_restarts=2, sparsities=("0.5", "2:4"),
-                token_counts=(1, 16, 256), bench_budget_s=0.0, progress=False, plots=False, out=str(out))
-    return lw.BenchConfig(**{**base, **kw})
+                heldout_tokens=256, expansion=ExpansionOptions(clusters=4, pca_factor=8, kmeans_restarts=2),
+                sparsities=("0.5", "2:4"), token_counts=(1, 16, 256), bench_budget_s=0.0, progress=False,
+                plots=False, out=str(out))
+    return config.BenchConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("layerwise")
     torch.manual_seed(0)
-    return lw.run(tiny_config(out)), out
+    return run(tiny_config(out)), out
 
 
 def _finite(v):
@@ -58,17 +53,17 @@ def test_every_stage_and_ratio(tiny_run):
                 assert set(got) == {"library", "reference", "speedup"}, (shape, sp, method)
                 for impl in ("library", "reference"):
                     r = got[impl]
-                    for s in lw.STAGES:
+                    for s in config.STAGES:
                         assert _finite(r[f"{s}_s"]) and r[f"{s}_s"] >= 0, (impl, s)
                     assert _finite(r["total_s"]) and r["total_s"] > 0
-                    assert r["total_s"] >= 0.5 * sum(r[f"{s}_s"] for s in lw.STAGES)
+                    assert r["total_s"] >= 0.5 * sum(r[f"{s}_s"] for s in config.STAGES)
                     assert _finite(r["heldout_error"])
                 ratios = got["speedup"]
-                expected = lw.STAGES if method == "sparse-expansion" else ("hessian", "inverse", "obs")
+                expected = config.STAGES if method == "sparse-expansion" else ("hessian", "inverse", "obs")
                 for s in expected:
                     assert _finite(ratios[f"{s}_s"]) and ratios[f"{s}_s"] > 0, (method, s)
                 if method == "sparsegpt":  # no router: PCA and k-means do not run
-                    assert ratios["pca_s"] is None and ratios["kmeans_s"] is None
+                    assert ratios["router_s"] is None
                 assert _finite(ratios["total_s"]) and _finite(ratios["heldout_error"])
 
 
@@ -109,19 +104,20 @@ def test_files_written(tiny_run):
         rows = list(csv.DictReader(f))
     assert {r["section"] for r in rows} == {"pruning", "quality", "inference", "targets"}
     assert any(r["metric"] == "obs_s" and r["impl"] == "speedup" for r in rows)
-    text = lw.format_report(results)
+    text = report.format_report(results)
     assert "speedup" in text and "routed/dense" in text
 
 
 def _layer(cfg, name="7b_up"):
     torch.manual_seed(0)
-    return lw.synthetic_layer(cfg, name, 0)
+    return inputs.synthetic_layer(cfg, name, 0)
 
 
 @pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
 def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
-    """prune_library's stages give exactly what ExpansionMethod.prune_group and Method.prune_group give."""
+    """prune_library's stages give exactly what ExpansionMethod.prune_group and SparseGPTMethod give."""
     cfg = tiny_config(tmp_path)
+    o = cfg.expansion
     layer = _layer(cfg)
     W = layer.weight
     sp = Sparsity.parse(sparsity)
@@ -134,24 +130,29 @@ def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
         return b
 
     # Sparse Expansion
-    run = lw.prune_library(W, layer.calib, sp, cfg.clusters, cfg)
-    pc = PruneConfig(method="sparse-expansion", sparsity=sp, clusters=cfg.clusters, pca_factor=cfg.pca_factor,
-                     kmeans_restarts=cfg.kmeans_restarts, seed=cfg.seed, kmeans_backend=cfg.kmeans_backend,
-                     small_clusters=cfg.small_clusters, shrink_tokens=cfg.shrink_tokens, percdamp=cfg.percdamp,
-                     blocksize=cfg.blocksize)
+    run_ = stages.prune_library(W, layer.calib, sp, cfg, "sparse-expansion")
     b = block()
-    method = ExpansionMethod(pc)
-    report = method.prune_group(b, {"lin": b.lin}, collect(method, {"lin": b.lin}, layer.calib), "b0")[0]
-    assert torch.equal(b.lin.router.centroids, run.router.centroids)
-    assert torch.equal(b.lin.weight, run.W_hat)
-    assert report["cluster_sizes"] == run.cluster_sizes
-    assert lw.calibration_error(W, run) == pytest.approx(report["relative_error"], rel=1e-5)
-    # SparseGPT
-    run1 = lw.prune_library(W, layer.calib, sp, 1, cfg)
+    method = PruneConfig("sparse-expansion", sp, seed=cfg.seed, options=o).make_method()
+    assert isinstance(method, ExpansionMethod)
+    rep = method.prune_group(b, {"lin": b.lin}, collect(method, {"lin": b.lin}, layer.calib), "b0")[0]
+    assert torch.equal(b.lin.router.centroids, run_.router.centroids)
+    assert torch.equal(b.lin.weight, run_.W_hat)
+    assert rep.extras["cluster_sizes"] == run_.cluster_sizes
+    assert rep.damping == run_.damping
+    assert stages.calibration_error(W, run_) == pytest.approx(rep.relative_error, rel=1e-5)
+    assert rep.to_dict()["kmeans_backend"] == run_.kmeans_backend
+    # SparseGPT (the same blocksize and damping)
+    run1 = stages.prune_library(W, layer.calib, sp, cfg, "sparsegpt")
     b = block()
-    stats = collect(Method(PruneConfig(method="sparsegpt", sparsity=sp)), {"lin": b.lin}, layer.calib)
-    Method(PruneConfig(method="sparsegpt", sparsity=sp)).prune_group(b, {"lin": b.lin}, stats, "b0")
+    pc = PruneConfig("sparsegpt", sp, options=SparseGPTOptions(blocksize=o.blocksize, percdamp=o.percdamp))
+    method = pc.make_method()
+    assert isinstance(method, SparseGPTMethod)
+    stats = collect(method, {"lin": b.lin}, layer.calib)
+    rep1 = method.prune_group(b, {"lin": b.lin}, stats, "b0")[0]
     assert torch.equal(b.lin.weight, run1.W_hat[0])
+    assert torch.equal(stats.H, run1.H_full)
+    assert run1.cluster_sizes == [rep1.tokens] and rep1.damping == run1.damping
+    assert stages.calibration_error(W, run1) == pytest.approx(rep1.relative_error, rel=1e-5)
 
 
 def test_reference_matches_library_with_one_cluster(tmp_path):
@@ -160,12 +161,12 @@ def test_reference_matches_library_with_one_cluster(tmp_path):
     cfg = tiny_config(tmp_path)
     layer = _layer(cfg, "7b_down")
     sp = Sparsity(0.5)
-    lib = lw.prune_library(layer.weight, layer.calib, sp, 1, cfg)
-    ref = lw.prune_reference(layer.weight, layer.calib, sp, 1, cfg)
+    lib = stages.prune_library(layer.weight, layer.calib, sp, cfg, "sparsegpt")
+    ref = reference.prune_reference(layer.weight, layer.calib, sp, cfg, "sparsegpt")
     same_mask = ((lib.W_hat == 0) == (ref.W_hat == 0)).float().mean()
     assert same_mask > 0.99
-    e_lib = lw.heldout_error(layer.weight, layer.heldout, lambda x: x @ lib.W_hat[0].t())
-    e_ref = lw.heldout_error(layer.weight, layer.heldout, lambda x: x @ ref.W_hat[0].t())
+    e_lib = evaluate.heldout_error(layer.weight, layer.heldout, lambda x: x @ lib.W_hat[0].t())
+    e_ref = evaluate.heldout_error(layer.weight, layer.heldout, lambda x: x @ ref.W_hat[0].t())
     assert e_ref == pytest.approx(e_lib, rel=0.02)
 
 
@@ -173,25 +174,46 @@ def test_reference_kmeans_and_pca_agree_with_the_library():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(5, 6, generator=g) * 8
     x = centers.repeat_interleave(60, 0) + torch.randn(300, 6, generator=g)
-    c = lw.reference_kmeans(x, 5, seed=0, restarts=2)
+    c = reference.reference_kmeans(x, 5, seed=0, restarts=2)
     truth = torch.arange(5).repeat_interleave(60)
     labels = torch.cdist(x, c).argmin(1)
     assert len({(int(t), int(l)) for t, l in zip(truth, labels)}) == 5
-    from sparse_expansion.router import fit_pca
-    m1, b1 = lw.reference_pca(x, 3, "svd")
+    m1, b1 = reference.reference_pca(x, 3, "svd")
     m2, b2 = fit_pca(x, 3)
-    m3, b3 = lw.reference_pca(x, 3, "eigh")
+    m3, b3 = reference.reference_pca(x, 3, "eigh")
     assert torch.allclose(m1, m2) and torch.allclose(b1, b2, atol=1e-4) and torch.allclose(b3, b2, atol=1e-4)
 
 
 def test_command_line_presets():
     threads = torch.get_num_threads()  # config_from_args sets the CPU thread count
     try:
-        quick = lw.config_from_args(["--quick", "--device", "cpu", "--shapes", "7b_up", "--no-plots"])
-        full = lw.config_from_args(["--full", "--device", "cpu", "--sparsity", "0.5,2:4", "--no-reference"])
+        quick = config.config_from_args(["--quick", "--device", "cpu", "--shapes", "7b_up", "--no-plots"])
+        full = config.config_from_args(["--full", "--device", "cpu", "--sparsity", "0.5,2:4", "--no-reference",
+                                        "--clusters", "8", "--small-clusters", "damping"])
+        with pytest.raises(SystemExit):
+            config.config_from_args(["--quick", "--device", "cpu", "--small-clusters", "nope"])
     finally:
         torch.set_num_threads(threads)
     assert (quick.scale, quick.nsamples * quick.seqlen, quick.shapes) == (16, 16384, ("7b_up",))
+    assert quick.expansion == ExpansionOptions()  # the driver's defaults, not copies
     assert (full.scale, full.nsamples, full.seqlen, full.reference) == (1, 128, 2048, False)
     assert full.sparsities == ("0.5", "2:4") and full.reference_pca == "svd"
-    assert lw.scaled_shape("70b_down", 16) == (1792, 512)
+    assert full.expansion == ExpansionOptions(clusters=8, small_clusters="damping")
+    assert inputs.scaled_shape("70b_down", 16) == (1792, 512)
+    flat = full.as_dict()
+    assert flat["clusters"] == 8 and flat["shrink_tokens"] == ExpansionOptions().shrink_tokens
+
+
+def test_peak_memory_above_start():
+    """memory.PeakMemory(reset_rss=True): the kernel's peak RSS since entry, as the benchmark reports it;
+    the default (the driver's) keeps exactly its keys."""
+    from sparse_expansion.memory import RSS, PeakMemory
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    with PeakMemory("cpu", reset_rss=True) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, freed before the exit
+        del x
+    assert mem.above_start(RSS) >= 48 * 2**20
+    with PeakMemory("cpu") as mem:
+        pass
+    assert set(mem.peak) == {"peak_rss_bytes"} and mem.peak["peak_rss_bytes"] > 0
