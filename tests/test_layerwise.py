@@ -217,3 +217,18 @@ def test_peak_memory_above_start():
     with PeakMemory("cpu") as mem:
         pass
     assert set(mem.peak) == {"peak_rss_bytes"} and mem.peak["peak_rss_bytes"] > 0
+
+
+def test_reference_matches_library_with_four_clusters(tmp_path):
+    """At 4 clusters the one-cluster-at-a-time reference (its own PCA, Lloyd loop, masked Hessians
+    and single-matrix OBS) finds the same clusters as the library and prunes them as well."""
+    cfg = tiny_config(tmp_path)
+    layer = _layer(cfg, "7b_up")
+    sp = Sparsity(0.5)
+    lib = stages.prune_library(layer.weight, layer.calib, sp, cfg, "sparse-expansion")
+    ref = reference.prune_reference(layer.weight, layer.calib, sp, cfg, "sparse-expansion")
+    assert lib.W_hat.shape[0] == ref.W_hat.shape[0] == 4
+    assert sorted(lib.cluster_sizes) == sorted(ref.cluster_sizes)
+    e_lib = evaluate.run_heldout_error(layer.weight, layer.heldout, lib)
+    e_ref = evaluate.run_heldout_error(layer.weight, layer.heldout, ref)
+    assert e_ref == pytest.approx(e_lib, rel=0.02)
