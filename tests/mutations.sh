@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Usage: bash tests/mutations.sh   (about a minute; prints one line per mutation: each must fail)
+# Each mutation applied alone to a fresh copy of the working tree; the named tests must fail.
+set -u
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$SRC/.venv/bin/python}
+run() {  # name, file, python-replace-old, new, tests...
+  name=$1 file=$2 old=$3 new=$4; shift 4
+  d=$(mktemp -d)
+  (cd $SRC && git ls-files -co --exclude-standard | grep -v '^\.venv' | tar -cf - -T -) | (cd $d && tar -xf -)
+  ln -s ../kernels $d/sparse_expansion/kernels
+  $PY - "$d/$file" "$old" "$new" <<'PYEOF'
+import sys, pathlib
+p, old, new = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = p.read_text(); assert s.count(old) >= 1, (p, old); p.write_text(s.replace(old, new))
+PYEOF
+  out=$(cd $d && TRITON_INTERPRET=1 PYTHONPATH=$d $PY -m pytest -q -x -p no:cacheprovider "$@" 2>&1 | tail -1)
+  echo "$name: $out"
+  rm -rf $d
+}
+run "saliency w2/d" kernels/obs.py "** 2 / d[:, None, :] ** 2" "** 2 / d[:, None, :]" tests/test_maths.py
+run "shrink weights swapped" sparse_expansion/expansion.py "mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))" "mul_(tau / (n + tau)).add_(H_full[0], alpha=n / (n + tau))" tests/test_maths.py
+run "2:4 check off by one" kernels/routed_matmul.py "nz.sum(-1) > 2" "nz.sum(-1) > 3" tests/test_maths.py
+run "wanda norm squared" sparse_expansion/solvers.py "clamp(min=0).sqrt()" "clamp(min=0)" tests/test_maths.py
+run "calibration left out of the identity" sparse_expansion/checkpoint.py '"calibration_sha256": hashlib' '"calibration_sha256": "" or hashlib.sha256(b"").hexdigest() or hashlib' tests/test_identity.py
+run "overwrite deletes the new" sparse_expansion/save.py "            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)" "            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(final)
+            old.rename(final)" tests/test_flags.py
