@@ -29,7 +29,7 @@ from . import __version__
 from .config import PruneConfig
 from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
-from .faults import KILL_ENV, fault_point  # noqa: F401  (KILL_ENV: the variable tests set)
+from .faults import fault_point
 from .models import decoder_blocks
 from .reports import PruneResult
 

@@ -46,7 +46,6 @@ def prune_args(model, corpus, out, extra: list[str]) -> list[str]:
 
 
 def fingerprint(folder: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
     out = {}
     for path in sorted(Path(folder).glob("*.safetensors")):

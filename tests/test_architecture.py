@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
 
 from sparse_expansion import cli, models
 from sparse_expansion.config import PruneConfig
