@@ -82,22 +82,19 @@ def test_bad_eval_arguments(capsys, no_model_loading):
     assert len(capsys.readouterr().err.strip().splitlines()) == 3
 
 
-def test_prune_then_eval_end_to_end(tiny_folder, tmp_path):
+def test_prune_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     out = tmp_path / "pruned"
-    run = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "prune", str(tiny_folder), "--method", "sparsegpt",
-                          "--sparsity", "2:4", "--nsamples", "4", "--seqlen", "64", "--output", str(out), "--quiet"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    assert cli.main(["prune", str(tiny_folder), "--method", "sparsegpt", "--sparsity", "2:4", "--nsamples", "4",
+                     "--seqlen", "64", "--output", str(out), "--quiet"]) == 0
     meta = json.loads((out / "sparse_expansion.json").read_text())
     assert meta["config"]["sparsity"] == "2:4" and len(meta["layers"]) == 6
     assert list(out.glob("*.safetensors")) and not list(tmp_path.glob(".pruned*"))
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.model.layers[0].mlp.down_proj.weight
     assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
-    run = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "eval", str(out), "--seqlen", "64",
-                          "--max-windows", "3", "--json", "--quiet"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--seqlen", "64", "--max-windows", "3", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens"] == 3 * 63 and result["perplexity"] > 1
 
 
