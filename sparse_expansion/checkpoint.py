@@ -55,13 +55,16 @@ def _ours(name: str) -> bool:
     return re.fullmatch(r"\.?(block|activations)-\d+\.safetensors(\.tmp)?|\.?checkpoint\.json(\.tmp)?", name) is not None
 
 
-def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor, device) -> dict:
-    """Everything that changes a run's result: the package version, the model reference, the
-    config, the device type and a hash of the calibration token ids (source, count, length, seed)."""
+def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor, device, dtype: torch.dtype
+                 ) -> dict:
+    """Everything that changes a run's result: the package version, the model reference and its
+    dtype, the config, the device type and a hash of the calibration token ids (source, count,
+    length, seed)."""
     ids = calibration.detach().cpu().to(torch.int64).contiguous()
     settings = config.as_dict()
     options = settings.pop("options")
-    return {"version": __version__, "model": model_ref, "device": torch.device(device).type,
+    return {"version": __version__, "model": model_ref, "dtype": str(dtype).removeprefix("torch."),
+            "device": torch.device(device).type,
             "calibration_shape": list(ids.shape), "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
             **settings, **{f"options.{key}": value for key, value in options.items()}}
 
@@ -77,9 +80,9 @@ class Checkpoint:
         self.identity: dict | None = None
         self.state = self._read()
 
-    def bind(self, config: PruneConfig, calibration: torch.Tensor, device) -> None:
+    def bind(self, config: PruneConfig, calibration: torch.Tensor, device, dtype: torch.dtype) -> None:
         """Fix this run's identity; refuse a checkpoint that another run wrote."""
-        self.identity = json.loads(json.dumps(run_identity(self.model_ref, config, calibration, device)))
+        self.identity = json.loads(json.dumps(run_identity(self.model_ref, config, calibration, device, dtype)))
         if self.state is None:
             return
         flag, old = f"--checkpoint-dir {str(self.folder)!r}", self.state["identity"]

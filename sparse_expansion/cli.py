@@ -23,7 +23,7 @@ from .data import calibration_windows, check_source, evaluation_windows
 from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
 from .evaluate import perplexity
-from .loading import check_model_ref, load_model, load_tokenizer, meta_model
+from .loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
 from .router import choose_backend
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="folder to write the pruned model to")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.add_argument("--dtype", default="auto",
+                    help="auto (the checkpoint's dtype), bfloat16, float16 or float32: the model, its activations "
+                         "and the saved weights (Hessians and solves are fp32)")
     pr.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     pr.add_argument("--blocks", default=None, help="prune only decoder blocks START:END (default: all)")
     pr.add_argument("--sequential", action="store_true",
@@ -71,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype), bfloat16, float16 or float32")
     ev.add_argument("--json", action="store_true", help="end with one JSON line")
     ev.add_argument("--quiet", action="store_true")
 
@@ -101,6 +105,7 @@ def check_prune_args(args) -> PruneConfig:
     check_model_ref(args.model)
     checks.seqlen(args.model, args.seqlen)
     device = checks.device(args.device)
+    model_dtype(args.model, args.dtype)
     if isinstance(config.options, ExpansionOptions):
         choose_backend(config.options.kmeans_backend, device)
     if config.sparsity.structured or config.blocks:
@@ -127,7 +132,7 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
     if checkpoint is not None:
-        checkpoint.bind(config, calib, device)
+        checkpoint.bind(config, calib, device, model_dtype(args.model, args.dtype))
         print(checkpoint.describe(), file=sys.stderr)
     return config, device, checkpoint, calib
 
@@ -135,7 +140,7 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
 def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     config, device, checkpoint, calib = start_run(args)
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device)
     result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
                          offload_activations=args.offload_activations)
     seconds = time.perf_counter() - t0
@@ -161,7 +166,7 @@ def cmd_eval(args) -> int:
     checks.positive(args.max_windows, "--max-windows")
     checks.positive(args.batch_size, "--batch-size")
     device = checks.device(args.device)
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device)
     windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows)
     result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
     result.update(model=args.model, data=args.data)

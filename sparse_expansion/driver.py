@@ -117,7 +117,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     start, end = config.blocks or (0, len(blocks))
     device = next(model.parameters()).device
     if checkpoint is not None:
-        checkpoint.bind(config, calibration, device)
+        checkpoint.bind(config, calibration, device, next(blocks[0].parameters()).dtype)
     cached = capture_block_inputs(model, list(calibration.split(config.batch_size)),
                                   "cpu" if offload_activations else None)
     result, first = PruneResult(), 0

@@ -124,11 +124,31 @@ def load_tokenizer(ref: str):
         raise _cannot_load(ref, e) from None
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2'."""
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def model_dtype(ref: str, name: str = "auto") -> torch.dtype:
+    """The dtype a --dtype value gives the model `ref`: 'auto' is the checkpoint's own (from its
+    config; fp32 for the embedded SmolLM2 and .gguf files, whose weights are dequantized)."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise UsageError(f"--dtype {name!r}: use auto (the checkpoint's dtype), {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if ref == SMOLLM2 or ref.endswith(".gguf"):
+        return torch.float32
+    saved = getattr(load_config(ref), "dtype", None)
+    if isinstance(saved, str):
+        saved = DTYPES.get(saved)
+    return saved if isinstance(saved, torch.dtype) else torch.float32
+
+
+def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2',
+    in `dtype` (None: `model_dtype(ref)`, the checkpoint's own)."""
+    dtype = dtype or model_dtype(ref)
     folder, kwargs = _source(ref)
     if is_expert_folder(folder):
-        return load_pruned(folder, device=device)
+        return load_pruned(folder, device=device, dtype=dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except OSError as e:

@@ -165,3 +165,25 @@ def test_demo_runs_end_to_end_at_a_tiny_size(monkeypatch):
     assert [r["method"] for r in rows] == ["dense", "magnitude", "sparse-expansion (16)"]
     assert rows[1]["sparsity"] == pytest.approx(0.5, abs=0.01) and all(r["tokens"] == 62 for r in rows)
     assert "| sparse-expansion (16) | 50.0% |" in demo.table(rows)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparse-expansion"])
+def test_a_bf16_checkpoint_is_pruned_and_saved_in_bf16(tmp_path, small_corpus, smollm2, method):
+    _, tokenizer = smollm2
+    folder = tmp_path / "bf16"
+    tiny_model("llama", vocab_size=len(tokenizer)).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert prune(folder, small_corpus, tmp_path / "out", "--method", method, "--clusters", "2") == 0 \
+        if method == "sparse-expansion" else prune(folder, small_corpus, tmp_path / "out") == 0
+    saved = tensors(tmp_path / "out")
+    assert {t.dtype for k, t in saved.items() if k.endswith("weight") or k.endswith(".values")} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    model, _ = load_model(str(tmp_path / "out"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert prune(folder, small_corpus, tmp_path / "fp32", "--dtype", "float32") == 0
+    assert load_file(tmp_path / "fp32" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+
+def test_an_unknown_dtype_is_refused(tiny_folder, small_corpus, tmp_path, capsys):
+    assert prune(tiny_folder, small_corpus, tmp_path / "out", "--dtype", "int8") == 2
+    assert "--dtype 'int8': use auto (the checkpoint's dtype), bfloat16, float16, float32" in error_of(capsys)

@@ -27,6 +27,7 @@ CHANGES = {
     "clusters": (["--clusters", "3"], "options.clusters"),
     "blocksize": (["--blocksize", "64"], "options.blocksize"),
     "percdamp": (["--percdamp", "0.02"], "options.percdamp"),
+    "dtype": (["--dtype", "bfloat16"], "dtype"),
     "shrink_tokens": (["--shrink-tokens", "100"], "options.shrink_tokens"),
     "max_cluster_tokens": (["--max-cluster-tokens", "50"], "options.max_cluster_tokens"),
 }
@@ -91,11 +92,13 @@ def test_a_run_with_a_block_range_resumes(tiny_folder, small_corpus, tmp_path):
 def test_the_library_checks_the_identity_too(tmp_path):
     calib = torch.arange(64).view(2, 32)
     ckpt = checkpoint.Checkpoint(tmp_path / "ckpt", "some/model")
-    ckpt.bind(PruneConfig("sparsegpt"), calib, "cpu")
+    ckpt.bind(PruneConfig("sparsegpt"), calib, "cpu", torch.float32)
     ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], PruneResult())
     reopened = checkpoint.Checkpoint(tmp_path / "ckpt", "some/model")
-    reopened.bind(PruneConfig("sparsegpt"), calib, "cpu")
+    reopened.bind(PruneConfig("sparsegpt"), calib, "cpu", torch.float32)
     with pytest.raises(UsageError, match="calibration_sha256"):
-        reopened.bind(PruneConfig("sparsegpt"), calib.flip(0), "cpu")
+        reopened.bind(PruneConfig("sparsegpt"), calib.flip(0), "cpu", torch.float32)
     with pytest.raises(UsageError, match="device='cpu' but this command has device='meta'"):
-        reopened.bind(PruneConfig("sparsegpt"), calib, "meta")
+        reopened.bind(PruneConfig("sparsegpt"), calib, "meta", torch.float32)
+    with pytest.raises(UsageError, match="dtype='float32' but this command has dtype='bfloat16'"):
+        reopened.bind(PruneConfig("sparsegpt"), calib, "cpu", torch.bfloat16)

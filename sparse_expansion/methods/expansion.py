@@ -85,7 +85,7 @@ class ClusterStats:
         if self.keep is not None:  # the sampled rows that fall in this batch
             lo, hi = torch.searchsorted(self.keep, torch.tensor([self.seen, self.seen + x.shape[0]])).tolist()
             rows = x[(self.keep[lo:hi] - self.seen).to(x.device)]
-        self.sample.append(rows.float())
+        self.sample.append(rows)  # in the model's dtype; the router fit computes in fp32
         self.seen += x.shape[0]
 
     def _accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
