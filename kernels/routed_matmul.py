@@ -23,6 +23,26 @@ from ._triton_utils import check_launch, dot_precision, interpreted, next_pow2, 
 from .backend import use_triton
 
 
+def routed_apply(x: torch.Tensor, expert: torch.Tensor, experts: int, out_features: int, apply) -> torch.Tensor:
+    """Sort the tokens x [T, d_in] by expert [T], call apply(e, x_e) -> [n_e, out_features] once
+    per non-empty expert on its contiguous slice, and scatter the results back to token order
+    (output dtype = x.dtype)."""
+    T = x.shape[0]
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=experts).tolist()
+    xs = x[order]  # one gather, contiguous slices per expert, one scatter back
+    ys = x.new_empty(T, out_features)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        ys[start:start + n] = apply(e, xs[start:start + n]).to(ys.dtype)
+        start += n
+    out = torch.empty_like(ys)
+    out[order] = ys
+    return out
+
+
 def routed_matmul_reference(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, d_in]; expert: [T] ints in [0, E); weight: [E, d_out, d_in]; bias: [E, d_out].
@@ -30,23 +50,10 @@ def routed_matmul_reference(x: torch.Tensor, expert: torch.Tensor, weight: torch
     Tokens are sorted by expert and each non-empty expert does one matmul over its tokens;
     the results are scattered back to token order. Output dtype = x.dtype.
     """
-    T = x.shape[0]
-    order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=weight.shape[0]).tolist()
-    xs = x[order]  # one gather, contiguous slices per expert, one scatter back
-    ys = x.new_empty(T, weight.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        y = xs[start:start + n] @ weight[e].t()
-        if bias is not None:
-            y = y + bias[e]
-        ys[start:start + n] = y.to(ys.dtype)
-        start += n
-    out = torch.empty_like(ys)
-    out[order] = ys
-    return out
+    def apply(e, xe):
+        y = xe @ weight[e].t()
+        return y if bias is None else y + bias[e]
+    return routed_apply(x, expert, weight.shape[0], weight.shape[1], apply)
 
 
 def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,69 +5,123 @@ values + bitmask), by module (`state_tensors` / `from_state`) and by model (`pac
 and read what these return."""
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 from torch import nn
 
-from .kernels.routed_matmul import compress_24, decompress_24, routed_matmul, routed_matmul_24
+from .kernels.routed_matmul import compress_24, decompress_24, routed_apply, routed_matmul, routed_matmul_24
 from .router import Router
 
 
 class SparseExpertLinear(nn.Module):
     """y = x · W_{e(x)}ᵀ + b_{e(x)}, e(x) = router.assign(x), for x of any leading shape.
 
-    weight: [K, out, in] (the experts, zeros where pruned), bias: [K, out] or None. Routers may
-    be shared between modules (gate_proj and up_proj of a Llama MLP share one). `to_24()` swaps
-    2:4-sparse experts to the compressed format (kept values + 2-bit indices), which the routed
-    Triton kernel decodes in registers, reading about half the weight bytes.
+    weight: the K experts [K, out, in] (zeros where pruned), or their `compress` parts; bias:
+    [K, out] or None. Routers may be shared between modules (gate_proj and up_proj of a Llama MLP
+    share one). The experts are stored in one of three formats (`format`):
+      bitmask  (default) the kept values and a bitmask; the forward decompresses one expert at a
+               time, only while its tokens are multiplied, so K dense copies never exist
+      2:4      `to_24()`: kept values + 2-bit indices, decoded in registers by the routed Triton
+               kernel (about half the weight bytes)
+      dense    `to_dense()`: [K, out, in], the routed Triton kernel's plain path
     """
 
-    def __init__(self, router: Router, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, router: Router, weight: torch.Tensor | dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        if weight.shape[0] != router.clusters:
-            raise ValueError(f"{weight.shape[0]} experts for a router with {router.clusters} clusters")
+        parts = weight if isinstance(weight, dict) else compress(weight)
+        self.experts, self.out_features, self.in_features = (int(n) for n in parts["shape"].tolist())
+        if self.experts != router.clusters:
+            raise ValueError(f"{self.experts} experts for a router with {router.clusters} clusters")
         self.router = router
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("values", parts["values"].contiguous())
+        self.register_buffer("mask", parts["mask"].to(torch.uint8).contiguous())
+        kept = [int(self._expert_mask(e).sum()) for e in range(self.experts)]
+        if sum(kept) != self.values.numel():
+            raise ValueError(f"mask keeps {sum(kept)} weights but {self.values.numel()} values are stored")
+        self.register_buffer("offsets", torch.tensor([0, *kept], dtype=torch.int64).cumsum(0), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.in_features, self.out_features = weight.shape[2], weight.shape[1]
-        self.experts = weight.shape[0]
-        self.format = "dense"
+        self.format = "bitmask"
+
+    def _expert_mask(self, e: int) -> torch.Tensor:
+        """Kept-weight mask [out·in] (bool) of expert e, unpacked from its bytes of the bitmask."""
+        n = self.out_features * self.in_features
+        first, last = e * n, (e + 1) * n
+        bits = unpack_bits(self.mask[first // 8:(last + 7) // 8])
+        return bits[first % 8:first % 8 + n]
+
+    def expert_weight(self, e: int) -> torch.Tensor:
+        """Expert e as a dense [out, in] matrix, whatever the storage format."""
+        if self.format == "dense":
+            return self.weight[e]
+        if self.format == "2:4":
+            return decompress_24(self.values[e:e + 1], self.meta[e:e + 1])[0]
+        dense = self.values.new_zeros(self.out_features * self.in_features)
+        dense[self._expert_mask(e)] = self.values[self.offsets[e]:self.offsets[e + 1]]
+        return dense.view(self.out_features, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """All experts as [K, out, in] (a dense copy unless the format is dense)."""
+        if self.format == "dense":
+            return self.weight
+        if self.format == "2:4":
+            return decompress_24(self.values, self.meta)
+        return torch.stack([self.expert_weight(e) for e in range(self.experts)])
+
+    def _store(self, fmt: str, **tensors: torch.Tensor) -> "SparseExpertLinear":
+        for name in ("weight", "values", "mask", "meta", "offsets"):
+            if hasattr(self, name):
+                delattr(self, name)
+        for name, t in tensors.items():
+            if name == "weight":
+                self.weight = nn.Parameter(t, requires_grad=False)
+            else:
+                self.register_buffer(name, t)
+        self.format = fmt
+        return self
 
     def to_24(self) -> "SparseExpertLinear":
         """Store the experts 2:4-compressed (ValueError if they are not 2:4 sparse)."""
-        if self.format == "dense":
-            values, meta = compress_24(self.weight.data)
-            del self.weight
-            self.register_buffer("values", values)
-            self.register_buffer("meta", meta)
-            self.format = "2:4"
-        return self
+        if self.format == "2:4":
+            return self
+        values, meta = compress_24(self.dense_weight().detach())
+        return self._store("2:4", values=values, meta=meta)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The experts as [K, out, in], whatever the storage format."""
-        return self.weight if self.format == "dense" else decompress_24(self.values, self.meta)
+    def to_dense(self) -> "SparseExpertLinear":
+        """Store the experts as one dense [K, out, in] tensor (K dense copies: for speed on a GPU)."""
+        return self if self.format == "dense" else self._store("dense", weight=self.dense_weight().detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         expert = self.router.assign(flat)
         if self.format == "dense":
             y = routed_matmul(flat.to(self.weight.dtype), expert, self.weight, self.bias)
-        else:
+        elif self.format == "2:4":
             y = routed_matmul_24(flat.to(self.values.dtype), expert, self.values, self.meta, self.bias)
+        else:
+            def apply(e, xe):
+                y = xe @ self.expert_weight(e).t()
+                return y if self.bias is None else y + self.bias[e]
+            y = routed_apply(flat.to(self.values.dtype), expert, self.experts, self.out_features, apply)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The experts compressed ('weight.values', 'weight.mask', 'weight.shape') and the bias, on the CPU."""
-        tensors = {f"weight.{key}": part for key, part in compress(self.dense_weight().detach().cpu()).items()}
+        if self.format == "bitmask":
+            parts = {"values": self.values, "mask": self.mask,
+                     "shape": torch.tensor([self.experts, self.out_features, self.in_features])}
+        else:
+            parts = compress(self.dense_weight().detach())
+        tensors = {f"weight.{key}": part.detach().cpu().contiguous() for key, part in parts.items()}
         if self.bias is not None:
             tensors["bias"] = self.bias.detach().cpu().contiguous()
         return tensors
 
     @classmethod
-    def from_state(cls, router: Router, tensors: dict[str, torch.Tensor], runtime_format: str = "dense"
+    def from_state(cls, router: Router, tensors: dict[str, torch.Tensor], runtime_format: str = "bitmask"
                    ) -> "SparseExpertLinear":
-        weight = decompress({k: tensors[f"weight.{k}"] for k in ("values", "mask", "shape")})
-        module = cls(router, weight, tensors.get("bias"))
+        module = cls(router, {k: tensors[f"weight.{k}"] for k in ("values", "mask", "shape")}, tensors.get("bias"))
         return module.to_24() if runtime_format == "2:4" else module
 
     def extra_repr(self) -> str:
@@ -77,22 +131,34 @@ class SparseExpertLinear(nn.Module):
 
 # ---- compressed storage: kept values + a bitmask -------------------------------------------------
 
+_BIT_WEIGHTS = 2 ** torch.arange(7, -1, -1, dtype=torch.int32)  # big-endian within a byte, as numpy.packbits
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool [n] -> uint8 [ceil(n/8)], first element in the highest bit (numpy.packbits' layout)."""
+    bits = torch.nn.functional.pad(mask.flatten().to(torch.int32), (0, -mask.numel() % 8))
+    return (bits.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [m] -> bool [8m], the inverse of `pack_bits` (on the tensor's device)."""
+    return (packed[:, None].to(torch.int32) & _BIT_WEIGHTS.to(packed.device)).ne(0).flatten()
+
+
 def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """{'values': nonzeros in row-major order, 'mask': packed bits (uint8), 'shape': int64 shape}."""
     mask = weight != 0
-    packed = np.packbits(mask.flatten().cpu().numpy())
-    return {"values": weight[mask].contiguous(), "mask": torch.from_numpy(packed),
+    return {"values": weight[mask].contiguous(), "mask": pack_bits(mask),
             "shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
 
 
 def decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     shape = tuple(parts["shape"].tolist())
-    numel = int(np.prod(shape))
-    bits = np.unpackbits(parts["mask"].numpy(), count=numel).astype(bool)
-    mask = torch.from_numpy(bits)
+    numel = math.prod(shape)
+    mask = unpack_bits(parts["mask"])[:numel]
     if int(mask.sum()) != parts["values"].numel():
         raise ValueError(f"mask keeps {int(mask.sum())} weights but {parts['values'].numel()} values are stored")
-    dense = torch.zeros(numel, dtype=parts["values"].dtype)
+    dense = parts["values"].new_zeros(numel)
     dense[mask] = parts["values"]
     return dense.view(shape)
 
@@ -112,7 +178,7 @@ def pack_experts(experts: dict[str, SparseExpertLinear]) -> tuple[dict[str, torc
     return tensors, layout
 
 
-def unpack_experts(root: nn.Module, tensors: dict[str, torch.Tensor], layout: dict, runtime_format: str = "dense"
+def unpack_experts(root: nn.Module, tensors: dict[str, torch.Tensor], layout: dict, runtime_format: str = "bitmask"
                    ) -> None:
     """Put the modules described by `pack_experts`' (tensors, layout) into `root`, each on the
     device of the module it replaces."""

@@ -102,7 +102,7 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
             tensors, layers = pack_experts(experts)
             save_file(tensors, folder / EXPERTS_FILE)
             meta["experts"] = {"format": EXPERTS_FORMAT, "file": EXPERTS_FILE, "layers": layers,
-                               "runtime_format": "2:4" if formats == {"2:4"} else "dense",
+                               "runtime_format": "2:4" if formats == {"2:4"} else "bitmask",
                                "sha256": _sha256(folder / EXPERTS_FILE)}
         else:
             model.save_pretrained(folder)
@@ -160,7 +160,7 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     unexpected = [k for k in loading["missing_keys"] if not k.startswith(prefixes)]
     if unexpected:
         raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
-    unpack_experts(model, tensors, info["layers"], info.get("runtime_format", "dense"))
+    unpack_experts(model, tensors, info["layers"], info.get("runtime_format", "bitmask"))
     model.to(device).eval()
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(folder)

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ def ffn_weights(model):
         for g in models.target_groups(model, "ffn"):
             for name in g:
                 m = block.get_submodule(name)
-                out[f"{b}.{name}"] = m.weight[0] if isinstance(m, SparseExpertLinear) else models.linear_weight(m)
+                out[f"{b}.{name}"] = m.expert_weight(0) if isinstance(m, SparseExpertLinear) else models.linear_weight(m)
     return out
 
 
@@ -92,14 +93,17 @@ def test_driver_routing_reproduces_cluster_sizes():
     assert model.model.layers[0].mlp.down_proj.router is not module.router
 
 
+@pytest.mark.parametrize("fmt", ["bitmask", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7,), (1, 24), (3, 5, 24), (0, 24)])
-def test_sparse_expert_linear_matches_per_token_reference(dtype, shape):
+def test_sparse_expert_linear_matches_per_token_reference(dtype, shape, fmt):
     g = torch.Generator().manual_seed(0)
     router = Router(torch.randn(3, 4, generator=g), torch.randn(24, generator=g), torch.randn(24, 4, generator=g))
-    weight = torch.randn(3, 7, 24, generator=g).to(dtype)
+    weight = torch.randn(3, 7, 24, generator=g).to(dtype) * (torch.rand(3, 7, 24, generator=g) > 0.4)
     bias = torch.randn(3, 7, generator=g).to(dtype)
     layer = SparseExpertLinear(router, weight, bias)
+    layer = layer.to_dense() if fmt == "dense" else layer
+    assert layer.format == fmt
     x = torch.randn(*shape[:-1], 24, generator=g).to(dtype) if shape != (7,) else torch.randn(24, generator=g).to(dtype)
     y = layer(x)
     flat = x.reshape(-1, 24)
@@ -115,7 +119,21 @@ def test_compress_roundtrip():
     w = torch.randn(3, 5, 17) * (torch.rand(3, 5, 17) > 0.5)
     parts = compress(w)
     assert parts["values"].numel() == int((w != 0).sum())
+    assert torch.equal(parts["mask"], torch.from_numpy(np.packbits((w != 0).flatten().numpy())))  # the file format
     assert torch.equal(decompress(parts), w)
+
+
+def test_experts_stay_compressed_in_memory_and_decompress_one_at_a_time():
+    """Odd sizes (5·17 bits per expert: experts straddle bytes of the bitmask)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 5, 17, generator=g) * (torch.rand(3, 5, 17, generator=g) > 0.5)
+    layer = SparseExpertLinear(Router(torch.randn(3, 17, generator=g)), w)
+    assert layer.format == "bitmask" and not hasattr(layer, "weight")
+    stored = layer.values.numel() * layer.values.element_size() + layer.mask.numel()
+    assert stored < w.numel() * w.element_size() / 1.5
+    for e in range(3):
+        assert torch.equal(layer.expert_weight(e), w[e])
+    assert torch.equal(layer.dense_weight(), w) and torch.equal(layer.to_dense().dense_weight(), w)
 
 
 def test_merge_rule_leaves_no_small_cluster_and_reroutes():

@@ -136,7 +136,7 @@ def test_library_pipeline_is_the_driver_computation(tmp_path, sparsity):
     assert isinstance(method, ExpansionMethod)
     rep = method.prune_group(b, {"lin": b.lin}, collect(method, {"lin": b.lin}, layer.calib), "b0")[0]
     assert torch.equal(b.lin.router.centroids, run_.router.centroids)
-    assert torch.equal(b.lin.weight, run_.W_hat)
+    assert torch.equal(b.lin.dense_weight(), run_.W_hat)
     assert rep.extras["cluster_sizes"] == run_.cluster_sizes
     assert rep.damping == run_.damping
     assert stages.calibration_error(W, run_) == pytest.approx(rep.relative_error, rel=1e-5)

@@ -203,7 +203,7 @@ def test_bounded_sample_fits_routers_in_two_passes():
     for name in ("gate_proj", "up_proj", "down_proj"):
         for i in range(2):
             dense = a.model.layers[i].mlp.get_submodule(name).weight
-            assert torch.equal(b.model.layers[i].mlp.get_submodule(name).weight[0], dense)
+            assert torch.equal(b.model.layers[i].mlp.get_submodule(name).expert_weight(0), dense)
 
 
 def test_offloaded_activations_and_block_memory_report():

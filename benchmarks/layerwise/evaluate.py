@@ -62,7 +62,7 @@ def bench_inference(layer: LayerInputs, run: PruneRun, sparsity: Sparsity, cfg: 
     d_out, d_in = layer.weight.shape
     dense = nn.Linear(d_in, d_out, bias=False, device=dev, dtype=dt)
     dense.weight.data.copy_(layer.weight)
-    experts = SparseExpertLinear(run.router, run.W_hat.to(dt))
+    experts = SparseExpertLinear(run.router, run.W_hat.to(dt)).to_dense()
     router = run.router
     experts24 = None
     if sparsity.structured and (sparsity.n, sparsity.m) == (2, 4):
