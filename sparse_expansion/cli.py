@@ -140,9 +140,9 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
 def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     config, device, checkpoint, calib = start_run(args)
-    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device)
+    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), "cpu")  # blocks visit `device`
     result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
-                         offload_activations=args.offload_activations)
+                         offload_activations=args.offload_activations, device=device)
     seconds = time.perf_counter() - t0
     metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(), "seconds": seconds,
                 **result.to_dict()}

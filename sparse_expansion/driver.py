@@ -20,7 +20,8 @@ from .config import PruneConfig
 from .errors import NumericalError, UsageError
 from .memory import PeakMemory
 from .methods import Method
-from .models import block_output, capture_block_inputs, decoder_blocks, linear_weight, move, target_groups
+from .models import (block_output, capture_block_inputs, decoder_blocks, linear_weight, move, move_outside_blocks,
+                     target_groups)
 from .reports import BlockReport, LayerReport, PruneResult
 
 
@@ -97,16 +98,21 @@ def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, m
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, method: Method | None = None,
-                progress: bool = True, checkpoint: Checkpoint | None = None, offload_activations: bool = False
-                ) -> PruneResult:
+                progress: bool = True, checkpoint: Checkpoint | None = None, offload_activations: bool = False,
+                device=None) -> PruneResult:
     """Prune `model` in place with calibration token ids [N, L].
 
     Within a block every group's statistics come from the dense block's inputs; the pruned
     block's outputs feed the next block. With a `Checkpoint`, the run resumes after its last saved
     block (once the checkpoint's identity, from `config`, the calibration tokens and the device,
-    matches this run's) and saves every block it finishes. `offload_activations` keeps the
-    calibration activations (and the blocks' other inputs: masks, position embeddings) on the
-    CPU; each batch visits the model's device only while a block runs on it.
+    matches this run's) and saves every block it finishes.
+
+    `device` (e.g. "cuda"): the model's weights stay where they are (the CPU) and each decoder
+    block visits `device` only while it is calibrated, pruned and run (sequential onloading: the
+    device holds one block, its activations and the solver's working set, never the model).
+    None: everything runs where the model is. `offload_activations` keeps the calibration
+    activations (and the blocks' other inputs: masks, position embeddings) on the CPU; each batch
+    visits the device only while a block runs on it.
     """
     method = method or config.make_method()
     groups = target_groups(model, config.targets)
@@ -115,11 +121,14 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     phases = [[g] for g in groups] if config.sequential else [list(groups)]
     blocks = decoder_blocks(model)
     start, end = config.blocks or (0, len(blocks))
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
     if checkpoint is not None:
         checkpoint.bind(config, calibration, device, next(blocks[0].parameters()).dtype)
+    move_outside_blocks(model, device)
     cached = capture_block_inputs(model, list(calibration.split(config.batch_size)),
-                                  "cpu" if offload_activations else None)
+                                  "cpu" if offload_activations else None, device)
+    move_outside_blocks(model, home)
     result, first = PruneResult(), 0
     if checkpoint is not None:
         first, cached, result = checkpoint.restore(model, cached)
@@ -129,8 +138,10 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
         block = blocks[b]
         with PeakMemory(device) as memory:
             t0 = time.perf_counter()
+            block.to(device)
             reports = _prune_block(block, b, cached, device, phases, method) if b >= start else []
             cached = _run_block(block, cached, device, keep_outputs=True)
+            block.to(home)
         result.layers += reports
         result.blocks.append(BlockReport(b, b >= start, time.perf_counter() - t0, **memory.peak))
         if checkpoint is not None:

@@ -114,18 +114,20 @@ def move(obj, device):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], store_device=None
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], store_device=None, device=None
                          ) -> list[tuple[torch.Tensor, tuple, dict]]:
     """Inputs of the first decoder block for each batch of token ids [B, L]: (hidden, args, kwargs).
 
     Every argument the model passes (masks, position embeddings, cache positions) is kept as
     is, so that the blocks can be re-run on their own with `block(hidden, *args, **kwargs)`. With a
     `store_device` (e.g. "cpu") they are kept there as they are captured (`move` them back to run).
+    The token ids go to `device` (default: the model's first parameter's), where the modules
+    before the first block must be (`move_outside_blocks`).
     """
     blocks = decoder_blocks(model)
     catcher = _Catcher(blocks[0], store_device)
     blocks[0] = catcher
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     try:
         for ids in batches:
             try:
@@ -135,6 +137,19 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], store_de
     finally:
         blocks[0] = catcher.block
     return catcher.calls
+
+
+def move_outside_blocks(model: nn.Module, device) -> None:
+    """Move every parameter and buffer that is not inside a decoder block (embeddings, rotary
+    tables, final norm, LM head) to `device`; the blocks stay where they are."""
+    inside = {id(t) for block in decoder_blocks(model) for t in (*block.parameters(), *block.buffers())}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in inside:
+                param.data = param.data.to(device)
+        for name, buf in module._buffers.items():
+            if buf is not None and id(buf) not in inside:
+                module._buffers[name] = buf.to(device)
 
 
 def block_output(out) -> torch.Tensor:

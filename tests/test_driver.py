@@ -89,3 +89,29 @@ def test_capture_can_store_every_input_elsewhere():
     (hidden, args, kwargs), = models.capture_block_inputs(tiny_model("llama"), [random_tokens(2, 8)], "meta")
     tensors = [hidden, *kwargs["position_embeddings"]] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     assert all(t.is_meta for t in tensors)
+
+
+def test_each_block_visits_the_device_alone(monkeypatch):
+    """Sequential onloading: with an explicit device, every decoder block is sent there before its
+    work and back home after it, one at a time, and a block only runs while it is there. (Here the
+    device and home are both the CPU, so the test follows the protocol through `.to` calls.)"""
+    model = tiny_model("llama", layers=3)
+    blocks = models.decoder_blocks(model)
+    on_device, events = set(), []
+
+    def tracking(i, real_to):
+        def to(*args, **kwargs):
+            target = torch.device(args[0]) if args and not isinstance(args[0], torch.dtype) else None
+            if target is not None:
+                (on_device.add if target == torch.device("cpu:0") else on_device.discard)(i)
+                events.append((i, str(target)))
+            return real_to(*args, **kwargs)
+        return to
+    for i, block in enumerate(blocks):
+        block.to = tracking(i, block.to)
+        block.register_forward_pre_hook(lambda m, a, i=i: events.append((i, "run", sorted(on_device))))
+    prune_model(model, random_tokens(2, 16), PruneConfig("sparsegpt"), progress=False, device="cpu:0")
+    runs = [e for e in events if e[1] == "run"]
+    assert runs and all(e[2] == [e[0]] for e in runs), runs  # a block runs alone on the device
+    assert [e for e in events if e[1] != "run"] == [(i, d) for i in range(3) for d in ("cpu:0", "cpu")]
+    assert on_device == set()
