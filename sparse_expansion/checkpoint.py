@@ -63,6 +63,7 @@ def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor,
     ids = calibration.detach().cpu().to(torch.int64).contiguous()
     settings = config.as_dict()
     options = settings.pop("options")
+    del settings["max_memory"]  # chunking the solve does not change the result
     return {"version": __version__, "model": model_ref, "dtype": str(dtype).removeprefix("torch."),
             "device": torch.device(device).type,
             "calibration_shape": list(ids.shape), "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),

@@ -50,3 +50,22 @@ def kernel_backend() -> str:
         return kernel_mode()
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(text: str | None, flag: str) -> int | None:
+    """'24GiB', '500MB', '1e9' -> bytes (None stays None)."""
+    if text is None:
+        return None
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise UsageError(f"{flag} {text!r}: write a size such as 24GiB, 500MB or 2000000000") from None
+    if value < 1:
+        raise UsageError(f"{flag} {text!r}: must be a positive size")
+    return int(value)

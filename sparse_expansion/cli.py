@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     lr = pr.add_argument_group("long runs")
     lr.add_argument("--checkpoint-dir", default=None,
                     help="save every finished block here; re-running the same command resumes after the last one")
+    lr.add_argument("--max-memory", default=None,
+                    help="bytes the solver's working set may use, e.g. 20GiB: Sparse Expansion solves its experts "
+                         "in chunks of clusters that fit (default: 90%% of the free GPU memory; no bound on a CPU)")
     lr.add_argument("--offload-activations", action="store_true",
                     help="keep the calibration activations on the CPU between blocks (GPU runs)")
     taken: set[str] = set()
@@ -93,7 +96,8 @@ def method_config(args) -> PruneConfig:
                                  f"drop it or add --method {name}")
     return PruneConfig(method=args.method, sparsity=args.sparsity, bits=args.bits, targets=args.targets,
                        batch_size=args.batch_size, sequential=args.sequential, seed=args.seed,
-                       blocks=checks.block_range(args.blocks), options=cls.Options.from_args(args))
+                       blocks=checks.block_range(args.blocks), max_memory=checks.size_bytes(args.max_memory, "--max-memory"),
+                       options=cls.Options.from_args(args))
 
 
 def check_prune_args(args) -> PruneConfig:

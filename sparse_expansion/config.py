@@ -22,6 +22,7 @@ class PruneConfig:
     sequential: bool = False     # collect each group's inputs after the block's earlier groups are pruned
     blocks: tuple[int, int] | None = None  # prune only blocks [start, end); all when None
     seed: int = 0
+    max_memory: int | None = None  # bytes the solver's working set may use (None: free device memory / no bound)
     options: MethodOptions | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -35,6 +36,8 @@ class PruneConfig:
             raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.blocks is not None:
             self.blocks = tuple(self.blocks)
+        if self.max_memory is not None and self.max_memory < 1:
+            raise UsageError(f"--max-memory {self.max_memory}: give a positive size such as 20GiB")
         if self.options is None:
             self.options = cls.Options()
         elif type(self.options) is not cls.Options:
@@ -47,4 +50,5 @@ class PruneConfig:
         return {"method": self.method, "sparsity": str(self.sparsity), "bits": self.bits, "targets": self.targets,
                 "batch_size": self.batch_size, "sequential": self.sequential,
                 "blocks": None if self.blocks is None else list(self.blocks), "seed": self.seed,
+                "max_memory": self.max_memory,
                 "options": self.options.as_dict()}

@@ -67,18 +67,30 @@ def layer_hessian(H_c: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.einsum("k,kij->ij", counts.to(H_c.dtype), H_c)[None] / int(counts.sum())
 
 
-def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float
-                   ) -> torch.Tensor:
+def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float,
+                   total: int | None = None) -> torch.Tensor:
     """The Hessians the experts are pruned with: empty clusters take the layer's H; with the
-    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ)."""
+    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ). H_c and counts
+    may be a chunk of the clusters; `total` is then the layer's token count (default: Σ counts)."""
     H_solve = H_c.clone()
-    total = int(counts.sum())
+    total = int(counts.sum()) if total is None else total
     for c, n in enumerate(counts.tolist()):
         if n == 0:
             H_solve[c] = H_full[0]
         elif rule == "shrink" and n < total:
             H_solve[c].mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))
     return H_solve
+
+
+def cluster_chunks(clusters: int, columns: int, rows: int, budget: int | None) -> list[slice]:
+    """Consecutive ranges of clusters whose solve fits `budget` bytes (None: one range). Per
+    cluster: its solve Hessian, inverse factor and Cholesky workspace (3·C² fp32) and one linear's
+    expert before and after the solve (2·R·C fp32). The cluster Hessians themselves are not
+    counted: they exist before the solve starts."""
+    if budget is None:
+        return [slice(0, clusters)]
+    size = max(1, min(clusters, budget // (4 * (3 * columns * columns + 2 * rows * columns))))
+    return [slice(start, min(start + size, clusters)) for start in range(0, clusters, size)]
 
 
 def solve_experts(W: torch.Tensor, factor: solvers.HessianFactor, sparsity: Sparsity, bits: int | None,
@@ -92,8 +104,13 @@ def expert_errors(W: torch.Tensor, W_hat: torch.Tensor, H_c: torch.Tensor, count
                   H_full: torch.Tensor) -> tuple[float, list[float | None]]:
     """(error on all tokens as routed, error of each expert on its own cluster's tokens; None for
     an empty cluster), relative to ‖WX‖², using ‖ΔW_c X_c‖² = n_c/2·tr(ΔW_c H_c ΔW_cᵀ)."""
+    return combine_errors(W, *solvers.error_terms(W.detach().float()[None], W_hat, H_c), counts, H_full)
+
+
+def combine_errors(W: torch.Tensor, num: torch.Tensor, den: torch.Tensor, counts: torch.Tensor,
+                   H_full: torch.Tensor) -> tuple[float, list[float | None]]:
+    """`expert_errors` from the per-expert terms of solvers.error_terms (gathered chunk by chunk)."""
     W = W.detach().float()
-    num, den = solvers.error_terms(W[None], W_hat, H_c)
     full = ((W @ H_full[0]) * W).sum()
     per_cluster = (num / den.clamp(min=torch.finfo(torch.float32).tiny)).tolist()
     overall = float((counts.to(num.dtype) * num).sum() / (int(counts.sum()) * full))

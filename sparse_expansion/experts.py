@@ -163,6 +163,18 @@ def decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return dense.view(shape)
 
 
+def concat_compressed(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The `compress` form of the experts of several `compress` parts [K_i, R, C], stacked in order."""
+    shapes = [tuple(p["shape"].tolist()) for p in parts]
+    numel = [math.prod(s) for s in shapes]
+    if all(n % 8 == 0 for n in numel):  # byte-aligned: the packed bits concatenate as they are
+        mask = torch.cat([p["mask"] for p in parts])
+    else:
+        mask = pack_bits(torch.cat([unpack_bits(p["mask"])[:n] for p, n in zip(parts, numel)]))
+    return {"values": torch.cat([p["values"] for p in parts]), "mask": mask,
+            "shape": torch.tensor([sum(s[0] for s in shapes), *shapes[0][1:]], dtype=torch.int64)}
+
+
 def pack_experts(experts: dict[str, SparseExpertLinear]) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, layout) of expert modules keyed by name: '{name}.{state key}' for each module,
     'routers.{i}.{key}' for each distinct router (shared ones once); layout[name] names the router."""

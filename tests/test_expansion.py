@@ -8,7 +8,7 @@ from sparse_expansion import loading, models
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
-from sparse_expansion.experts import SparseExpertLinear, compress, decompress
+from sparse_expansion.experts import SparseExpertLinear, compress, concat_compressed, decompress
 from sparse_expansion.expansion import merge_small_clusters
 from sparse_expansion.methods import ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
@@ -241,3 +241,27 @@ def test_to_24_refuses_unstructured_experts():
     router = Router(torch.randn(2, 4))
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         SparseExpertLinear(router, torch.randn(2, 3, 8)).to_24()
+
+
+def test_chunked_solves_give_the_unchunked_model():
+    """--max-memory small enough for one cluster at a time: the same experts, bit for bit."""
+    calib = random_tokens(4, 32)
+    whole, chunked = tiny_model("llama"), tiny_model("llama")
+    a = prune_model(whole, calib, se_config(), progress=False)
+    config = se_config()
+    config.max_memory = 4 * (3 * 128 * 128 + 2 * 128 * 128)  # one down_proj cluster per chunk
+    b = prune_model(chunked, calib, config, progress=False)
+    assert {r.extras["solve_chunks"] for r in a.layers} == {1}
+    assert {r.extras["solve_chunks"] for r in b.layers} == {4, 2}  # gate/up (C=64): 2 per chunk; down: 1
+    for (name, x), (_, y) in zip(whole.state_dict().items(), chunked.state_dict().items()):
+        assert torch.equal(x, y), name
+    for ra, rb in zip(a.layers, b.layers):
+        assert (ra.relative_error, ra.damping, ra.extras["cluster_relative_error"]) == \
+            (rb.relative_error, rb.damping, rb.extras["cluster_relative_error"])
+
+
+def test_compressed_parts_concatenate_at_any_bit_offset():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(5, 3, 7, generator=g) * (torch.rand(5, 3, 7, generator=g) > 0.5)  # 21 bits per expert
+    parts = [compress(w[:2]), compress(w[2:3]), compress(w[3:])]
+    assert torch.equal(decompress(concat_compressed(parts)), w)

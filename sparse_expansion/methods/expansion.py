@@ -15,7 +15,7 @@ from torch import nn
 from .. import expansion as stages
 from .. import solvers
 from ..errors import UsageError
-from ..experts import SparseExpertLinear
+from ..experts import SparseExpertLinear, compress, concat_compressed
 from ..kernels.hessian import accumulate_hessian
 from ..models import linear_weight
 from ..reports import LayerReport
@@ -131,31 +131,63 @@ class ExpansionMethod(Method):
 
     def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], stats: ClusterStats, where: str
                     ) -> list[LayerReport]:
+        """Solve the experts in chunks of clusters sized from the memory budget (one chunk when it
+        is unlimited; the results do not depend on the chunking); each chunk's experts are
+        compressed as they leave the solver."""
         cfg, o, fit, H_c, counts = self.config, self.options, stats.fit, stats.H, stats.counts
-        router, handling = fit.router, dict(stats.handling)
-        t1 = time.perf_counter()
+        router, handling, group = fit.router, dict(stats.handling), f"{where}.{'/'.join(layers)}"
         H_full = stages.layer_hessian(H_c, counts)
-        H_solve = stages.solve_hessians(H_c, counts, H_full, o.small_clusters, o.shrink_tokens)
         if o.small_clusters == "shrink":
             handling["shrink_tokens"] = o.shrink_tokens
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
-        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, f"{where}.{'/'.join(layers)}")
-        t_hessian = stats.seconds_hessian + time.perf_counter() - t1
+        weights = {name: linear_weight(module) for name, module in layers.items()}
+        rows = max(W.shape[0] for W in weights.values())
+        chunks = stages.cluster_chunks(router.clusters, H_c.shape[-1], rows, solve_budget(cfg.max_memory, H_c.device))
+        parts, terms, infos = ({name: [] for name in layers} for _ in range(3))
+        zeros, seconds = dict.fromkeys(layers, 0), dict.fromkeys(layers, 0.0)
+        t_hessian = stats.seconds_hessian
+        for chunk in chunks:
+            t1 = time.perf_counter()
+            H_solve = stages.solve_hessians(H_c[chunk], counts[chunk], H_full, o.small_clusters, o.shrink_tokens,
+                                            int(counts.sum()))
+            factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, group)
+            del H_solve
+            t_hessian += time.perf_counter() - t1
+            for name, module in layers.items():
+                t2 = time.perf_counter()
+                W_hat, info = stages.solve_experts(weights[name], factor, cfg.sparsity, cfg.bits, o.blocksize)
+                parts[name].append(compress(W_hat.to(module.weight.dtype)))
+                terms[name].append(solvers.error_terms(weights[name].detach().float()[None], W_hat, H_c[chunk]))
+                infos[name].append(info)
+                zeros[name] += int((W_hat == 0).sum())
+                seconds[name] += time.perf_counter() - t2
+                del W_hat
+            del factor
         reports = []
         for name, module in layers.items():
-            t2 = time.perf_counter()
-            W = linear_weight(module)
-            W_hat, info = stages.solve_experts(W, factor, cfg.sparsity, cfg.bits, o.blocksize)
+            W = weights[name]
             bias = None if module.bias is None else module.bias.detach().expand(router.clusters, -1).clone()
-            block.set_submodule(name, SparseExpertLinear(router, W_hat.to(module.weight.dtype), bias))
-            overall, per_cluster = stages.expert_errors(W, W_hat, H_c, counts, H_full)
+            block.set_submodule(name, SparseExpertLinear(router, concat_compressed(parts[name]), bias))
+            num, den = (torch.cat(t) for t in zip(*terms[name]))
+            overall, per_cluster = stages.combine_errors(W, num, den, counts, H_full)
             reports.append(LayerReport(
                 layer=f"{where}.{name}", shape=list(W.shape), tokens=int(counts.sum()),
-                sparsity=float((W_hat == 0).float().mean()), relative_error=overall,
-                seconds_solve=time.perf_counter() - t2, damping=info.damping, dead_inputs=info.dead_inputs,
+                sparsity=zeros[name] / (router.clusters * W.numel()), relative_error=overall,
+                seconds_solve=seconds[name], damping=[d for i in infos[name] for d in i.damping],
+                dead_inputs=[d for i in infos[name] for d in i.dead_inputs],
                 extras={"clusters": router.clusters, "cluster_sizes": counts.tolist(),
                         "cluster_relative_error": per_cluster, "small_clusters": handling,
-                        "router_tokens": stats.router_tokens, "kmeans_backend": fit.backend,
-                        "kmeans_inertia": fit.inertia, "seconds_router": stats.seconds_router,
-                        "seconds_hessian": t_hessian}))
+                        "solve_chunks": len(chunks), "router_tokens": stats.router_tokens,
+                        "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
+                        "seconds_router": stats.seconds_router, "seconds_hessian": t_hessian}))
         return reports
+
+
+def solve_budget(max_memory: int | None, device: torch.device) -> int | None:
+    """Bytes the expert solve may use: --max-memory, else 90% of a CUDA device's free memory,
+    else (CPU) no bound."""
+    if max_memory is not None:
+        return max_memory
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.mem_get_info(device)[0])
+    return None
