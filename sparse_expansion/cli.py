@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import __version__, checks
+from . import __version__, checks, distributed
 from .analysis.command import add_analyze_parser, cmd_analyze
 from .checkpoint import Checkpoint
 from .config import PruneConfig
@@ -133,11 +133,14 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     calibration token ids and the checkpoint, bound to this run (another run's is refused here)."""
     config = check_prune_args(args)
     device = checks.device(args.device)
+    distributed.init_from_env(device)  # under torchrun: one process per GPU (or CPU rank)
+    device = distributed.local_device(device)
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
     if checkpoint is not None:
         checkpoint.bind(config, calib, device, model_dtype(args.model, args.dtype))
-        print(checkpoint.describe(), file=sys.stderr)
+        if distributed.rank() == 0:
+            print(checkpoint.describe(), file=sys.stderr)
     return config, device, checkpoint, calib
 
 
@@ -148,8 +151,11 @@ def cmd_prune(args) -> int:
     result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
                          offload_activations=args.offload_activations, device=device)
     seconds = time.perf_counter() - t0
+    if distributed.rank() != 0:  # rank 0 writes the output
+        distributed.barrier()
+        return 0
     metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(), "seconds": seconds,
-                **result.to_dict()}
+                "world_size": distributed.world_size(), **result.to_dict()}
     out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
     saved = read_metadata(out)
     print(f"pruned {len(result.layers)} linears of {args.model} with {config.method} at {config.sparsity} "
@@ -159,6 +165,7 @@ def cmd_prune(args) -> int:
     if checkpoint is not None:
         print(f"checkpoint {checkpoint.folder}: {checkpoint.disk_bytes() / 2**20:.1f} MiB "
               f"({checkpoint.state['activations']['bytes'] / 2**20:.1f} MiB of activations); delete it when done")
+    distributed.barrier()
     return 0
 
 

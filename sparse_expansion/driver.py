@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import Checkpoint
 from .config import PruneConfig
 from .errors import NumericalError, UsageError
@@ -132,7 +133,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     result, first = PruneResult(), 0
     if checkpoint is not None:
         first, cached, result = checkpoint.restore(model, cached)
-    bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress, unit="block",
+    leader = distributed.rank() == 0  # with several ranks, rank 0 alone reports and checkpoints
+    bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress or not leader, unit="block",
                initial=first, total=end)
     for b in bar:
         block = blocks[b]
@@ -144,7 +146,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             block.to(home)
         result.layers += reports
         result.blocks.append(BlockReport(b, b >= start, time.perf_counter() - t0, **memory.peak))
-        if checkpoint is not None:
+        if checkpoint is not None and leader:
             t0 = time.perf_counter()
             checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], cached, result)
             result.blocks[-1].seconds_checkpoint = time.perf_counter() - t0

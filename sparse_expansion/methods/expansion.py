@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import expansion as stages
-from .. import solvers
+from .. import distributed, solvers
 from ..errors import UsageError
 from ..experts import SparseExpertLinear, compress, concat_compressed
 from ..kernels.hessian import accumulate_hessian
@@ -142,9 +142,11 @@ class ExpansionMethod(Method):
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         weights = {name: linear_weight(module) for name, module in layers.items()}
         rows = max(W.shape[0] for W in weights.values())
-        chunks = stages.cluster_chunks(router.clusters, H_c.shape[-1], rows, solve_budget(cfg.max_memory, H_c.device))
-        parts, terms, infos = ({name: [] for name in layers} for _ in range(3))
-        zeros, seconds = dict.fromkeys(layers, 0), dict.fromkeys(layers, 0.0)
+        mine = distributed.my_share(router.clusters)  # several ranks: each solves its range of clusters
+        chunks = [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
+            mine.stop - mine.start, H_c.shape[-1], rows, solve_budget(cfg.max_memory, H_c.device))
+            if mine.stop > mine.start]
+        solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
         t_hessian = stats.seconds_hessian
         for chunk in chunks:
             t1 = time.perf_counter()
@@ -156,31 +158,48 @@ class ExpansionMethod(Method):
             for name, module in layers.items():
                 t2 = time.perf_counter()
                 W_hat, info = stages.solve_experts(weights[name], factor, cfg.sparsity, cfg.bits, o.blocksize)
-                parts[name].append(compress(W_hat.to(module.weight.dtype)))
-                terms[name].append(solvers.error_terms(weights[name].detach().float()[None], W_hat, H_c[chunk]))
-                infos[name].append(info)
-                zeros[name] += int((W_hat == 0).sum())
-                seconds[name] += time.perf_counter() - t2
+                out = solved[name]
+                out["parts"].append(compress(W_hat.to(module.weight.dtype)))
+                out["terms"].append(solvers.error_terms(weights[name].detach().float()[None], W_hat, H_c[chunk]))
+                out["infos"].append(info)
+                out["zeros"] += int((W_hat == 0).sum())
+                out["seconds"] += time.perf_counter() - t2
                 del W_hat
             del factor
+        solved = _gathered(solved)
         reports = []
         for name, module in layers.items():
-            W = weights[name]
+            W, out = weights[name], solved[name]
             bias = None if module.bias is None else module.bias.detach().expand(router.clusters, -1).clone()
-            block.set_submodule(name, SparseExpertLinear(router, concat_compressed(parts[name]), bias))
-            num, den = (torch.cat(t) for t in zip(*terms[name]))
+            experts = SparseExpertLinear(router, concat_compressed(out["parts"]), bias).to(W.device)
+            block.set_submodule(name, experts)
+            num, den = (torch.cat(t).to(W.device) for t in zip(*out["terms"]))
             overall, per_cluster = stages.combine_errors(W, num, den, counts, H_full)
             reports.append(LayerReport(
                 layer=f"{where}.{name}", shape=list(W.shape), tokens=int(counts.sum()),
-                sparsity=zeros[name] / (router.clusters * W.numel()), relative_error=overall,
-                seconds_solve=seconds[name], damping=[d for i in infos[name] for d in i.damping],
-                dead_inputs=[d for i in infos[name] for d in i.dead_inputs],
+                sparsity=out["zeros"] / (router.clusters * W.numel()), relative_error=overall,
+                seconds_solve=out["seconds"], damping=[d for i in out["infos"] for d in i.damping],
+                dead_inputs=[d for i in out["infos"] for d in i.dead_inputs],
                 extras={"clusters": router.clusters, "cluster_sizes": counts.tolist(),
                         "cluster_relative_error": per_cluster, "small_clusters": handling,
                         "solve_chunks": len(chunks), "router_tokens": stats.router_tokens,
                         "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
                         "seconds_router": stats.seconds_router, "seconds_hessian": t_hessian}))
         return reports
+
+
+def _gathered(solved: dict) -> dict:
+    """Every rank's solved experts and terms, in cluster order (one process: as they are)."""
+    if distributed.world_size() == 1:
+        return solved
+    mine = {name: {**out, "parts": [{k: v.cpu() for k, v in p.items()} for p in out["parts"]],
+                   "terms": [(num.cpu(), den.cpu()) for num, den in out["terms"]]} for name, out in solved.items()}
+    ranks = distributed.gather_in_rank_order(mine)
+    return {name: {"parts": [p for r in ranks for p in r[name]["parts"]],
+                   "terms": [t for r in ranks for t in r[name]["terms"]],
+                   "infos": [i for r in ranks for i in r[name]["infos"]],
+                   "zeros": sum(r[name]["zeros"] for r in ranks),
+                   "seconds": max(r[name]["seconds"] for r in ranks)} for name in solved}
 
 
 def solve_budget(max_memory: int | None, device: torch.device) -> int | None:

@@ -1,0 +1,50 @@
+"""Several ranks (torch.distributed, gloo on CPU) give the one-rank model bit for bit."""
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparse_expansion.config import PruneConfig
+from sparse_expansion.driver import prune_model
+from sparse_expansion.methods import ExpansionOptions
+from tiny import random_tokens, tiny_model
+
+
+def _prune(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)  # the same arithmetic in every process
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    model = tiny_model("llama")
+    config = PruneConfig("sparse-expansion", "0.5", options=ExpansionOptions(clusters=5, kmeans_restarts=2, pca_factor=8))
+    result = prune_model(model, random_tokens(4, 32), config, progress=False)
+    torch.save({"state": model.state_dict(), "layers": result.to_dict()["layers"]}, f"{folder}/rank{rank}-of-{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_one_rank_model(tmp_path):
+    """5 clusters over 2 ranks (3 + 2 experts each): the same experts, routers and reports."""
+    mp.spawn(_prune, args=(1, str(tmp_path)), nprocs=1)
+    mp.spawn(_prune, args=(2, str(tmp_path)), nprocs=2)
+    one, two, other = (torch.load(tmp_path / name) for name in ("rank0-of-1.pt", "rank0-of-2.pt", "rank1-of-2.pt"))
+    assert one["state"].keys() == two["state"].keys() == other["state"].keys()
+    for key, value in one["state"].items():
+        assert torch.equal(value, two["state"][key]) and torch.equal(value, other["state"][key]), key
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]  # noqa: E731
+    assert strip(one["layers"]) == strip(two["layers"])
+    assert {len(r["damping"]) for r in two["layers"]} == {5}
+
+
+def test_torchrun_writes_one_output_from_rank_zero(tiny_folder, small_corpus, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sparse_expansion.cli", "prune",
+           str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "2", "--seqlen", "32", "--quiet",
+           "--method", "sparse-expansion", "--clusters", "3", "--kmeans-restarts", "1", "--output", str(tmp_path / "out")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("pruned 6 linears") == 1  # one report, from rank 0
+    assert (tmp_path / "out" / "experts.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
