@@ -58,7 +58,7 @@ class SparseExpertLinear(nn.Module):
         if self.format == "2:4":
             return decompress_24(self.values[e:e + 1], self.meta[e:e + 1])[0]
         dense = self.values.new_zeros(self.out_features * self.in_features)
-        dense[self._expert_mask(e)] = self.values[self.offsets[e]:self.offsets[e + 1]]
+        dense.masked_scatter_(self._expert_mask(e), self.values[self.offsets[e]:self.offsets[e + 1]])
         return dense.view(self.out_features, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
@@ -158,9 +158,7 @@ def decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     mask = unpack_bits(parts["mask"])[:numel]
     if int(mask.sum()) != parts["values"].numel():
         raise ValueError(f"mask keeps {int(mask.sum())} weights but {parts['values'].numel()} values are stored")
-    dense = parts["values"].new_zeros(numel)
-    dense[mask] = parts["values"]
-    return dense.view(shape)
+    return parts["values"].new_zeros(numel).masked_scatter_(mask, parts["values"]).view(shape)
 
 
 def concat_compressed(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
