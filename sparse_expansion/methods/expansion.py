@@ -134,39 +134,15 @@ class ExpansionMethod(Method):
         """Solve the experts in chunks of clusters sized from the memory budget (one chunk when it
         is unlimited; the results do not depend on the chunking); each chunk's experts are
         compressed as they leave the solver."""
-        cfg, o, fit, H_c, counts = self.config, self.options, stats.fit, stats.H, stats.counts
+        o, fit, H_c, counts = self.options, stats.fit, stats.H, stats.counts
         router, handling, group = fit.router, dict(stats.handling), f"{where}.{'/'.join(layers)}"
         H_full = stages.layer_hessian(H_c, counts)
         if o.small_clusters == "shrink":
             handling["shrink_tokens"] = o.shrink_tokens
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         weights = {name: linear_weight(module) for name, module in layers.items()}
-        rows = max(W.shape[0] for W in weights.values())
-        mine = distributed.my_share(router.clusters)  # several ranks: each solves its range of clusters
-        chunks = [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
-            mine.stop - mine.start, H_c.shape[-1], rows, solve_budget(cfg.max_memory, H_c.device))
-            if mine.stop > mine.start]
-        solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
-        t_hessian = stats.seconds_hessian
-        for chunk in chunks:
-            t1 = time.perf_counter()
-            H_solve = stages.solve_hessians(H_c[chunk], counts[chunk], H_full, o.small_clusters, o.shrink_tokens,
-                                            int(counts.sum()))
-            factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, group)
-            del H_solve
-            t_hessian += time.perf_counter() - t1
-            for name, module in layers.items():
-                t2 = time.perf_counter()
-                W_hat, info = stages.solve_experts(weights[name], factor, cfg.sparsity, cfg.bits, o.blocksize)
-                out = solved[name]
-                out["parts"].append(compress(W_hat.to(module.weight.dtype)))
-                out["terms"].append(solvers.error_terms(weights[name].detach().float()[None], W_hat, H_c[chunk]))
-                out["infos"].append(info)
-                out["zeros"] += int((W_hat == 0).sum())
-                out["seconds"] += time.perf_counter() - t2
-                del W_hat
-            del factor
-        solved = _gathered(solved)
+        solved, chunks, t_solve_hessian = self._solve_share(layers, weights, stats, H_full, group)
+        t_hessian = stats.seconds_hessian + t_solve_hessian
         reports = []
         for name, module in layers.items():
             W, out = weights[name], solved[name]
@@ -186,6 +162,40 @@ class ExpansionMethod(Method):
                         "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
                         "seconds_router": stats.seconds_router, "seconds_hessian": t_hessian}))
         return reports
+
+    def _solve_share(self, layers: dict[str, nn.Module], weights: dict[str, torch.Tensor], stats: ClusterStats,
+                     H_full: torch.Tensor, group: str) -> tuple[dict, list[slice], float]:
+        """This rank's clusters (all of them with one process), chunk by chunk: solve Hessians,
+        factor, one batched solve per linear, compressed at once. Returns per linear the
+        compressed parts, error terms, solve infos, zero count and seconds; the chunks; and the
+        seconds spent on the Hessians and factors."""
+        cfg, o, H_c, counts = self.config, self.options, stats.H, stats.counts
+        mine = distributed.my_share(H_c.shape[0])
+        rows = max(W.shape[0] for W in weights.values())
+        chunks = [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
+            mine.stop - mine.start, H_c.shape[-1], rows, solve_budget(cfg.max_memory, H_c.device))
+            if mine.stop > mine.start]
+        solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
+        t_hessian = 0.0
+        for chunk in chunks:
+            t1 = time.perf_counter()
+            H_solve = stages.solve_hessians(H_c[chunk], counts[chunk], H_full, o.small_clusters, o.shrink_tokens,
+                                            int(counts.sum()))
+            factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, group)
+            del H_solve
+            t_hessian += time.perf_counter() - t1
+            for name, module in layers.items():
+                t2 = time.perf_counter()
+                W_hat, info = stages.solve_experts(weights[name], factor, cfg.sparsity, cfg.bits, o.blocksize)
+                out = solved[name]
+                out["parts"].append(compress(W_hat.to(module.weight.dtype)))
+                out["terms"].append(solvers.error_terms(weights[name].detach().float()[None], W_hat, H_c[chunk]))
+                out["infos"].append(info)
+                out["zeros"] += int((W_hat == 0).sum())
+                out["seconds"] += time.perf_counter() - t2
+                del W_hat
+            del factor
+        return _gathered(solved), chunks, t_hessian
 
 
 def _gathered(solved: dict) -> dict:
