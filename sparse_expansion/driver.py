@@ -19,7 +19,7 @@ from . import distributed
 from .checkpoint import Checkpoint
 from .config import PruneConfig
 from .errors import NumericalError, UsageError
-from .memory import PeakMemory
+from .memory import PeakMemory, trim_malloc
 from .methods import Method
 from .models import (block_output, capture_block_inputs, decoder_blocks, linear_weight, move, move_outside_blocks,
                      target_groups)
@@ -144,6 +144,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             reports = _prune_block(block, b, cached, device, phases, method) if b >= start else []
             cached = _run_block(block, cached, device, keep_outputs=True)
             block.to(home)
+            trim_malloc()  # hand the block's freed working set back to the OS (glibc keeps it otherwise)
         result.layers += reports
         result.blocks.append(BlockReport(b, b >= start, time.perf_counter() - t0, **memory.peak))
         if checkpoint is not None and leader:
