@@ -132,6 +132,7 @@ class SparseExpertLinear(nn.Module):
 # ---- compressed storage: kept values + a bitmask -------------------------------------------------
 
 _BIT_WEIGHTS = 2 ** torch.arange(7, -1, -1, dtype=torch.int32)  # big-endian within a byte, as numpy.packbits
+_BIT_MASKS = _BIT_WEIGHTS.to(torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [m] -> bool [8m], the inverse of `pack_bits` (on the tensor's device)."""
-    return (packed[:, None].to(torch.int32) & _BIT_WEIGHTS.to(packed.device)).ne(0).flatten()
+    return (packed[:, None] & _BIT_MASKS.to(packed.device)).bool().flatten()
 
 
 def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
