@@ -26,19 +26,18 @@ from .evaluate import perplexity
 from .loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
+from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
 from .router import choose_backend
 from .save import check_output, read_metadata, save_pruned_model
 
 EXIT_USAGE = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparse-expansion", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    pr = sub.add_parser("prune", help="prune a model layer by layer and save it")
-    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or 'smollm2' (embedded)")
+def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
+    """The arguments of a prune run; `plan` takes the same (so that a command line can swap one
+    word for the other; it writes nothing) and the device to plan for."""
+    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or 'smollm2' (embedded)"
+                    + (f"; or a published shape: {', '.join(PUBLISHED)}" if planning else ""))
     pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparse-expansion")
     pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
     pr.add_argument("--bits", type=int, default=None, help="joint quantization of kept weights, 2-8 bits")
@@ -47,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--targets", default="ffn", help="ffn (default) or all (adds attention projections)")
-    pr.add_argument("--output", required=True, help="folder to write the pruned model to")
+    pr.add_argument("--output", required=not planning, help="folder to write the pruned model to")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pr.add_argument("--dtype", default="auto",
@@ -61,14 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     lr = pr.add_argument_group("long runs")
     lr.add_argument("--checkpoint-dir", default=None,
                     help="save every finished block here; re-running the same command resumes after the last one")
+    if planning:
+        lr.add_argument("--device-memory", default=None,
+                        help="memory of the GPU to plan for, e.g. 24GiB (default: this machine's free GPU memory; "
+                             "with --device cpu: the RAM to plan for, default unbounded)")
+        lr.add_argument("--ranks", type=int, default=1, help="processes (one GPU each) the run will use under torchrun")
+        lr.add_argument("--json", action="store_true", help="end with the plan as one JSON line")
     lr.add_argument("--max-memory", default=None,
-                    help="bytes the solver's working set may use, e.g. 20GiB: Sparse Expansion solves its experts "
-                         "in chunks of clusters that fit (default: 90%% of the free GPU memory; no bound on a CPU)")
+                    help="bytes Sparse Expansion's cluster Hessians and solve may use, e.g. 20GiB: it accumulates and "
+                         "solves its experts in chunks of clusters that fit (default: 90%% of the free GPU memory; "
+                         "no bound on a CPU)")
     lr.add_argument("--offload-activations", action="store_true",
                     help="keep the calibration activations on the CPU between blocks (GPU runs)")
     taken: set[str] = set()
     for name, cls in METHODS.items():  # each method's own options, from its Options dataclass
         cls.Options.add_arguments(pr.add_argument_group(f"{name} options"), taken)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparse-expansion", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="prune a model layer by layer and save it")
+    _add_run_arguments(pr, planning=False)
+    pl = sub.add_parser("plan", help="predict a prune run's memory, chunking and sizes from the config alone")
+    _add_run_arguments(pl, planning=True)
 
     ev = sub.add_parser("eval", help="perplexity on held-out windows")
     ev.add_argument("model", help="model reference as for prune, or a folder written by prune")
@@ -117,6 +134,38 @@ def check_prune_args(args) -> PruneConfig:
     return config
 
 
+def device_memory(device: str) -> int | None:
+    """The free memory of a CUDA device (None on a CPU: the host is not bounded by the plan)."""
+    return torch.cuda.mem_get_info(torch.device(device))[0] if torch.device(device).type == "cuda" else None
+
+
+def make_plan(args, config: PruneConfig, device: str, memory: int | None, ranks: int) -> Plan:
+    return plan_run(planning_model(args.model), config, args.nsamples, args.seqlen,
+                    planning_dtype(args.model, args.dtype), device, memory, ranks, args.offload_activations)
+
+
+def cmd_plan(args) -> int:
+    config = method_config(args)
+    checks.positive(args.nsamples, "--nsamples")
+    checks.positive(args.ranks, "--ranks")
+    memory = checks.size_bytes(args.device_memory, "--device-memory")
+    device = "cuda" if args.device == "auto" and memory is not None else checks.device(args.device)
+    if memory is None:
+        memory = device_memory(device)
+    plan = make_plan(args, config, device, memory, args.ranks)
+    print(f"plan: {args.model}, {config.method} ({plan_label(config)}), {args.nsamples} x {args.seqlen} tokens, "
+          f"{args.ranks} rank(s) on {device}")
+    print(plan.table())
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    return 0
+
+
+def plan_label(config: PruneConfig) -> str:
+    extra = f", {config.options.clusters} clusters" if isinstance(config.options, ExpansionOptions) else ""
+    return f"sparsity {config.sparsity}{extra}"
+
+
 def open_checkpoint(args) -> Checkpoint | None:
     """The run's `Checkpoint` (None without --checkpoint-dir), which must lie outside --output."""
     if args.checkpoint_dir is None:
@@ -135,6 +184,9 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     device = checks.device(args.device)
     distributed.init_from_env(device)  # under torchrun: one process per GPU (or CPU rank)
     device = distributed.local_device(device)
+    plan = make_plan(args, config, device, device_memory(device), distributed.world_size())
+    if plan.fix:  # refused before any weight loads
+        raise UsageError(plan.fix)
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
     if checkpoint is not None:
@@ -194,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):  # transformers' own loading/saving bars too
         hf_logging.disable_progress_bar()
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "analyze": cmd_analyze}[args.command](args)
+        return {"prune": cmd_prune, "plan": cmd_plan, "eval": cmd_eval, "analyze": cmd_analyze}[args.command](args)
     except UsageError as e:
         print(f"sparse-expansion: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -74,21 +74,23 @@ def _checked(collector, where: str) -> Callable:
 
 
 def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, method: Method) -> list[LayerReport]:
-    """Collect each phase's statistics (as many passes over the block's inputs as the method's
-    collectors ask for), then prune the phase's groups. Returns the block's layer reports."""
+    """Collect each phase's statistics (one pass over the block's inputs for all its groups, then
+    as many more as each group's collector asks for, one group at a time), then prune the phase's
+    groups. Returns the block's layer reports."""
     where, reports = f"block{b}", []
     tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached)
     for hidden, _, _ in cached:
         check_finite(hidden, f"{where} input")
     for phase in phases:
         layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
-        collectors = [method.collector(layers, tokens) for layers in layer_groups]
-        pending = list(zip(layer_groups, collectors))
+        names = [f"{where}.{'/'.join(layers)}" for layers in layer_groups]
+        collectors = [method.collector(layers, tokens, name) for layers, name in zip(layer_groups, names)]
         t_collect = time.perf_counter()
-        while pending:
-            _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, f"{where}.{'/'.join(layers)}")
-                                               for layers, c in pending})
-            pending = [(layers, c) for layers, c in pending if c.end_pass()]
+        _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, name)
+                                           for layers, c, name in zip(layer_groups, collectors, names)})
+        for layers, c, name in zip(layer_groups, collectors, names):  # further passes: one group at a time,
+            while c.end_pass():                                         # so one group's working set is live
+                _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, name)})
         t_collect = time.perf_counter() - t_collect
         for layers, c in zip(layer_groups, collectors):
             for report in method.prune_group(block, layers, c, where):

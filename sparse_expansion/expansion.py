@@ -1,9 +1,9 @@
 """Sparse Expansion's stages as plain tensor functions (Sawmya et al., ICLR 2025).
 
 For one group of linears sharing an input: fit a router (PCA + k-means) on the group's inputs
-(`fit_group_router`), accumulate one Hessian per cluster (kernels.hessian with labels), derive
-the Hessians the experts are solved with (`layer_hessian`, `solve_hessians`: the small-cluster
-rule), factor them once per group (solvers.inverse_hessian_factor), then prune one copy of each
+(`fit_group_router`), accumulate one Hessian per cluster (kernels.hessian with labels) beside the
+layer's Hessian, derive the Hessians the experts are solved with (`solve_hessians`: the
+small-cluster rule), factor them (solvers.inverse_hessian_factor), then prune one copy of each
 linear per cluster in one batched SparseGPT call (`solve_experts`) and measure it
 (`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise/
 calls the same functions.
@@ -62,11 +62,6 @@ def fit_group_router(x: torch.Tensor, clusters: int, pca_factor: int, seed: int,
     return fit, handling
 
 
-def layer_hessian(H_c: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The layer's full Hessian [1, C, C] from the cluster Hessians [K, C, C]: Σ n_c·H_c / N."""
-    return torch.einsum("k,kij->ij", counts.to(H_c.dtype), H_c)[None] / int(counts.sum())
-
-
 def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float,
                    total: int | None = None) -> torch.Tensor:
     """The Hessians the experts are pruned with: empty clusters take the layer's H; with the
@@ -82,14 +77,19 @@ def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor
     return H_solve
 
 
+def cluster_cost(columns: int, rows: int) -> int:
+    """Bytes one cluster adds to a chunk (fp32, measured on the CPU): while its Hessian is factored,
+    the Hessian, its solve copy and the factorisation's workspace (6·C²); while a linear's expert
+    is solved and compressed, the Hessian and the factor (2·C²) and the expert's copies (4·R·C)."""
+    return 4 * max(6 * columns * columns, 2 * columns * columns + 4 * rows * columns)
+
+
 def cluster_chunks(clusters: int, columns: int, rows: int, budget: int | None) -> list[slice]:
-    """Consecutive ranges of clusters whose solve fits `budget` bytes (None: one range). Per
-    cluster: its solve Hessian, inverse factor and Cholesky workspace (3·C² fp32) and one linear's
-    expert before and after the solve (2·R·C fp32). The cluster Hessians themselves are not
-    counted: they exist before the solve starts."""
+    """Consecutive ranges of clusters whose Hessians and solve fit `budget` bytes (None: one
+    range; at least one cluster per range: the caller refuses budgets below `cluster_cost`)."""
     if budget is None:
         return [slice(0, clusters)]
-    size = max(1, min(clusters, budget // (4 * (3 * columns * columns + 2 * rows * columns))))
+    size = max(1, min(clusters, budget // cluster_cost(columns, rows)))
     return [slice(start, min(start + size, clusters)) for start in range(0, clusters, size)]
 
 

@@ -137,8 +137,13 @@ _BIT_MASKS = _BIT_WEIGHTS.to(torch.uint8)
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool [n] -> uint8 [ceil(n/8)], first element in the highest bit (numpy.packbits' layout)."""
-    bits = torch.nn.functional.pad(mask.flatten().to(torch.int32), (0, -mask.numel() % 8))
-    return (bits.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1).to(torch.uint8)
+    flat = mask.flatten()
+    if mask.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(-mask.numel() % 8)])
+    packed = torch.zeros(flat.numel() // 8, dtype=torch.uint8, device=mask.device)
+    for i in range(8):  # bit by bit: transients of n/8 bytes, not n words
+        packed |= flat[i::8].to(torch.uint8) << (7 - i)
+    return packed
 
 
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,7 @@ def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
 def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """{'values': nonzeros in row-major order, 'mask': packed bits (uint8), 'shape': int64 shape}."""
     mask = weight != 0
-    return {"values": weight[mask].contiguous(), "mask": pack_bits(mask),
+    return {"values": weight.reshape(-1)[mask.reshape(-1)], "mask": pack_bits(mask),
             "shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
 
 

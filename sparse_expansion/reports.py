@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 class LayerReport:
     """One pruned linear. `relative_error` = ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs (from
     the Hessian); `damping` and `dead_inputs` hold one entry per solved matrix (one per expert for
-    Sparse Expansion, absent for solvers without a Hessian factor); `extras` is the method's own."""
+    Sparse Expansion, absent for solvers without a Hessian factor); `extras` is the method's own.
+    `seconds_collect` is the block's passes over its inputs (for Sparse Expansion it includes the
+    router fit and the chunked solves, also reported as seconds_router and seconds_solve)."""
     layer: str
     shape: list[int]
     tokens: int

@@ -67,33 +67,44 @@ def wanda(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None
     return _round_kept(W, bits) * prune_scores(W.abs() * col_norm[:, None, :], sparsity, per_row=True)
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer") -> HessianFactor:
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer",
+                           overwrite: bool = False) -> HessianFactor:
     """Upper Cholesky factor of (H + λI)⁻¹ per matrix, with λ = damp·mean(diag H).
 
     Dead inputs (zero diagonal) get H_jj = 1 so that the factorisation exists; the caller zeros
     their weights. The damping starts at `percdamp` and is raised step by step for each matrix
-    whose factorisation fails.
+    whose factorisation fails. `overwrite`: H (fp32) may be modified (saves a copy). At most
+    three more [E, C, C] tensors are live at once.
     """
-    H = H.float().clone()
+    H = H.float() if overwrite else H.float().clone()
     E, C, _ = H.shape
     diag = torch.diagonal(H, dim1=1, dim2=2)
     dead = diag == 0
     diag[dead] = 1.0
     mean_diag = diag.mean(dim=1)
-    eye = torch.eye(C, dtype=H.dtype, device=H.device)
-    Hinv = torch.empty_like(H)
+    Hinv = None
     used = [float("nan")] * E
     todo = list(range(E))
     for step in DAMPING_STEPS:
         damp = percdamp * step
-        Hd = H[todo] + (damp * mean_diag[todo])[:, None, None] * eye
+        Hd = H[todo]
+        torch.diagonal(Hd, dim1=1, dim2=2).add_((damp * mean_diag[todo])[:, None])
         L, info = torch.linalg.cholesky_ex(Hd)
-        U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        del Hd
+        Linv = torch.cholesky_inverse(L)
+        del L
+        U, info2 = torch.linalg.cholesky_ex(Linv, upper=True)
+        del Linv
         ok = (info == 0) & (info2 == 0) & torch.isfinite(U).flatten(1).all(dim=1)
+        if Hinv is None and bool(ok.all()):  # every matrix at the first try: U is the factor
+            return HessianFactor(U, dead, [damp] * E)
+        if Hinv is None:
+            Hinv = torch.empty_like(H)
         for j, e in enumerate(todo):
             if ok[j]:
                 Hinv[e] = U[j]
                 used[e] = damp
+        del U
         todo = [e for j, e in enumerate(todo) if not ok[j]]
         if not todo:
             return HessianFactor(Hinv, dead, used)
@@ -106,7 +117,9 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
               ) -> tuple[torch.Tensor, SolveInfo]:
     """SparseGPT (Frantar & Alistarh, 2023) on E matrices [E, R, C] with Hessians [E, C, C]
     (or their `inverse_hessian_factor`, when several linears share one input)."""
-    W = W.float().contiguous().clone()
+    source, W = W, W.float().contiguous()
+    if W.data_ptr() == source.data_ptr():  # the caller's own storage: work on a copy
+        W = W.clone()
     f = H if isinstance(H, HessianFactor) else inverse_hessian_factor(H, percdamp, name)
     W[f.dead[:, None, :].expand_as(W)] = 0.0
     grid = find_quant_grid(W, bits) if bits is not None else None
@@ -116,11 +129,16 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
 
 
 def error_terms(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)) per matrix: ‖(W − Ŵ)X‖² and ‖WX‖² up to the factor n/2."""
+    """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)) per matrix: ‖(W − Ŵ)X‖² and ‖WX‖² up to the factor n/2.
+    One matrix at a time, so that the transients are [R, C], not [E, R, C]."""
     W = W.float().expand_as(W_hat)
-    D = W - W_hat.float()
     H = H.expand(W_hat.shape[0], -1, -1)
-    return (torch.bmm(D, H) * D).sum((1, 2)), (torch.bmm(W, H) * W).sum((1, 2))
+    num, den = [], []
+    for w, w_hat, h in zip(W, W_hat, H):
+        d = w - w_hat.float()
+        num.append(((d @ h) * d).sum())
+        den.append(((w @ h) * w).sum())
+    return torch.stack(num), torch.stack(den)
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> list[float]:

@@ -9,8 +9,8 @@ from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
 from sparse_expansion.experts import SparseExpertLinear, compress, concat_compressed, decompress
-from sparse_expansion.expansion import merge_small_clusters
-from sparse_expansion.methods import ExpansionOptions
+from sparse_expansion.expansion import cluster_cost, merge_small_clusters
+from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
 from sparse_expansion.save import load_pruned, save_pruned_model
 from sparse_expansion.sparsity import Sparsity
@@ -243,21 +243,30 @@ def test_to_24_refuses_unstructured_experts():
         SparseExpertLinear(router, torch.randn(2, 3, 8)).to_24()
 
 
-def test_chunked_solves_give_the_unchunked_model():
-    """--max-memory small enough for one cluster at a time: the same experts, bit for bit."""
+@pytest.mark.parametrize("sample", [None, 100], ids=["replayed", "sampled-router"])
+def test_chunked_hessians_and_solves_give_the_unchunked_model(sample, monkeypatch):
+    """--max-memory small enough for one cluster at a time: only that cluster's Hessian exists at
+    once, and the experts are the same, bit for bit. With a sampled router every chunk takes its
+    own pass over the block's inputs; with the whole sample stored, the rows are replayed."""
     calib = random_tokens(4, 32)
+    extra = {} if sample is None else {"max_cluster_tokens": sample}
     whole, chunked = tiny_model("llama"), tiny_model("llama")
-    a = prune_model(whole, calib, se_config(), progress=False)
-    config = se_config()
-    config.max_memory = 4 * (3 * 128 * 128 + 2 * 128 * 128)  # one down_proj cluster per chunk
+    a = prune_model(whole, calib, se_config(**extra), progress=False)
+    config = se_config(**extra)
+    config.max_memory = cluster_cost(128, 64)  # one down_proj cluster per chunk (R=64, C=128)
+    live = []
+    real = ExpansionMethod.solve_chunk
+    monkeypatch.setattr(ExpansionMethod, "solve_chunk", lambda self, stats, chunk:
+                        (live.append((len(stats.layers), stats.H.shape[0])), real(self, stats, chunk))[1])
     b = prune_model(chunked, calib, config, progress=False)
+    assert set(live) == {(2, 2), (1, 1)}  # gate/up (C=64): 2 clusters' Hessians at once; down_proj: 1
     assert {r.extras["solve_chunks"] for r in a.layers} == {1}
-    assert {r.extras["solve_chunks"] for r in b.layers} == {4, 2}  # gate/up (C=64): 2 per chunk; down: 1
+    assert {r.extras["solve_chunks"] for r in b.layers} == {4, 2}
     for (name, x), (_, y) in zip(whole.state_dict().items(), chunked.state_dict().items()):
         assert torch.equal(x, y), name
     for ra, rb in zip(a.layers, b.layers):
-        assert (ra.relative_error, ra.damping, ra.extras["cluster_relative_error"]) == \
-            (rb.relative_error, rb.damping, rb.extras["cluster_relative_error"])
+        assert (ra.relative_error, ra.damping, ra.extras["cluster_relative_error"], ra.extras["cluster_sizes"]) == \
+            (rb.relative_error, rb.damping, rb.extras["cluster_relative_error"], rb.extras["cluster_sizes"])
 
 
 def test_compressed_parts_concatenate_at_any_bit_offset():

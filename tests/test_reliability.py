@@ -15,7 +15,7 @@ from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import NumericalError
 from sparse_expansion.faults import KILL_ENV
-from sparse_expansion.methods import ClusterStats, ExpansionOptions, Method
+from sparse_expansion.methods import ExpansionOptions, Method
 from sparse_expansion.reports import PruneResult
 from sparse_expansion.save import write_atomically
 from sparse_expansion.sparsity import Sparsity
@@ -176,7 +176,8 @@ def test_half_precision_models_use_fp32_hessians_and_keep_their_dtype(method, dt
     for cls in (Method, type(se_config().make_method())):
         real = cls.prune_group
         monkeypatch.setattr(cls, "prune_group", lambda self, block, layers, stats, where, real=real:
-                            (hessians.append(stats.H.dtype), real(self, block, layers, stats, where))[1])
+                            (hessians.append(getattr(stats, "H_full", stats.H).dtype),
+                             real(self, block, layers, stats, where))[1])
     config = se_config() if method == "sparse-expansion" else PruneConfig(method, Sparsity(0.5))
     prune_model(model, random_tokens(2, 16), config, progress=False)
     assert hessians and set(hessians) == {torch.float32}
@@ -186,7 +187,8 @@ def test_half_precision_models_use_fp32_hessians_and_keep_their_dtype(method, dt
 
 def test_bounded_sample_fits_routers_in_two_passes():
     calib = random_tokens(4, 32)  # 128 tokens per layer
-    stats = ClusterStats(se_config(max_cluster_tokens=50).options, seed=0, tokens=128)
+    lin = torch.nn.Linear(16, 8)
+    stats = se_config(max_cluster_tokens=50).make_method().collector({"lin": lin}, tokens=128)
     x = torch.randn(128, 16)
     for xb in x.split(40):
         stats.add_batch(xb)

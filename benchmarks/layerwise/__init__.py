@@ -13,7 +13,7 @@ around each (stages.py; tests/test_layerwise.py checks that they give ExpansionM
 SparseGPTMethod's results):
   router   expansion.fit_group_router: PCA + k-means on the calibration tokens (SE only)
   hessian  kernels.hessian.accumulate_hessian batch by batch (SE: with the router's labels, then
-           layer_hessian and solve_hessians, the small-cluster rule; SparseGPT: HessianStats)
+           the layer's Hessian and solve_hessians, the small-cluster rule; SparseGPT: HessianStats)
   inverse  solvers.inverse_hessian_factor on all clusters at once
   obs      expansion.solve_experts: batched SparseGPT on all clusters' copies of W
 The reference (reference.py) does the same computation one cluster at a time, as SparseGPT's own

@@ -4,7 +4,7 @@ Sparse Expansion (sparse_expansion/expansion.py, as methods/expansion.py's Clust
 ExpansionMethod.prune_group call them):
   router   fit_group_router (PCA + k-means) on the calibration tokens (at most
            max_cluster_tokens of them, token_sample), and the cluster of every token
-  hessian  kernels.hessian.accumulate_hessian with labels batch by batch, layer_hessian,
+  hessian  kernels.hessian.accumulate_hessian with labels batch by batch, the layer's Hessian,
            solve_hessians (the small-cluster rule)
   inverse  solvers.inverse_hessian_factor, all clusters at once
   obs      solve_experts (batched SparseGPT over all clusters' copies of W)
@@ -66,7 +66,7 @@ def route_tokens(batches: list[torch.Tensor], cfg: BenchConfig):
 
 def cluster_hessians(batches: list[torch.Tensor], labels: list[torch.Tensor], clusters: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H_c [K, C, C], counts [K]): accumulate_hessian with labels, batch by batch."""
+    """(H_c [K, C, C], counts [K]): accumulate_hessian with labels (None: one cluster), batch by batch."""
     C = batches[0].shape[1]
     H_c = torch.zeros(clusters, C, C, dtype=torch.float32, device=batches[0].device)
     counts = torch.zeros(clusters, dtype=torch.long, device=batches[0].device)
@@ -97,7 +97,7 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
             fit, batches, labels = route_tokens(batches, cfg)
         with clock("hessian"):
             H_c, counts = cluster_hessians(batches, labels, fit.router.clusters)
-            H_full = stages.layer_hessian(H_c, counts)
+            H_full, _ = cluster_hessians(batches, [None] * len(batches), 1)
             H_solve = stages.solve_hessians(H_c, counts, H_full, o.small_clusters, o.shrink_tokens)
         del batches, labels
     with clock("inverse"):

@@ -2,9 +2,10 @@
 
 A method is a `Method` subclass with a `name`, an `Options` dataclass of its own settings and
 three steps the driver calls for each group of linears sharing one input:
-  collector(layers, tokens)            an object whose `add_batch(x)` sees every input batch of
+  collector(layers, tokens, group)     an object whose `add_batch(x)` sees every input batch of
                                        the group and whose `end_pass()` is called after each pass
-                                       over the block's inputs, returning True to ask for another;
+                                       over the block's inputs, returning True to ask for another
+                                       (`group` names the group in messages);
   prune_group(block, layers, stats, where)
                                        prunes the group in place, returns one LayerReport per linear;
   label()                              how tables name the run.
@@ -95,7 +96,7 @@ class Method:
     def label(self) -> str:
         return self.name
 
-    def collector(self, layers: dict[str, nn.Module], tokens: int) -> HessianStats:
+    def collector(self, layers: dict[str, nn.Module], tokens: int, group: str = "layer") -> HessianStats:
         W = linear_weight(next(iter(layers.values())))
         return HessianStats(W.shape[1], W.device)
 

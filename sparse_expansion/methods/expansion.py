@@ -57,23 +57,33 @@ class ExpansionOptions(SparseGPTOptions):
 
 
 class ClusterStats:
-    """What Sparse Expansion collects for one group, in up to two passes over its input batches.
+    """What Sparse Expansion collects for one group, and its experts solved chunk by chunk.
 
     Pass 1 keeps a seeded sample of at most `max_cluster_tokens` input rows (all of them when the
-    calibration set is smaller); at its end the router is fit on the sample. Pass 2 accumulates
-    one Hessian per cluster, batch by batch, with the router's labels; when the sample holds
-    every row the stored rows are replayed instead of asking the driver for another pass.
+    calibration set is smaller); at its end the router is fit on the sample and this rank's
+    clusters are split into chunks sized from the memory budget (`ExpansionMethod.chunks`). Then
+    one pass per chunk: it accumulates the chunk's cluster Hessians (the first pass also the
+    layer's Hessian and every cluster's token count), and at its end the chunk's experts are
+    solved, compressed and kept (`ExpansionMethod.solve_chunk`) and its Hessians freed. When the
+    sample holds every row, the stored rows are replayed instead of asking the driver for passes.
+    Only one chunk's Hessians exist at a time; the experts do not depend on the chunking.
     """
 
-    def __init__(self, options: ExpansionOptions, seed: int, tokens: int):
-        self.options, self.seed, self.tokens = options, seed, tokens
-        self.keep = stages.token_sample(tokens, options.max_cluster_tokens, seed)
-        self.sample: list[torch.Tensor] = []
+    def __init__(self, method: "ExpansionMethod", layers: dict[str, nn.Module], tokens: int, group: str):
+        o = method.options
+        self.method, self.layers, self.group, self.options = method, layers, group, o
+        self.seed, self.tokens = method.config.seed, tokens
+        self.keep = stages.token_sample(tokens, o.max_cluster_tokens, self.seed)
+        self.sample: list[torch.Tensor] | None = []
         self.seen = 0
         self.fit = None
         self.router_tokens = 0  # rows the router was fitted on
-        self.H = self.counts = None
-        self.handling: dict = {"rule": options.small_clusters}
+        self.chunks: list[slice] = []
+        self.current = 0  # index of the chunk being accumulated
+        self.H_full = self.total = self.counts = None  # the layer's Hessian [1, C, C], its count, tokens per cluster
+        self.H = self.chunk_counts = None  # the current chunk's cluster Hessians [k, C, C] and counts
+        self.solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
+        self.handling: dict = {"rule": o.small_clusters}
         self.seconds_router = self.seconds_hessian = 0.0
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -90,17 +100,29 @@ class ClusterStats:
 
     def _accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         t0 = time.perf_counter()
+        k, d, chunk = self.fit.router.clusters, x.shape[-1], self.chunks[self.current]
+        if self.current == 0:  # the first chunk's passes also give the layer's Hessian and the counts
+            if self.H_full is None:
+                self.H_full = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
+                self.total = torch.zeros(1, dtype=torch.long, device=x.device)
+                self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
+            accumulate_hessian(self.H_full, self.total, x)
+            self.counts += torch.bincount(labels, minlength=k)
         if self.H is None:
-            k, d = self.fit.router.clusters, x.shape[-1]
-            self.H = torch.zeros(k, d, d, dtype=torch.float32, device=x.device)
-            self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
-        accumulate_hessian(self.H, self.counts, x, labels)
+            self.H = torch.zeros(chunk.stop - chunk.start, d, d, dtype=torch.float32, device=x.device)
+            self.chunk_counts = torch.zeros(chunk.stop - chunk.start, dtype=torch.long, device=x.device)
+        if chunk.stop - chunk.start < k:  # the chunk's rows, in order: each cluster sees the same rows
+            inside = (labels >= chunk.start) & (labels < chunk.stop)
+            x, labels = x[inside], labels[inside] - chunk.start
+        accumulate_hessian(self.H, self.chunk_counts, x, labels)
         self.seconds_hessian += time.perf_counter() - t0
 
     def end_pass(self) -> bool:
-        """After pass 1: fit the router, then either ask for pass 2 or replay the full sample."""
+        """After pass 1: fit the router, then ask for one pass per chunk or replay the full sample;
+        after a chunk's pass: solve it, and ask for the next chunk's pass while one is left."""
         if self.fit is not None:
-            return False
+            self._solve_chunk()
+            return self.current < len(self.chunks)
         o = self.options
         t0 = time.perf_counter()
         sizes = [rows.shape[0] for rows in self.sample]
@@ -111,12 +133,22 @@ class ClusterStats:
             o.min_cluster_tokens, self.tokens)
         self.router_tokens = x.shape[0]
         self.seconds_router = time.perf_counter() - t0
+        self.chunks = self.method.chunks(self.fit.router.clusters, self.layers)
         if self.keep is not None:
             return True
         # same batches as SparseGPT's accumulation: one cluster gives its H exactly
-        for xb, labels in zip(x.split(sizes), self.fit.labels.split(sizes)):
-            self._accumulate(xb, labels)
+        while self.current < len(self.chunks):
+            for xb, labels in zip(x.split(sizes), self.fit.labels.split(sizes)):
+                self._accumulate(xb, labels)
+            self._solve_chunk()
         return False
+
+    def _solve_chunk(self) -> None:
+        if self.H is not None:  # an empty chunk (a rank without clusters) accumulated nothing
+            assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])
+        self.method.solve_chunk(self, self.chunks[self.current])
+        self.H = self.chunk_counts = None
+        self.current += 1
 
 
 class ExpansionMethod(Method):
@@ -126,26 +158,58 @@ class ExpansionMethod(Method):
     def label(self) -> str:
         return f"{self.name} ({self.options.clusters})"
 
-    def collector(self, layers: dict[str, nn.Module], tokens: int) -> ClusterStats:
-        return ClusterStats(self.options, self.config.seed, tokens)
+    def collector(self, layers: dict[str, nn.Module], tokens: int, group: str = "layer") -> ClusterStats:
+        return ClusterStats(self, layers, tokens, group)
+
+    def chunks(self, clusters: int, layers: dict[str, nn.Module]) -> list[slice]:
+        """This rank's clusters (all of them with one process) in consecutive chunks whose Hessians
+        and solve fit the memory budget; one empty chunk for a rank without clusters (its first pass
+        still gives the layer's Hessian and the counts)."""
+        mine = distributed.my_share(clusters)
+        if mine.stop == mine.start:
+            return [mine]
+        weights = [linear_weight(module) for module in layers.values()]
+        rows, columns = max(W.shape[0] for W in weights), weights[0].shape[1]
+        return [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
+            mine.stop - mine.start, columns, rows, solve_budget(self.config.max_memory, weights[0].device))]
+
+    def solve_chunk(self, stats: ClusterStats, chunk: slice) -> None:
+        """Solve the Hessians of `chunk`'s clusters, factor them, one batched solve per linear;
+        the experts are compressed at once and kept in `stats.solved`."""
+        cfg, o, counts = self.config, self.options, stats.counts
+        if chunk.stop == chunk.start:
+            return
+        t1 = time.perf_counter()
+        H_solve = stages.solve_hessians(stats.H, counts[chunk], stats.H_full, o.small_clusters, o.shrink_tokens,
+                                        int(counts.sum()))
+        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, stats.group, overwrite=True)
+        del H_solve
+        stats.seconds_hessian += time.perf_counter() - t1
+        for name, module in stats.layers.items():
+            t2 = time.perf_counter()
+            W = linear_weight(module)
+            W_hat, info = stages.solve_experts(W, factor, cfg.sparsity, cfg.bits, o.blocksize)
+            out = stats.solved[name]
+            out["parts"].append(compress(W_hat.to(module.weight.dtype)))
+            out["terms"].append(solvers.error_terms(W.detach().float()[None], W_hat, stats.H))
+            out["infos"].append(info)
+            out["zeros"] += int((W_hat == 0).sum())
+            out["seconds"] += time.perf_counter() - t2
+            del W_hat
 
     def prune_group(self, block: nn.Module, layers: dict[str, nn.Module], stats: ClusterStats, where: str
                     ) -> list[LayerReport]:
-        """Solve the experts in chunks of clusters sized from the memory budget (one chunk when it
-        is unlimited; the results do not depend on the chunking); each chunk's experts are
-        compressed as they leave the solver."""
-        o, fit, H_c, counts = self.options, stats.fit, stats.H, stats.counts
-        router, handling, group = fit.router, dict(stats.handling), f"{where}.{'/'.join(layers)}"
-        H_full = stages.layer_hessian(H_c, counts)
+        """Swap each linear for its experts (solved chunk by chunk during collection, gathered
+        from every rank) sharing the group's router."""
+        o, fit, counts, H_full = self.options, stats.fit, stats.counts, stats.H_full
+        router, handling = fit.router, dict(stats.handling)
         if o.small_clusters == "shrink":
             handling["shrink_tokens"] = o.shrink_tokens
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
-        weights = {name: linear_weight(module) for name, module in layers.items()}
-        solved, chunks, t_solve_hessian = self._solve_share(layers, weights, stats, H_full, group)
-        t_hessian = stats.seconds_hessian + t_solve_hessian
+        solved = _gathered(stats.solved)
         reports = []
         for name, module in layers.items():
-            W, out = weights[name], solved[name]
+            W, out = linear_weight(module), solved[name]
             bias = None if module.bias is None else module.bias.detach().expand(router.clusters, -1).clone()
             experts = SparseExpertLinear(router, concat_compressed(out["parts"]), bias).to(W.device)
             block.set_submodule(name, experts)
@@ -158,44 +222,10 @@ class ExpansionMethod(Method):
                 dead_inputs=[d for i in out["infos"] for d in i.dead_inputs],
                 extras={"clusters": router.clusters, "cluster_sizes": counts.tolist(),
                         "cluster_relative_error": per_cluster, "small_clusters": handling,
-                        "solve_chunks": len(chunks), "router_tokens": stats.router_tokens,
+                        "solve_chunks": len(stats.chunks), "router_tokens": stats.router_tokens,
                         "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
-                        "seconds_router": stats.seconds_router, "seconds_hessian": t_hessian}))
+                        "seconds_router": stats.seconds_router, "seconds_hessian": stats.seconds_hessian}))
         return reports
-
-    def _solve_share(self, layers: dict[str, nn.Module], weights: dict[str, torch.Tensor], stats: ClusterStats,
-                     H_full: torch.Tensor, group: str) -> tuple[dict, list[slice], float]:
-        """This rank's clusters (all of them with one process), chunk by chunk: solve Hessians,
-        factor, one batched solve per linear, compressed at once. Returns per linear the
-        compressed parts, error terms, solve infos, zero count and seconds; the chunks; and the
-        seconds spent on the Hessians and factors."""
-        cfg, o, H_c, counts = self.config, self.options, stats.H, stats.counts
-        mine = distributed.my_share(H_c.shape[0])
-        rows = max(W.shape[0] for W in weights.values())
-        chunks = [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
-            mine.stop - mine.start, H_c.shape[-1], rows, solve_budget(cfg.max_memory, H_c.device))
-            if mine.stop > mine.start]
-        solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
-        t_hessian = 0.0
-        for chunk in chunks:
-            t1 = time.perf_counter()
-            H_solve = stages.solve_hessians(H_c[chunk], counts[chunk], H_full, o.small_clusters, o.shrink_tokens,
-                                            int(counts.sum()))
-            factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, group)
-            del H_solve
-            t_hessian += time.perf_counter() - t1
-            for name, module in layers.items():
-                t2 = time.perf_counter()
-                W_hat, info = stages.solve_experts(weights[name], factor, cfg.sparsity, cfg.bits, o.blocksize)
-                out = solved[name]
-                out["parts"].append(compress(W_hat.to(module.weight.dtype)))
-                out["terms"].append(solvers.error_terms(weights[name].detach().float()[None], W_hat, H_c[chunk]))
-                out["infos"].append(info)
-                out["zeros"] += int((W_hat == 0).sum())
-                out["seconds"] += time.perf_counter() - t2
-                del W_hat
-            del factor
-        return _gathered(solved), chunks, t_hessian
 
 
 def _gathered(solved: dict) -> dict:

@@ -1,0 +1,230 @@
+"""What a pruning run will need, predicted from the model's config alone (meta device, no weights).
+
+`plan_run` walks the stages of one decoder block as the driver runs them (all blocks of the
+supported families have one shape) and predicts, per stage, the bytes live on the device: the
+block's weights, the calibration activations (unless offloaded), the forward pass's transient
+tensors, and the method's state: one fp32 Hessian per group for the Hessian methods; for Sparse
+Expansion the router samples of the groups still to prune, the router fit, the layer's Hessian,
+one chunk of cluster Hessians with their solve (`expansion.cluster_cost`) and the compressed
+experts solved so far. The chunking is the one the run will choose: --max-memory, else 90% of
+the device memory left at the solve (a GPU), else one chunk (a CPU). The host holds the model
+(growing as blocks swap their FFN for experts), a runtime allowance, and on a CPU the device's
+stages too. Sizes of the checkpoint and of the output follow from the same shapes.
+
+The model is an estimate: allocator caching and fragmentation are not modelled (see README for
+the measured comparison). `prune` uses it to refuse up front a run whose block cannot fit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from .config import PruneConfig
+from .expansion import cluster_cost
+from .loading import DTYPES, meta_model, model_dtype
+from .models import decoder_blocks, linear_weight, target_groups
+
+GiB = 2 ** 30
+RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
+SOLVE_SHARE = 0.9                    # the part of the free device memory a chunked solve takes (solve_budget)
+
+
+# Shapes of published models (from their config.json on the Hugging Face hub), to plan offline.
+PUBLISHED = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, dtype="float16"),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, dtype="float16"),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, dtype="float16"),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, dtype="bfloat16"),
+}
+
+
+def planning_model(ref: str) -> nn.Module:
+    """The meta model of a published shape's name or of any model reference (its config only)."""
+    if ref in PUBLISHED:
+        config = LlamaConfig(**{k: v for k, v in PUBLISHED[ref].items() if k != "dtype"})
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    return meta_model(ref)
+
+
+def planning_dtype(ref: str, name: str = "auto") -> torch.dtype:
+    if ref in PUBLISHED and name == "auto":
+        return DTYPES[PUBLISHED[ref]["dtype"]]
+    return model_dtype(ref, name)
+
+
+@dataclass
+class Stage:
+    name: str
+    device_bytes: int
+    host_bytes: int
+
+
+@dataclass
+class GroupPlan:
+    group: str
+    columns: int
+    rows: int                     # largest output dimension among the group's linears
+    clusters_per_chunk: int = 0   # Sparse Expansion; 0 = not chunked (one matrix per linear)
+    chunks: int = 1
+
+
+@dataclass
+class Plan:
+    method: str
+    device: str
+    device_memory: int | None
+    stages: list[Stage] = field(default_factory=list)
+    groups: list[GroupPlan] = field(default_factory=list)
+    checkpoint_bytes: int = 0
+    output_bytes: int = 0
+    dense_bytes: int = 0
+    fix: str | None = None        # the flag to change when the run cannot fit
+
+    @property
+    def peak_device(self) -> int:
+        return max(s.device_bytes for s in self.stages)
+
+    @property
+    def peak_host(self) -> int:
+        return max(s.host_bytes for s in self.stages)
+
+    @property
+    def verdict(self) -> str:
+        if self.fix:
+            return "not possible"
+        return "chunking" if any(g.chunks > 1 for g in self.groups) else "fits"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_device": self.peak_device, "peak_host": self.peak_host,
+                "verdict": self.verdict}
+
+    def table(self) -> str:
+        rows = [f"{'stage':<34} {'device':>10} {'host':>10}"]
+        rows += [f"{s.name:<34} {gib(s.device_bytes):>10} {gib(s.host_bytes):>10}" for s in self.stages]
+        rows.append(f"{'peak':<34} {gib(self.peak_device):>10} {gib(self.peak_host):>10}")
+        for g in self.groups:
+            if g.clusters_per_chunk:
+                rows.append(f"{g.group}: {g.chunks} chunk(s) of up to {g.clusters_per_chunk} clusters")
+        rows.append(f"checkpoint {gib(self.checkpoint_bytes)}, output {gib(self.output_bytes)} "
+                    f"(dense model {gib(self.dense_bytes)})")
+        memory = "" if self.device_memory is None else f" with {gib(self.device_memory)} of device memory"
+        rows.append(f"verdict: {self.verdict}{memory}" + (f" — {self.fix}" if self.fix else ""))
+        return "\n".join(rows)
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def expert_bytes(rows: int, columns: int, clusters: int, density: float, element: int) -> int:
+    """One linear's experts in the bitmask form: kept values and one bit per weight."""
+    return clusters * (int(rows * columns * density) * element + math.ceil(rows * columns / 8))
+
+
+def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, dtype: torch.dtype,
+             device: str = "cpu", device_memory: int | None = None, ranks: int = 1,
+             offload_activations: bool = False) -> Plan:
+    """The predicted stages of one block of `model` (a meta model is enough) pruned with `config`
+    on `nsamples` x `seqlen` calibration tokens in `dtype`, on `device` with `device_memory`
+    bytes (None: unbounded), the work split over `ranks` processes."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    cfg, o = model.config, config.options
+    gpu = torch.device(device).type == "cuda"
+    block = decoder_blocks(model)[0]
+    n_blocks = len(decoder_blocks(model))
+    hidden = cfg.hidden_size
+    tokens, batch_tokens = nsamples * seqlen, min(config.batch_size, nsamples) * seqlen
+    groups = [[(name, tuple(linear_weight(block.get_submodule(name)).shape)) for name in g]
+              for g in target_groups(model, config.targets)]
+    targets = [shape for g in groups for _, shape in g]
+    block_w = _numel(block) * e
+    target_w = sum(r * c for r, c in targets) * e
+    dense = _numel(model) * e
+
+    expansion = config.method == "sparse-expansion"
+    clusters = o.clusters if expansion else 1
+    density = 1.0 - config.sparsity.rate
+    experts_block = sum(expert_bytes(r, c, clusters, density, e) for r, c in targets) if expansion else target_w
+    sample = min(tokens, o.max_cluster_tokens) if expansion else 0
+
+    activations = (batch_tokens if offload_activations else tokens) * hidden * e
+    inter = max(max(r, c) for r, c in targets)
+    forward = batch_tokens * e * (4 * inter + 6 * hidden) + 2 * batch_tokens * inter * 4
+    if not gpu:  # the CPU's attention materializes the scores (batch x heads x L x L)
+        forward += min(config.batch_size, nsamples) * cfg.num_attention_heads * seqlen * seqlen * e * 2
+
+    plan = Plan(config.method, device, device_memory, dense_bytes=dense)
+    final_model = dense + n_blocks * (experts_block - target_w)
+    host_model = max(dense, final_model)
+
+    def stage(name: str, on_device: int) -> None:
+        host = RUNTIME_HOST_BYTES + host_model + (on_device - block_w if not gpu else
+                                                  (tokens * hidden * e * 2 if offload_activations else 0))
+        plan.stages.append(Stage(name, on_device, host))
+
+    base = block_w + activations
+    stage("block + calibration activations", base)
+    if expansion:
+        samples = [sample * g[0][1][1] * e for g in groups]
+        stage("collect: dense pass, router samples", base + forward + sum(samples))
+        solved = 0
+        share = math.ceil(clusters / ranks)
+        for i, g in enumerate(groups):
+            (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
+            later = sum(samples[i + 1:])
+            pca = 2 * sample * columns * 4 + 6 * columns * columns * 8
+            stage(f"router fit {name}", base + later + samples[i] + pca)
+            fixed = base + later + samples[i] + columns * columns * 4 + solved
+            group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
+            cost = cluster_cost(columns, rows)
+            budget = config.max_memory
+            if budget is None and gpu and device_memory is not None:
+                budget = int(SOLVE_SHARE * (device_memory - fixed - group_experts))
+            per_chunk = share if budget is None else max(0, min(share, budget // cost))
+            plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows, per_chunk,
+                                         math.ceil(share / max(per_chunk, 1))))
+            stage(f"hessians + solve {name}", fixed + max(per_chunk, 1) * cost + group_experts)
+            solved += 2 * group_experts  # kept compressed until the swap, concatenated there
+            if per_chunk == 0 and config.max_memory is not None and not plan.fix:
+                plan.fix = (f"--max-memory {gib(config.max_memory)} is below one cluster's Hessians and solve "
+                            f"for {name} ({gib(cost)}); raise --max-memory")
+    else:
+        hessians = sum(g[0][1][1] ** 2 * 4 for g in groups)
+        stage("collect: dense pass, Hessians", base + forward + hessians)
+        for g in groups:
+            (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
+            plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows))
+            factor = 5 * columns * columns * 4 if config.method == "sparsegpt" else 0  # a copy and the workspace
+            stage(f"solve {name}", base + hessians + factor + 3 * rows * columns * 4)
+    pruned_block = block_w - target_w + experts_block
+    stage("propagate: next block's inputs", pruned_block + 2 * activations + forward)
+
+    if device_memory is not None and not plan.fix and plan.peak_device > device_memory:
+        plan.fix = _fix(plan, offload_activations, expansion, gpu)
+    saved_block = experts_block if expansion else target_w
+    plan.checkpoint_bytes = n_blocks * saved_block + tokens * hidden * e
+    plan.output_bytes = final_model if expansion else dense
+    return plan
+
+
+def _fix(plan: Plan, offloaded: bool, expansion: bool, gpu: bool) -> str:
+    where = "device" if gpu else "memory"
+    need = f"one block needs {gib(plan.peak_device)} of {where}, {gib(plan.device_memory)} available"
+    if gpu and not offloaded:
+        return f"{need}; add --offload-activations, or lower --nsamples / --seqlen"
+    if expansion:
+        return f"{need}; lower --max-cluster-tokens, --nsamples / --seqlen or --clusters, or use more ranks"
+    return f"{need}; lower --nsamples / --seqlen, or use a larger device"
