@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,14 +126,18 @@ class Checkpoint:
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir()) if self.folder.exists() else 0
 
-    def restore(self, model: nn.Module, cached: list) -> tuple[int, list, PruneResult]:
+    def restore(self, model: nn.Module, cached: list, loaded: Callable[[int], None] | None = None
+                ) -> tuple[int, list, PruneResult]:
         """(first block, cached inputs, result so far) to continue from: the saved blocks are loaded
-        into `model`, the saved activations replace those of `cached`."""
+        into `model` (`loaded(b)` is called after each), the saved activations replace those of
+        `cached`."""
         if self.state is None:
             return 0, cached, PruneResult()
         blocks = decoder_blocks(model)
         for b, name in self.state["block_files"].items():
             self._load_block(blocks[int(b)], self.folder / name)
+            if loaded is not None:
+                loaded(int(b))
         saved = load_file(self.folder / self.state["activations"]["file"])
         if len(saved) != len(cached):
             raise UsageError(f"{self.folder}: the checkpoint holds {len(saved)} activation batches, the run has "

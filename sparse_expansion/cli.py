@@ -26,9 +26,10 @@ from .evaluate import perplexity
 from .loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
+from .models import family_of
 from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
 from .router import choose_backend
-from .save import check_output, read_metadata, save_pruned_model
+from .save import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
 
 EXIT_USAGE = 2
 
@@ -200,15 +201,24 @@ def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     config, device, checkpoint, calib = start_run(args)
     model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), "cpu")  # blocks visit `device`
-    result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
-                         offload_activations=args.offload_activations, device=device)
-    seconds = time.perf_counter() - t0
-    if distributed.rank() != 0:  # rank 0 writes the output
-        distributed.barrier()
-        return 0
-    metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(), "seconds": seconds,
-                "world_size": distributed.world_size(), **result.to_dict()}
-    out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
+    leader = distributed.rank() == 0  # rank 0 writes the output
+    partial = PartialOutput(args.output, args.overwrite) if leader else None
+    try:
+        blocks = family_of(model).blocks
+        result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
+                             offload_activations=args.offload_activations, device=device,
+                             spill=lambda b: spill_block(model, f"{blocks}.{b}", partial and partial.folder,
+                                                         f"experts-{b:05d}.safetensors"))
+        seconds = time.perf_counter() - t0
+        if not leader:
+            distributed.barrier()
+            return 0
+        metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(), "seconds": seconds,
+                    "world_size": distributed.world_size(), **result.to_dict()}
+        out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite, partial=partial)
+    finally:
+        if partial is not None:
+            partial.discard()
     saved = read_metadata(out)
     print(f"pruned {len(result.layers)} linears of {args.model} with {config.method} at {config.sparsity} "
           f"in {seconds:.1f} s (mean relative error {result.mean_relative_error:.4f}); saved to {out}: "

@@ -102,7 +102,7 @@ def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, m
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, method: Method | None = None,
                 progress: bool = True, checkpoint: Checkpoint | None = None, offload_activations: bool = False,
-                device=None) -> PruneResult:
+                device=None, spill: Callable[[int], None] | None = None) -> PruneResult:
     """Prune `model` in place with calibration token ids [N, L].
 
     Within a block every group's statistics come from the dense block's inputs; the pruned
@@ -115,7 +115,9 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     device holds one block, its activations and the solver's working set, never the model).
     None: everything runs where the model is. `offload_activations` keeps the calibration
     activations (and the blocks' other inputs: masks, position embeddings) on the CPU; each batch
-    visits the device only while a block runs on it.
+    visits the device only while a block runs on it. `spill(b)`, when given, is called once block
+    b is pruned (and checkpointed) or restored: prune passes save.spill_block, which writes the
+    block's experts to the output and releases them, so that the host holds one block's experts.
     """
     method = method or config.make_method()
     groups = target_groups(model, config.targets)
@@ -134,7 +136,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     move_outside_blocks(model, home)
     result, first = PruneResult(), 0
     if checkpoint is not None:
-        first, cached, result = checkpoint.restore(model, cached)
+        first, cached, result = checkpoint.restore(model, cached, spill)
     leader = distributed.rank() == 0  # with several ranks, rank 0 alone reports and checkpoints
     bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress or not leader, unit="block",
                initial=first, total=end)
@@ -153,6 +155,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             t0 = time.perf_counter()
             checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], cached, result)
             result.blocks[-1].seconds_checkpoint = time.perf_counter() - t0
+        if spill is not None and b >= start:
+            spill(b)
         if reports:
             bar.set_postfix(err=f"{sum(r.relative_error for r in reports) / len(reports):.3g}")
     return result

@@ -61,6 +61,10 @@ class SparseExpertLinear(nn.Module):
         dense.masked_scatter_(self._expert_mask(e), self.values[self.offsets[e]:self.offsets[e + 1]])
         return dense.view(self.out_features, self.in_features)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return (self.weight if self.format == "dense" else self.values).dtype
+
     def dense_weight(self) -> torch.Tensor:
         """All experts as [K, out, in] (a dense copy unless the format is dense)."""
         if self.format == "dense":

@@ -7,9 +7,9 @@ tensors, and the method's state: one fp32 Hessian per group for the Hessian meth
 Expansion the router samples of the groups still to prune, the router fit, the layer's Hessian,
 one chunk of cluster Hessians with their solve (`expansion.cluster_cost`) and the compressed
 experts solved so far. The chunking is the one the run will choose: --max-memory, else 90% of
-the device memory left at the solve (a GPU), else one chunk (a CPU). The host holds the model
-(growing as blocks swap their FFN for experts), a runtime allowance, and on a CPU the device's
-stages too. Sizes of the checkpoint and of the output follow from the same shapes.
+the device memory left at the solve (a GPU), else one chunk (a CPU). The host holds the model (and
+one block's experts: prune writes each finished block's experts to the output and releases them),
+a runtime allowance, and on a CPU the device's stages too. Sizes of the checkpoint and of the output follow from the same shapes.
 
 The model is an estimate: allocator caching and fragmentation are not modelled (see README for
 the measured comparison). `prune` uses it to refuse up front a run whose block cannot fit.
@@ -27,6 +27,7 @@ from .config import PruneConfig
 from .expansion import cluster_cost
 from .loading import DTYPES, meta_model, model_dtype
 from .models import decoder_blocks, linear_weight, target_groups
+from .router import ROWS_PER_CHUNK
 
 GiB = 2 ** 30
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
@@ -136,10 +137,11 @@ def expert_bytes(rows: int, columns: int, clusters: int, density: float, element
 
 def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, dtype: torch.dtype,
              device: str = "cpu", device_memory: int | None = None, ranks: int = 1,
-             offload_activations: bool = False) -> Plan:
+             offload_activations: bool = False, spill: bool = True) -> Plan:
     """The predicted stages of one block of `model` (a meta model is enough) pruned with `config`
     on `nsamples` x `seqlen` calibration tokens in `dtype`, on `device` with `device_memory`
-    bytes (None: unbounded), the work split over `ranks` processes."""
+    bytes (None: unbounded), the work split over `ranks` processes; `spill`: finished blocks'
+    experts leave the host for the output (prune's way; prune_model without `spill` keeps them)."""
     e = torch.tensor([], dtype=dtype).element_size()
     cfg, o = model.config, config.options
     gpu = torch.device(device).type == "cuda"
@@ -168,7 +170,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
 
     plan = Plan(config.method, device, device_memory, dense_bytes=dense)
     final_model = dense + n_blocks * (experts_block - target_w)
-    host_model = max(dense, final_model)
+    # prune spills each finished block's experts to the output: the host holds one block's at a time
+    host_model = dense + experts_block if expansion and spill else max(dense, final_model)
 
     def stage(name: str, on_device: int) -> None:
         host = RUNTIME_HOST_BYTES + host_model + (on_device - block_w if not gpu else
@@ -185,7 +188,9 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         for i, g in enumerate(groups):
             (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
             later = sum(samples[i + 1:])
-            pca = 2 * sample * columns * 4 + 6 * columns * columns * 8
+            chunk = min(sample, ROWS_PER_CHUNK)  # fp32 rows at a time, covariance, eigh, projection, k-means
+            pca = (2 * chunk * columns * 4 + columns * columns * (4 + 3 * 8)
+                   + sample * 4 * (columns // max(o.pca_factor, 1) + 3 * o.kmeans_restarts * clusters))
             stage(f"router fit {name}", base + later + samples[i] + pca)
             fixed = base + later + samples[i] + columns * columns * 4 + solved
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
@@ -207,8 +212,10 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         for g in groups:
             (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
             plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows))
-            factor = 5 * columns * columns * 4 if config.method == "sparsegpt" else 0  # a copy and the workspace
-            stage(f"solve {name}", base + hessians + factor + 3 * rows * columns * 4)
+            # SparseGPT: the Hessian's copy and factor workspace, the weight's copies; Wanda and
+            # magnitude: the weight's scores, sort and mask
+            work = 5 * columns * columns + 3 * rows * columns if config.method == "sparsegpt" else 6 * rows * columns
+            stage(f"solve {name}", base + hessians + 4 * work)
     pruned_block = block_w - target_w + experts_block
     stage("propagate: next block's inputs", pruned_block + 2 * activations + forward)
 

@@ -15,6 +15,7 @@ from torch import nn
 from .errors import UsageError
 
 KMEANS_BACKENDS = ("auto", "torch", "cuml")
+ROWS_PER_CHUNK = 16384  # rows of x turned into fp32 at a time by the PCA and the projection
 
 
 class Router(nn.Module):
@@ -34,8 +35,12 @@ class Router(nn.Module):
         return self.centroids.shape[0]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, x.shape[-1]).float()
-        return x if self.basis is None else (x - self.mean) @ self.basis
+        """The PCA coordinates [T, k] (fp32) of x [..., d], computed over chunks of rows, so that
+        no fp32 copy of a large x exists."""
+        x = x.reshape(-1, x.shape[-1])
+        if self.basis is None:
+            return x.float()
+        return torch.cat([(rows.float() - self.mean) @ self.basis for rows in x.split(ROWS_PER_CHUNK)])
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Expert index [T] (int64) of every token of x [..., d]."""
@@ -61,17 +66,24 @@ def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def fit_pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [d], basis [d, components]): top principal directions of x [N, d].
 
-    Covariance in fp32 (one matmul), eigendecomposition in fp64.
+    Mean and covariance in fp32, accumulated over chunks of rows (no fp32 copy of x);
+    eigendecomposition in fp64.
     """
-    x = x.float()
-    mean = x.mean(0)
-    xc = x - mean
-    cov = (xc.t() @ xc).double() / max(x.shape[0], 1)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    x = x.reshape(-1, x.shape[-1])
+    n, d = max(x.shape[0], 1), x.shape[1]
+    mean = torch.zeros(d, dtype=torch.float32, device=x.device)
+    for rows in x.split(ROWS_PER_CHUNK):
+        mean += rows.float().sum(0)
+    mean /= n
+    cov = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+    for rows in x.split(ROWS_PER_CHUNK):
+        centered = rows.float() - mean
+        cov.addmm_(centered.t(), centered)
+    _, vecs = torch.linalg.eigh(cov.double() / n)  # ascending eigenvalues
     basis = vecs[:, -components:].flip(1)
     # fix each direction's sign (largest |entry| positive) so that fits are reproducible
     signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
-    return mean.float(), (basis * signs).float()
+    return mean, (basis * signs).float()
 
 
 def _kmeans_pp(z: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -162,7 +174,7 @@ class RouterFit:
 def fit_router(x: torch.Tensor, clusters: int, pca_factor: int = 32, seed: int = 0, restarts: int = 10,
                backend: str = "auto") -> RouterFit:
     """PCA to d // pca_factor components (no PCA when pca_factor == 0), then k-means."""
-    x = x.reshape(-1, x.shape[-1]).float()
+    x = x.reshape(-1, x.shape[-1])
     mean = basis = None
     if pca_factor:
         components = max(1, x.shape[1] // pca_factor)
@@ -175,4 +187,4 @@ def fit_router(x: torch.Tensor, clusters: int, pca_factor: int = 32, seed: int =
     else:
         centroids, inertia = (kmeans_cuml if backend == "cuml" else kmeans_torch)(z, clusters, seed, restarts)
     router.centroids.copy_(centroids)
-    return RouterFit(router, router.assign(x), inertia, backend)
+    return RouterFit(router, nearest_centroid(z, router.centroids), inertia, backend)

@@ -1,9 +1,11 @@
 """Writing and reading pruned models.
 
-A pruned model is a transformers folder (safetensors) written atomically. Models with routed
-experts also get `experts.safetensors`: every expert weight compressed (kept values + bitmask),
-biases, and the routers (PCA mean/basis, centroids), with its sha256 in `sparse_expansion.json`;
-the dense part of the model sits in the usual transformers files. `load_pruned` rebuilds it.
+A pruned model is a transformers folder (safetensors) written atomically (`PartialOutput`).
+Models with routed experts also get expert files: every expert weight compressed (kept values +
+bitmask), biases, and the routers (PCA mean/basis, centroids), listed with their sha256 in
+`sparse_expansion.json`: one `experts-NNNNN.safetensors` per block when prune spills each
+finished block there (`spill_block`), or one `experts.safetensors` for a model whose experts are
+in memory. The dense part sits in the usual transformers files. `load_pruned` rebuilds it.
 """
 from __future__ import annotations
 
@@ -37,29 +39,45 @@ def check_output(output: str, overwrite: bool = False) -> None:
         raise UsageError(f"--output {output!r}: parent folder {str(path.parent)!r} does not exist")
 
 
-def write_atomically(output: str, write, overwrite: bool = False) -> Path:
-    """Call write(tmp_folder), then move the finished folder to `output` in one rename."""
-    final = Path(output)
-    check_output(output, overwrite)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
+class PartialOutput:
+    """The folder `.NAME.partial-PID` beside --output that a run fills (spilled experts as blocks
+    finish, then the rest), renamed onto --output in one step by `commit`; `discard` removes it."""
+
+    def __init__(self, output: str, overwrite: bool = False):
+        check_output(output, overwrite)
+        self.final = Path(output)
+        self.folder = self.final.with_name(f".{self.final.name}.partial-{os.getpid()}")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+
+    def commit(self) -> Path:
         fault_point("save")
+        final = self.final
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
-            tmp.rename(final)
+            self.folder.rename(final)
             shutil.rmtree(old)
         else:
-            tmp.rename(final)
+            self.folder.rename(final)
+        for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by runs killed while writing
+            if not _alive(stale.name.rsplit("-", 1)[1]):
+                shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def write_atomically(output: str, write, overwrite: bool = False, partial: PartialOutput | None = None) -> Path:
+    """Call write(folder) on a partial folder (a new one unless given), then move it to `output`
+    in one rename; on any failure nothing is left at `output` and the partial folder is removed."""
+    partial = partial or PartialOutput(output, overwrite)
+    try:
+        write(partial.folder)
+        return partial.commit()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by runs killed while writing
-        if not _alive(stale.name.rsplit("-", 1)[1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+        partial.discard()
 
 
 def _alive(pid: str) -> bool:
@@ -88,32 +106,67 @@ def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseExpertLinear)}
 
 
-def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False) -> Path:
-    """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder."""
+class SpilledExperts(nn.Module):
+    """Stands in for a block's `SparseExpertLinear` once its experts are written to the output's
+    partial folder and released from memory (prune's bounded host memory); it cannot run."""
+
+    def __init__(self, name: str, module: SparseExpertLinear, entry: dict | None):
+        super().__init__()
+        self.name, self.entry, self.format = name, entry, module.format
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.element_size = module.weight_dtype.itemsize
+
+    def forward(self, x):
+        raise RuntimeError(f"the experts of {self.name} were written to the output and released from memory; "
+                           f"load the saved model with sparse_expansion.load_pruned")
+
+
+def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -> None:
+    """Write the experts of the block at `prefix` (e.g. 'model.layers.3') to folder/`name` (no
+    write when folder is None: another rank writes) and swap them for `SpilledExperts`."""
+    experts = {n: m for n, m in expert_layers(model.get_submodule(prefix)).items()}
+    if not experts:
+        return
+    entry = None
+    if folder is not None:
+        tensors, layout = pack_experts({f"{prefix}.{n}": m for n, m in experts.items()})
+        save_file(tensors, folder / name)
+        entry = {"file": name, "sha256": _sha256(folder / name), "layers": layout}
+    block = model.get_submodule(prefix)
+    for n, m in experts.items():
+        block.set_submodule(n, SpilledExperts(f"{prefix}.{n}", m, entry))
+
+
+def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False,
+                      partial: PartialOutput | None = None) -> Path:
+    """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder.
+    Experts still in memory go to experts.safetensors; spilled ones are already in `partial`."""
     experts = expert_layers(model)
+    spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
 
     def write(folder: Path) -> None:
         meta = dict(metadata)
+        prefixes = tuple(f"{name}." for name in [*experts, *spilled])
+        model.save_pretrained(folder, state_dict={k: v for k, v in model.state_dict().items()
+                                                  if not k.startswith(prefixes)})
+        files = list({id(m.entry): m.entry for m in spilled.values()}.values())
         if experts:
-            prefixes = tuple(f"{name}." for name in experts)
-            dense_part = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
-            formats = {m.format for m in experts.values()}
-            model.save_pretrained(folder, state_dict=dense_part)
             tensors, layers = pack_experts(experts)
             save_file(tensors, folder / EXPERTS_FILE)
-            meta["experts"] = {"format": EXPERTS_FORMAT, "file": EXPERTS_FILE, "layers": layers,
-                               "runtime_format": "2:4" if formats == {"2:4"} else "bitmask",
-                               "sha256": _sha256(folder / EXPERTS_FILE)}
-        else:
-            model.save_pretrained(folder)
+            files.append({"file": EXPERTS_FILE, "sha256": _sha256(folder / EXPERTS_FILE), "layers": layers})
+        if files:
+            formats = {m.format for m in [*experts.values(), *spilled.values()]}
+            meta["experts"] = {"format": EXPERTS_FORMAT, "files": files,
+                               "runtime_format": "2:4" if formats == {"2:4"} else "bitmask"}
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                          if not n.startswith(tuple(f"{e}." for e in experts)))
-        dense_bytes += sum(m.in_features * m.out_features * m.dense_weight().element_size() for m in experts.values())
+                          if not n.startswith(prefixes))
+        dense_bytes += sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in experts.values())
+        dense_bytes += sum(m.in_features * m.out_features * m.element_size for m in spilled.values())
         meta["saved_bytes"], meta["dense_bytes"] = folder_bytes(folder), dense_bytes
         (folder / METADATA).write_text(json.dumps(meta, indent=1))
-    return write_atomically(output, write, overwrite)
+    return write_atomically(output, write, overwrite, partial)
 
 
 def read_metadata(folder: str | Path) -> dict | None:
@@ -141,13 +194,17 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     info = meta["experts"]
     if info.get("format") != EXPERTS_FORMAT:
         raise UsageError(f"{folder}: unknown experts format {info.get('format')!r}; expected {EXPERTS_FORMAT}")
-    path = folder / info["file"]
-    if not path.exists() or _sha256(path) != info["sha256"]:
-        raise UsageError(f"{path} is missing, truncated or corrupted (sha256 differs from {METADATA}); re-run prune")
-    try:
-        tensors = load_file(path)
-    except SafetensorError as e:
-        raise UsageError(f"{path} cannot be read ({e}); re-run prune") from None
+    files = info.get("files") or [info]  # one experts.safetensors (earlier outputs) or one file per block
+    tensors: list[dict[str, torch.Tensor]] = []
+    for entry in files:
+        path = folder / entry["file"]
+        if not path.exists() or _sha256(path) != entry["sha256"]:
+            raise UsageError(f"{path} is missing, truncated or corrupted (sha256 differs from {METADATA}); "
+                             f"re-run prune")
+        try:
+            tensors.append(load_file(path))
+        except SafetensorError as e:
+            raise UsageError(f"{path} cannot be read ({e}); re-run prune") from None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expert linears are expected to be missing from the dense part
     try:
@@ -156,11 +213,12 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
         raise UsageError(f"{folder}: the dense part cannot be loaded ({e}); re-run prune") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    prefixes = tuple(f"{name}." for name in info["layers"])
+    prefixes = tuple(f"{name}." for entry in files for name in entry["layers"])
     unexpected = [k for k in loading["missing_keys"] if not k.startswith(prefixes)]
     if unexpected:
         raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
-    unpack_experts(model, tensors, info["layers"], info.get("runtime_format", "bitmask"))
+    for entry, part in zip(files, tensors):
+        unpack_experts(model, part, entry["layers"], info.get("runtime_format", "bitmask"))
     model.to(device).eval()
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(folder)

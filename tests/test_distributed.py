@@ -48,5 +48,6 @@ def test_torchrun_writes_one_output_from_rank_zero(tiny_folder, small_corpus, tm
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("pruned 6 linears") == 1  # one report, from rank 0
-    assert (tmp_path / "out" / "experts.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "out").glob("experts-*")) == ["experts-00000.safetensors",
+                                                                           "experts-00001.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

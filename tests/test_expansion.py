@@ -12,7 +12,7 @@ from sparse_expansion.experts import SparseExpertLinear, compress, concat_compre
 from sparse_expansion.expansion import cluster_cost, merge_small_clusters
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
-from sparse_expansion.save import load_pruned, save_pruned_model
+from sparse_expansion.save import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 
@@ -187,6 +187,32 @@ def test_save_load_gives_identical_logits(saved_expert_model):
     assert loaded.model.layers[1].mlp.gate_proj.router is loaded.model.layers[1].mlp.up_proj.router
     reloaded, _ = loading.load_model(str(folder))  # the CLI's loader recognises expert folders
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, SparseExpertLinear)
+
+
+def test_spilled_blocks_leave_memory_and_load_back_identical(saved_expert_model, smollm2, tmp_path):
+    """prune's path: each finished block's experts written to the partial output and released
+    (SpilledExperts); the saved folder loads to the same model as one saved from memory."""
+    model, folder = saved_expert_model
+    _, tokenizer = smollm2
+    spilled = tiny_model("llama", vocab_size=len(tokenizer))
+    partial = PartialOutput(str(tmp_path / "spilled"))
+    blocks = models.family_of(spilled).blocks
+    prune_model(spilled, random_tokens(4, 32, vocab=len(tokenizer)), se_config(), progress=False,
+                spill=lambda b: spill_block(spilled, f"{blocks}.{b}", partial.folder, f"experts-{b:05d}.safetensors"))
+    assert not expert_layers(spilled)
+    assert sorted(f.name for f in partial.folder.iterdir()) == ["experts-00000.safetensors", "experts-00001.safetensors"]
+    ids = random_tokens(2, 16, vocab=len(tokenizer))
+    with pytest.raises(RuntimeError, match="released from memory"), torch.no_grad():
+        spilled(ids)
+    out = save_pruned_model(spilled, tokenizer, str(tmp_path / "spilled"), {"layers": []}, partial=partial)
+    assert not partial.folder.exists()
+    a, b = (json.loads((f / "sparse_expansion.json").read_text()) for f in (folder, out))
+    assert a["dense_bytes"] == b["dense_bytes"]
+    loaded, _ = load_pruned(out)
+    for (name, x), (_, y) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(x, y), name
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

@@ -122,8 +122,9 @@ def _drop_dense_weight(folder):
     (_corrupt_format, "unknown experts format 'bitmask-v9'"),
     (lambda f: (f / "sparse_expansion.json").write_text("{"), "is corrupted (not JSON)"),
     (_drop_dense_weight, "weights missing from the dense part: ['model.norm.weight']"),
-    (lambda f: (f / "experts.safetensors").write_bytes((f / "experts.safetensors").read_bytes()[:-9]),
-     "missing, truncated or corrupted")])
+    (lambda f: (f / "experts-00001.safetensors").write_bytes((f / "experts-00001.safetensors").read_bytes()[:-9]),
+     "missing, truncated or corrupted"),
+    (lambda f: (f / "experts-00000.safetensors").unlink(), "missing, truncated or corrupted")])
 def test_damaged_expert_folders_are_clear_errors(expert_folder, tmp_path, capsys, corrupt, message):
     folder = tmp_path / "copy"
     shutil.copytree(expert_folder, folder)

@@ -1,6 +1,9 @@
 """The planner (sparse_expansion/plan.py): its predictions against measured runs, its chunking
 against the run's, the `plan` command, and `prune` refusing up front what cannot fit."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,13 +30,12 @@ def llama(hidden: int, intermediate: int):
     return model
 
 
-@pytest.mark.skipif(rss_high_water_bytes() is None, reason="needs /proc (Linux) to read the peak RSS")
-@pytest.mark.parametrize("method", ["sparse-expansion", "sparsegpt"])
-def test_predicted_peak_is_within_a_third_of_the_measured_one(method):
-    """One block of a 256/1024 Llama on the CPU, 16 x 128 tokens: the memory the run adds above the
-    loaded model (kernel's peak RSS) against the planner's device peak minus the block's weights
-    (already resident). Measured ratios on the dev machine: 1.08 (SE8), 1.04 (SparseGPT)."""
-    model = llama(256, 1024)
+def measured_and_predicted(method: str, hidden: int, intermediate: int) -> tuple[int, int]:
+    """One block of a random Llama on the CPU, 16 x 128 tokens: the memory the run adds above the
+    loaded model (the kernel's peak RSS), and the planner's device peak minus the block's weights
+    (already resident)."""
+    torch.set_num_threads(2)
+    model = llama(hidden, intermediate)
     options = ExpansionOptions(clusters=8, kmeans_restarts=1) if method == "sparse-expansion" else None
     config = PruneConfig(method, "0.5", options=options, batch_size=4)
     calib = random_tokens(16, 128)
@@ -43,8 +45,18 @@ def test_predicted_peak_is_within_a_third_of_the_measured_one(method):
     with PeakMemory("cpu", reset_rss=True) as memory:
         prune_model(model, calib, config, progress=False)
     resident = sum(p.numel() for p in decoder_blocks(model)[0].parameters()) * 4
-    ratio = memory.above_start(RSS) / (plan.peak_device - resident)
-    assert 0.67 < ratio < 1.33, plan.table()
+    return memory.above_start(RSS), plan.peak_device - resident
+
+
+@pytest.mark.skipif(rss_high_water_bytes() is None, reason="needs /proc (Linux) to read the peak RSS")
+@pytest.mark.parametrize("method,hidden,intermediate", [("sparse-expansion", 256, 1024), ("sparsegpt", 512, 2048)])
+def test_predicted_peak_is_within_a_quarter_of_the_measured_one(method, hidden, intermediate):
+    """Measured in a fresh process (a test process's heap carries other tests' fragments).
+    Ratios measured on the dev machine: SE8 0.9-1.1, SparseGPT 1.1-1.2."""
+    out = subprocess.run([sys.executable, __file__, method, str(hidden), str(intermediate)], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    measured, predicted = json.loads(out.strip().splitlines()[-1])
+    assert 0.75 < measured / predicted < 1.25, (measured, predicted)
 
 
 @pytest.mark.parametrize("budget_clusters", [1, 3])
@@ -69,13 +81,14 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     code, fits, table = run_plan(capsys, "llama-2-7b", "--method", "sparsegpt", "--device-memory", "24GiB")
     assert code == 0 and fits["verdict"] == "fits" and fits["peak_device"] < 24 * 2**30
     assert "verdict: fits" in table
-    code, big, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB")
+    code, big, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "24GiB")
     assert code == 0 and big["verdict"] == "not possible" and "--offload-activations" in big["fix"]
+    code, one, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB")
     code, split, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB",
                               "--ranks", "8")
-    hessians = [s["device_bytes"] for s in split["stages"] if s["name"].startswith("hessians")]
-    assert max(hessians) < max(s["device_bytes"] for s in big["stages"] if s["name"].startswith("hessians"))
+    assert one["verdict"] == split["verdict"] == "chunking"
     assert all(g["clusters_per_chunk"] <= 2 for g in split["groups"])  # 16 clusters over 8 ranks
+    assert sum(g["chunks"] for g in split["groups"]) < sum(g["chunks"] for g in one["groups"])
 
 
 def test_plan_sizes_follow_the_shapes():
@@ -99,3 +112,7 @@ def test_prune_refuses_a_max_memory_below_one_cluster(tiny_folder, small_corpus,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "raise --max-memory" in err
     assert not out.exists()
+
+
+if __name__ == "__main__":  # the measurement of test_predicted_peak_is_within_a_quarter_of_the_measured_one
+    print(json.dumps(measured_and_predicted(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
