@@ -80,12 +80,14 @@ def main() -> None:
            "device": args.device, "calibration": f"{args.nsamples} x {args.seqlen}", "max_memory": config.max_memory,
            "measured_peak_bytes": measured, "predicted_peak_bytes": predicted, "ratio": measured / predicted,
            "process_peak_rss_bytes": memory.peak[RSS], "rss_before_bytes": loaded,
-           "predicted_host_bytes": plan.peak_host, "seconds": seconds, "stage_seconds": stages,
+           "predicted_host_bytes": plan.peak_host, "host_ratio": memory.peak[RSS] / plan.peak_host,
+           "seconds": seconds, "stage_seconds": stages,
            "chunks": {g.group: g.chunks for g in plan.groups}, "plan": plan.to_dict(), "torch": torch.__version__,
            "threads": torch.get_num_threads()}
     print(f"\n{row['method']} on one Llama-2-7B block ({args.device}, bf16, {row['calibration']} tokens)")
     print(f"peak memory of the run: measured {measured / 2**30:.2f} GiB, planned {predicted / 2**30:.2f} GiB "
-          f"(ratio {row['ratio']:.2f}); {seconds:.0f} s in all")
+          f"(ratio {row['ratio']:.2f}); process peak {memory.peak[RSS] / 2**30:.2f} GiB, planned host "
+          f"{plan.peak_host / 2**30:.2f} GiB (ratio {row['host_ratio']:.2f}); {seconds:.0f} s in all")
     for name, s in stages.items():
         if s is not None:
             print(f"  {name:<40} {s:8.1f} s")

@@ -5,7 +5,8 @@ A checkpoint folder holds:
                                    the next block to prune, the reports so far and the name of
                                    the activations file; rewritten by rename after every block,
                                    so it always describes complete files
-  block-NNNN.safetensors           the pruned linears of block NNNN (experts compressed, routers)
+  block-NNNN.safetensors           the pruned linears of block NNNN (compressed: experts and routers, or
+                                   the pruned weights as values + bitmask, bit-exact)
   activations-NNNN.safetensors     the calibration activations after block NNNN, i.e. the next
                                    block's inputs, in the model's dtype (one file is kept)
 
@@ -29,12 +30,12 @@ from torch import nn
 from . import __version__
 from .config import PruneConfig
 from .errors import UsageError
-from .experts import SparseExpertLinear, pack_experts, unpack_experts
+from .experts import SparseExpertLinear, compress, decompress, pack_experts, unpack_experts
 from .faults import fault_point
 from .models import decoder_blocks
 from .reports import PruneResult
 
-FORMAT = "sparse-expansion-checkpoint-v2"
+FORMAT = "sparse-expansion-checkpoint-v3"
 STATE = "checkpoint.json"
 
 
@@ -154,7 +155,9 @@ class Checkpoint:
         for name in meta["linears"]:
             module = block.get_submodule(name)
             prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            weight = {k[len("weight."):]: state.pop(k) for k in list(state) if k.startswith("weight.")}
+            module.load_state_dict({**state, "weight": decompress(weight)})
 
     def save(self, b: int, block: nn.Module, names: list[str], cached: list, result: PruneResult) -> None:
         """Save block `b` (its pruned linears `names`) and the activations after it, then commit."""
@@ -166,8 +169,10 @@ class Checkpoint:
             experts = {n: m for n, m in modules.items() if isinstance(m, SparseExpertLinear)}
             tensors, layout = pack_experts(experts)
             linears = [n for n in names if n not in experts]
-            for n in linears:
-                tensors.update({f"{n}.{k}": v for k, v in modules[n].state_dict().items()})
+            for n in linears:  # weights compressed bit-exactly (values + bitmask), biases as they are
+                for k, v in modules[n].state_dict().items():
+                    parts = {"": v} if k != "weight" else {f".{p}": t for p, t in compress(v, exact=True).items()}
+                    tensors.update({f"{n}.{k}{p}": t for p, t in parts.items()})
             name = f"block-{b:04d}.safetensors"
             _save_tensors(self.folder / name, tensors, {"experts": layout, "linears": linears})
             state["block_files"][str(b)] = name

@@ -24,6 +24,7 @@ from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
 from .evaluate import perplexity
 from .loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
+from .memory import available_host_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
 from .models import family_of
@@ -69,8 +70,8 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
         lr.add_argument("--json", action="store_true", help="end with the plan as one JSON line")
     lr.add_argument("--max-memory", default=None,
                     help="bytes Sparse Expansion's cluster Hessians and solve may use, e.g. 20GiB: it accumulates and "
-                         "solves its experts in chunks of clusters that fit (default: 90%% of the free GPU memory; "
-                         "no bound on a CPU)")
+                         "solves its experts in chunks of clusters that fit (default: 90%% of the free memory: "
+                         "the GPU's, or the host's on a CPU)")
     lr.add_argument("--offload-activations", action="store_true",
                     help="keep the calibration activations on the CPU between blocks (GPU runs)")
     taken: set[str] = set()
@@ -136,8 +137,11 @@ def check_prune_args(args) -> PruneConfig:
 
 
 def device_memory(device: str) -> int | None:
-    """The free memory of a CUDA device (None on a CPU: the host is not bounded by the plan)."""
-    return torch.cuda.mem_get_info(torch.device(device))[0] if torch.device(device).type == "cuda" else None
+    """The free memory of a CUDA device; on a CPU, the host memory this process may use."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    available = available_host_bytes()
+    return None if available is None else available + (rss_bytes() or 0)
 
 
 def make_plan(args, config: PruneConfig, device: str, memory: int | None, ranks: int) -> Plan:
@@ -151,7 +155,7 @@ def cmd_plan(args) -> int:
     checks.positive(args.ranks, "--ranks")
     memory = checks.size_bytes(args.device_memory, "--device-memory")
     device = "cuda" if args.device == "auto" and memory is not None else checks.device(args.device)
-    if memory is None:
+    if memory is None and torch.device(device).type == "cuda":
         memory = device_memory(device)
     plan = make_plan(args, config, device, memory, args.ranks)
     print(f"plan: {args.model}, {config.method} ({plan_label(config)}), {args.nsamples} x {args.seqlen} tokens, "
@@ -186,8 +190,10 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     distributed.init_from_env(device)  # under torchrun: one process per GPU (or CPU rank)
     device = distributed.local_device(device)
     plan = make_plan(args, config, device, device_memory(device), distributed.world_size())
-    if plan.fix:  # refused before any weight loads
-        raise UsageError(plan.fix)
+    if plan.refused:
+        raise UsageError(plan.fix)  # before any weight loads
+    if plan.fix and distributed.rank() == 0:  # host memory: the estimate may be pessimistic, so warn
+        print(f"sparse-expansion: warning: {plan.fix}", file=sys.stderr)
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
     if checkpoint is not None:

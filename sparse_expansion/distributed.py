@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 def init_from_env(device: str) -> None:
     """Join the process group torchrun describes ($WORLD_SIZE > 1); no-op otherwise."""
@@ -55,3 +57,16 @@ def gather_in_rank_order(obj) -> list:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def check_split(method: str, clusters: int | None, ranks: int) -> None:
+    """Refuse a world size that does not divide the work: only Sparse Expansion's clusters are
+    split, so other methods run as one process, and every rank needs at least one cluster."""
+    if ranks == 1:
+        return
+    if clusters is None:
+        raise UsageError(f"--method {method} does not split across ranks (only sparse-expansion's experts do); "
+                         f"run it as one process, without torchrun")
+    if ranks > clusters:
+        raise UsageError(f"{ranks} ranks for {clusters} clusters: every rank needs a cluster; use at most "
+                         f"{clusters} ranks (--nproc-per-node x --nnodes) or more --clusters")

@@ -79,9 +79,9 @@ def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor
 
 def cluster_cost(columns: int, rows: int) -> int:
     """Bytes one cluster adds to a chunk (fp32, measured on the CPU): while its Hessian is factored,
-    the Hessian, its solve copy and the factorisation's workspace (6·C²); while a linear's expert
+    the Hessian, its solve copy and the factorisation's workspace (5·C²); while a linear's expert
     is solved and compressed, the Hessian and the factor (2·C²) and the expert's copies (4·R·C)."""
-    return 4 * max(6 * columns * columns, 2 * columns * columns + 4 * rows * columns)
+    return 4 * max(5 * columns * columns, 2 * columns * columns + 4 * rows * columns)
 
 
 def cluster_chunks(clusters: int, columns: int, rows: int, budget: int | None) -> list[slice]:

@@ -155,9 +155,12 @@ def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     return (packed[:, None] & _BIT_MASKS.to(packed.device)).bool().flatten()
 
 
-def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{'values': nonzeros in row-major order, 'mask': packed bits (uint8), 'shape': int64 shape}."""
+def compress(weight: torch.Tensor, exact: bool = False) -> dict[str, torch.Tensor]:
+    """{'values': nonzeros in row-major order, 'mask': packed bits (uint8), 'shape': int64 shape}.
+    `exact`: -0.0 counts as a value, so that `decompress` gives the same bits back."""
     mask = weight != 0
+    if exact:
+        mask |= torch.signbit(weight)
     return {"values": weight.reshape(-1)[mask.reshape(-1)], "mask": pack_bits(mask),
             "shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
 

@@ -27,16 +27,26 @@ def rss_bytes() -> int | None:
         return None
 
 
-def rss_high_water_bytes() -> int | None:
-    """The kernel's peak RSS of this process (VmHWM) since start or the last `reset_rss_peak`."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a 'Key:  N kB' line of a /proc file (None where there is none)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def rss_high_water_bytes() -> int | None:
+    """The kernel's peak RSS of this process (VmHWM) since start or the last `reset_rss_peak`."""
+    return _proc_kib("/proc/self/status", "VmHWM")
+
+
+def available_host_bytes() -> int | None:
+    """The host memory available to new allocations (MemAvailable; None off Linux)."""
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def trim_malloc() -> None:

@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from . import distributed
 from .config import PruneConfig
+from .errors import UsageError
 from .expansion import cluster_cost
 from .loading import DTYPES, meta_model, model_dtype
 from .models import decoder_blocks, linear_weight, target_groups
@@ -31,6 +33,7 @@ from .router import ROWS_PER_CHUNK
 
 GiB = 2 ** 30
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
+WORKSPACE_BYTES = 32 * 2 ** 20      # allocator slack and library buffers of any stage, measured on CPU
 SOLVE_SHARE = 0.9                    # the part of the free device memory a chunked solve takes (solve_budget)
 
 
@@ -89,6 +92,7 @@ class Plan:
     output_bytes: int = 0
     dense_bytes: int = 0
     fix: str | None = None        # the flag to change when the run cannot fit
+    invalid: bool = False         # the arguments cannot run on any device (--max-memory, ranks)
 
     @property
     def peak_device(self) -> int:
@@ -97,6 +101,12 @@ class Plan:
     @property
     def peak_host(self) -> int:
         return max(s.host_bytes for s in self.stages)
+
+    @property
+    def refused(self) -> bool:
+        """What prune refuses up front: invalid arguments, or a GPU too small (a host that seems
+        too small only gets a warning: the estimate may err on the large side)."""
+        return self.invalid or (self.fix is not None and torch.device(self.device).type == "cuda")
 
     @property
     def verdict(self) -> str:
@@ -171,9 +181,13 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     plan = Plan(config.method, device, device_memory, dense_bytes=dense)
     final_model = dense + n_blocks * (experts_block - target_w)
     # prune spills each finished block's experts to the output: the host holds one block's at a time
-    host_model = dense + experts_block if expansion and spill else max(dense, final_model)
+    # (on a GPU, once the block is back on the CPU; on a CPU they are counted in the stages)
+    host_model = max(dense, final_model) if expansion and not spill else dense
+    if expansion and spill and gpu:
+        host_model += experts_block
 
     def stage(name: str, on_device: int) -> None:
+        on_device += WORKSPACE_BYTES
         host = RUNTIME_HOST_BYTES + host_model + (on_device - block_w if not gpu else
                                                   (tokens * hidden * e * 2 if offload_activations else 0))
         plan.stages.append(Stage(name, on_device, host))
@@ -196,40 +210,59 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
             cost = cluster_cost(columns, rows)
             budget = config.max_memory
-            if budget is None and gpu and device_memory is not None:
-                budget = int(SOLVE_SHARE * (device_memory - fixed - group_experts))
+            if budget is None and device_memory is not None:  # what solve_budget will find free
+                used = fixed + group_experts if gpu else RUNTIME_HOST_BYTES + host_model + fixed - block_w + group_experts
+                budget = int(SOLVE_SHARE * (device_memory - used))
             per_chunk = share if budget is None else max(0, min(share, budget // cost))
             plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows, per_chunk,
                                          math.ceil(share / max(per_chunk, 1))))
-            stage(f"hessians + solve {name}", fixed + max(per_chunk, 1) * cost + group_experts)
-            solved += 2 * group_experts  # kept compressed until the swap, concatenated there
+            stage(f"hessians + solve {name}", fixed + _chunks_peak(share, per_chunk, cost, group_experts, clusters))
+            solved += group_experts  # kept compressed until the swap
             if per_chunk == 0 and config.max_memory is not None and not plan.fix:
+                plan.invalid = True
                 plan.fix = (f"--max-memory {gib(config.max_memory)} is below one cluster's Hessians and solve "
                             f"for {name} ({gib(cost)}); raise --max-memory")
+        largest = max(expert_bytes(r, c, clusters, density, e) for r, c in targets)
+        stage("swap the experts in", base + solved + largest)  # one linear's experts concatenated
     else:
         hessians = sum(g[0][1][1] ** 2 * 4 for g in groups)
         stage("collect: dense pass, Hessians", base + forward + hessians)
         for g in groups:
             (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
             plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows))
-            # SparseGPT: the Hessian's copy and factor workspace, the weight's copies; Wanda and
-            # magnitude: the weight's scores, sort and mask
-            work = 5 * columns * columns + 3 * rows * columns if config.method == "sparsegpt" else 6 * rows * columns
+            # SparseGPT: the factorisation's workspace (in place), then the factor and the weight's
+            # copies; Wanda and magnitude: the weight's scores, sort and mask
+            work = (max(3 * columns * columns, columns * columns + 4 * rows * columns)
+                    if config.method == "sparsegpt" else 6 * rows * columns)
             stage(f"solve {name}", base + hessians + 4 * work)
     pruned_block = block_w - target_w + experts_block
     stage("propagate: next block's inputs", pruned_block + 2 * activations + forward)
 
-    if device_memory is not None and not plan.fix and plan.peak_device > device_memory:
+    try:
+        distributed.check_split(config.method, clusters if expansion else None, ranks)
+    except UsageError as refusal:
+        plan.invalid, plan.fix = True, str(refusal)
+    if device_memory is not None and not plan.fix and (plan.peak_device if gpu else plan.peak_host) > device_memory:
         plan.fix = _fix(plan, offload_activations, expansion, gpu)
-    saved_block = experts_block if expansion else target_w
+    # the checkpoint keeps every method's pruned linears compressed (values + bitmask)
+    saved_block = sum(expert_bytes(r, c, clusters, density, e) for r, c in targets)
     plan.checkpoint_bytes = n_blocks * saved_block + tokens * hidden * e
     plan.output_bytes = final_model if expansion else dense
     return plan
 
 
+def _chunks_peak(share: int, per_chunk: int, cost: int, group_experts: int, clusters: int) -> int:
+    """The largest working set over a group's chunks: the chunk's Hessians and solve, and the
+    group's experts compressed up to the chunk's end."""
+    size = max(per_chunk, 1)
+    return max(min(size, share - start) * cost + group_experts * min(start + size, share) // clusters
+               for start in range(0, share, size))
+
+
 def _fix(plan: Plan, offloaded: bool, expansion: bool, gpu: bool) -> str:
     where = "device" if gpu else "memory"
-    need = f"one block needs {gib(plan.peak_device)} of {where}, {gib(plan.device_memory)} available"
+    need = f"one block needs {gib(plan.peak_device if gpu else plan.peak_host)} of {where}, " \
+           f"{gib(plan.device_memory)} available"
     if gpu and not offloaded:
         return f"{need}; add --offload-activations, or lower --nsamples / --seqlen"
     if expansion:

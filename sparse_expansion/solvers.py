@@ -2,7 +2,7 @@
 
 Weights are [E, R, C] (E same-shaped matrices solved together; E = 1 for one layer), inputs
 columns are the last axis. Hessians are fp32 [E, C, C] running averages H = 2/n·XᵀX. Every
-solver returns fp32 weights; the caller casts back to the layer's dtype.
+solver returns fp32 weights, pruned ones +0.0; the caller casts back to the layer's dtype.
 """
 from dataclasses import dataclass, field
 
@@ -54,7 +54,7 @@ def _round_kept(W: torch.Tensor, bits: int | None) -> torch.Tensor:
 def magnitude(W: torch.Tensor, sparsity: Sparsity, bits: int | None = None) -> torch.Tensor:
     """Drop the smallest |w| of each matrix (N:M: of each group); kept weights optionally rounded."""
     W = W.float()
-    return _round_kept(W, bits) * prune_scores(W.abs(), sparsity, per_row=False)
+    return torch.where(prune_scores(W.abs(), sparsity, per_row=False), _round_kept(W, bits), 0.0)
 
 
 def wanda(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None = None) -> torch.Tensor:
@@ -64,24 +64,32 @@ def wanda(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, bits: int | None
     """
     W = W.float()
     col_norm = torch.diagonal(H, dim1=1, dim2=2).clamp(min=0).sqrt()  # [E, C]
-    return _round_kept(W, bits) * prune_scores(W.abs() * col_norm[:, None, :], sparsity, per_row=True)
+    return torch.where(prune_scores(W.abs() * col_norm[:, None, :], sparsity, per_row=True), _round_kept(W, bits), 0.0)
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer",
-                           overwrite: bool = False) -> HessianFactor:
+                           in_place: bool = False) -> HessianFactor:
     """Upper Cholesky factor of (H + λI)⁻¹ per matrix, with λ = damp·mean(diag H).
 
     Dead inputs (zero diagonal) get H_jj = 1 so that the factorisation exists; the caller zeros
     their weights. The damping starts at `percdamp` and is raised step by step for each matrix
-    whose factorisation fails. `overwrite`: H (fp32) may be modified (saves a copy). At most
-    three more [E, C, C] tensors are live at once.
+    whose factorisation fails. `in_place`: work in H itself (fp32) instead of a copy; H holds
+    its own values again on return. Besides H, at most three [E, C, C] tensors are live at once.
     """
-    H = H.float() if overwrite else H.float().clone()
-    E, C, _ = H.shape
+    if not in_place:
+        return inverse_hessian_factor(H.float().clone(), percdamp, name, in_place=True)
     diag = torch.diagonal(H, dim1=1, dim2=2)
     dead = diag == 0
     diag[dead] = 1.0
-    mean_diag = diag.mean(dim=1)
+    try:
+        return _factor(H, diag.mean(dim=1), dead, percdamp, name)
+    finally:
+        diag[dead] = 0.0  # exactly as given
+
+
+def _factor(H: torch.Tensor, mean_diag: torch.Tensor, dead: torch.Tensor, percdamp: float, name: str
+            ) -> HessianFactor:
+    E = H.shape[0]
     Hinv = None
     used = [float("nan")] * E
     todo = list(range(E))

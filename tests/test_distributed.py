@@ -3,12 +3,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sparse_expansion import distributed
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
+from sparse_expansion.errors import UsageError
 from sparse_expansion.methods import ExpansionOptions
 from tiny import random_tokens, tiny_model
 
@@ -51,3 +54,12 @@ def test_torchrun_writes_one_output_from_rank_zero(tiny_folder, small_corpus, tm
     assert sorted(p.name for p in (tmp_path / "out").glob("experts-*")) == ["experts-00000.safetensors",
                                                                            "experts-00001.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_world_sizes_that_do_not_divide_the_work_are_refused():
+    distributed.check_split("sparsegpt", None, 1)
+    distributed.check_split("sparse-expansion", 16, 16)
+    with pytest.raises(UsageError, match="does not split across ranks"):
+        distributed.check_split("sparsegpt", None, 2)
+    with pytest.raises(UsageError, match="use at most 4 ranks"):
+        distributed.check_split("sparse-expansion", 4, 8)

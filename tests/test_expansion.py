@@ -300,3 +300,10 @@ def test_compressed_parts_concatenate_at_any_bit_offset():
     w = torch.randn(5, 3, 7, generator=g) * (torch.rand(5, 3, 7, generator=g) > 0.5)  # 21 bits per expert
     parts = [compress(w[:2]), compress(w[2:3]), compress(w[3:])]
     assert torch.equal(decompress(concat_compressed(parts)), w)
+
+
+def test_exact_compression_keeps_negative_zeros():
+    w = torch.tensor([[0.0, -0.0, 1.5], [-2.0, 0.0, -0.0]])
+    assert compress(w)["values"].numel() == 2
+    back = decompress(compress(w, exact=True))
+    assert torch.equal(back.view(torch.int32), w.view(torch.int32))

@@ -52,7 +52,7 @@ def measured_and_predicted(method: str, hidden: int, intermediate: int) -> tuple
 @pytest.mark.parametrize("method,hidden,intermediate", [("sparse-expansion", 256, 1024), ("sparsegpt", 512, 2048)])
 def test_predicted_peak_is_within_a_quarter_of_the_measured_one(method, hidden, intermediate):
     """Measured in a fresh process (a test process's heap carries other tests' fragments).
-    Ratios measured on the dev machine: SE8 0.9-1.1, SparseGPT 1.1-1.2."""
+    Ratios measured on the dev machine: SE8 0.98-1.07, SparseGPT 0.99-1.03."""
     out = subprocess.run([sys.executable, __file__, method, str(hidden), str(intermediate)], check=True,
                          capture_output=True, text=True, cwd=Path(__file__).parent).stdout
     measured, predicted = json.loads(out.strip().splitlines()[-1])
@@ -86,9 +86,11 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     code, one, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB")
     code, split, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB",
                               "--ranks", "8")
-    assert one["verdict"] == split["verdict"] == "chunking"
-    assert all(g["clusters_per_chunk"] <= 2 for g in split["groups"])  # 16 clusters over 8 ranks
-    assert sum(g["chunks"] for g in split["groups"]) < sum(g["chunks"] for g in one["groups"])
+    assert one["verdict"] == "chunking" and split["verdict"] == "fits"
+    assert all(g["clusters_per_chunk"] == 2 for g in split["groups"])  # 16 clusters over 8 ranks
+    code, refused, _ = run_plan(capsys, "llama-2-7b", "--method", "sparse-expansion", "--clusters", "4",
+                                "--ranks", "8")
+    assert refused["verdict"] == "not possible" and "use at most 4 ranks" in refused["fix"]
 
 
 def test_plan_sizes_follow_the_shapes():

@@ -183,8 +183,8 @@ class LayerAnalysis:
             holder = copy.deepcopy(decoder_blocks(self.model)[self.block])
             layers = {n: holder.get_submodule(n) for n in self.names}
             prune = pc.make_method()
+            t0 = time.perf_counter()  # Sparse Expansion solves its experts while it collects
             collector = collect(prune, layers, self.calib)
-            t0 = time.perf_counter()
             with torch.no_grad():
                 reports = prune.prune_group(holder, layers, collector, f"block{self.block}")
                 outs = {n: holder.get_submodule(n)(self.x).float() for n in self.names}

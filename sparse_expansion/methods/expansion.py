@@ -17,6 +17,7 @@ from .. import distributed, solvers
 from ..errors import UsageError
 from ..experts import SparseExpertLinear, compress, concat_compressed
 from ..kernels.hessian import accumulate_hessian
+from ..memory import available_host_bytes
 from ..models import linear_weight
 from ..reports import LayerReport
 from ..router import KMEANS_BACKENDS
@@ -144,8 +145,7 @@ class ClusterStats:
         return False
 
     def _solve_chunk(self) -> None:
-        if self.H is not None:  # an empty chunk (a rank without clusters) accumulated nothing
-            assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])
+        assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])  # every row seen once
         self.method.solve_chunk(self, self.chunks[self.current])
         self.H = self.chunk_counts = None
         self.current += 1
@@ -182,7 +182,7 @@ class ExpansionMethod(Method):
         t1 = time.perf_counter()
         H_solve = stages.solve_hessians(stats.H, counts[chunk], stats.H_full, o.small_clusters, o.shrink_tokens,
                                         int(counts.sum()))
-        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, stats.group, overwrite=True)
+        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, stats.group, in_place=True)
         del H_solve
         stats.seconds_hessian += time.perf_counter() - t1
         for name, module in stats.layers.items():
@@ -243,10 +243,9 @@ def _gathered(solved: dict) -> dict:
 
 
 def solve_budget(max_memory: int | None, device: torch.device) -> int | None:
-    """Bytes the expert solve may use: --max-memory, else 90% of a CUDA device's free memory,
-    else (CPU) no bound."""
+    """Bytes the cluster Hessians and solve may use: --max-memory, else 90% of the device's free
+    memory (a CUDA device's, or the host's MemAvailable on a CPU; None where unknown)."""
     if max_memory is not None:
         return max_memory
-    if device.type == "cuda":
-        return int(0.9 * torch.cuda.mem_get_info(device)[0])
-    return None
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
+    return None if free is None else int(0.9 * free)

@@ -29,7 +29,7 @@ class SparseGPTMethod(Method):
 
     def prepare_group(self, stats: HessianStats, group: str) -> None:
         t0 = time.perf_counter()  # one factorisation for the whole group
-        self.factor = solvers.inverse_hessian_factor(stats.H, self.options.percdamp, group)
+        self.factor = solvers.inverse_hessian_factor(stats.H, self.options.percdamp, group, in_place=True)
         self.seconds_factor = time.perf_counter() - t0
 
     def prune_linear(self, W: torch.Tensor, stats: HessianStats) -> tuple[torch.Tensor, dict]:
