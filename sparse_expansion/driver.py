@@ -19,6 +19,7 @@ from . import distributed
 from .checkpoint import Checkpoint
 from .config import PruneConfig
 from .errors import NumericalError, UsageError
+from .faults import fault_point
 from .memory import PeakMemory, trim_malloc
 from .methods import Method
 from .models import (block_output, capture_block_inputs, decoder_blocks, linear_weight, move, move_outside_blocks,
@@ -146,6 +147,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             t0 = time.perf_counter()
             block.to(device)
             reports = _prune_block(block, b, cached, device, phases, method) if b >= start else []
+            fault_point(f"pruned:{b}")
             cached = _run_block(block, cached, device, keep_outputs=True)
             block.to(home)
             trim_malloc()  # hand the block's freed working set back to the OS (glibc keeps it otherwise)
