@@ -171,8 +171,10 @@ class Checkpoint:
             linears = [n for n in names if n not in experts]
             for n in linears:  # weights compressed bit-exactly (values + bitmask), biases as they are
                 for k, v in modules[n].state_dict().items():
-                    parts = {"": v} if k != "weight" else {f".{p}": t for p, t in compress(v, exact=True).items()}
-                    tensors.update({f"{n}.{k}{p}": t for p, t in parts.items()})
+                    if k == "weight":
+                        tensors.update({f"{n}.weight.{p}": t for p, t in compress(v, exact=True).items()})
+                    else:
+                        tensors[f"{n}.{k}"] = v
             name = f"block-{b:04d}.safetensors"
             _save_tensors(self.folder / name, tensors, {"experts": layout, "linears": linears})
             state["block_files"][str(b)] = name

@@ -158,17 +158,12 @@ def cmd_plan(args) -> int:
     if memory is None and torch.device(device).type == "cuda":
         memory = device_memory(device)
     plan = make_plan(args, config, device, memory, args.ranks)
-    print(f"plan: {args.model}, {config.method} ({plan_label(config)}), {args.nsamples} x {args.seqlen} tokens, "
-          f"{args.ranks} rank(s) on {device}")
+    print(f"plan: {args.model}, {config.make_method().label()} at sparsity {config.sparsity}, "
+          f"{args.nsamples} x {args.seqlen} tokens, {args.ranks} rank(s) on {device}")
     print(plan.table())
     if args.json:
         print(json.dumps(plan.to_dict()))
     return 0
-
-
-def plan_label(config: PruneConfig) -> str:
-    extra = f", {config.options.clusters} clusters" if isinstance(config.options, ExpansionOptions) else ""
-    return f"sparsity {config.sparsity}{extra}"
 
 
 def open_checkpoint(args) -> Checkpoint | None:

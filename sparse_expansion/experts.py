@@ -135,8 +135,7 @@ class SparseExpertLinear(nn.Module):
 
 # ---- compressed storage: kept values + a bitmask -------------------------------------------------
 
-_BIT_WEIGHTS = 2 ** torch.arange(7, -1, -1, dtype=torch.int32)  # big-endian within a byte, as numpy.packbits
-_BIT_MASKS = _BIT_WEIGHTS.to(torch.uint8)
+_BIT_MASKS = (2 ** torch.arange(7, -1, -1)).to(torch.uint8)  # big-endian within a byte, as numpy.packbits
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,13 @@ from .config import PruneConfig
 from .errors import UsageError
 from .expansion import cluster_cost
 from .loading import DTYPES, meta_model, model_dtype
+from .methods.expansion import SOLVE_SHARE
 from .models import decoder_blocks, linear_weight, target_groups
 from .router import ROWS_PER_CHUNK
 
 GiB = 2 ** 30
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
 WORKSPACE_BYTES = 32 * 2 ** 20      # allocator slack and library buffers of any stage, measured on CPU
-SOLVE_SHARE = 0.9                    # the part of the free device memory a chunked solve takes (solve_budget)
 
 
 # Shapes of published models (from their config.json on the Hugging Face hub), to plan offline.

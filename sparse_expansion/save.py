@@ -124,7 +124,8 @@ class SpilledExperts(nn.Module):
 def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -> None:
     """Write the experts of the block at `prefix` (e.g. 'model.layers.3') to folder/`name` (no
     write when folder is None: another rank writes) and swap them for `SpilledExperts`."""
-    experts = {n: m for n, m in expert_layers(model.get_submodule(prefix)).items()}
+    block = model.get_submodule(prefix)
+    experts = expert_layers(block)
     if not experts:
         return
     entry = None
@@ -132,7 +133,6 @@ def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -
         tensors, layout = pack_experts({f"{prefix}.{n}": m for n, m in experts.items()})
         save_file(tensors, folder / name)
         entry = {"file": name, "sha256": _sha256(folder / name), "layers": layout}
-    block = model.get_submodule(prefix)
     for n, m in experts.items():
         block.set_submodule(n, SpilledExperts(f"{prefix}.{n}", m, entry))
 

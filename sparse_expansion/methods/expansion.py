@@ -24,6 +24,8 @@ from ..router import KMEANS_BACKENDS
 from .sparsegpt import SparseGPTOptions
 from .base import Method
 
+SOLVE_SHARE = 0.9  # the part of the free memory a chunked solve may take (solve_budget)
+
 
 @dataclass
 class ExpansionOptions(SparseGPTOptions):
@@ -190,10 +192,11 @@ class ExpansionMethod(Method):
             W = linear_weight(module)
             W_hat, info = stages.solve_experts(W, factor, cfg.sparsity, cfg.bits, o.blocksize)
             out = stats.solved[name]
-            out["parts"].append(compress(W_hat.to(module.weight.dtype)))
+            part = compress(W_hat.to(module.weight.dtype))
+            out["parts"].append(part)
             out["terms"].append(solvers.error_terms(W.detach().float()[None], W_hat, stats.H))
             out["infos"].append(info)
-            out["zeros"] += int((W_hat == 0).sum())
+            out["zeros"] += W_hat.numel() - part["values"].numel()
             out["seconds"] += time.perf_counter() - t2
             del W_hat
 
@@ -248,4 +251,4 @@ def solve_budget(max_memory: int | None, device: torch.device) -> int | None:
     if max_memory is not None:
         return max_memory
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-    return None if free is None else int(0.9 * free)
+    return None if free is None else int(SOLVE_SHARE * free)
