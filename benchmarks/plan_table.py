@@ -27,7 +27,7 @@ METHODS = {"SparseGPT": ("sparsegpt", None), "SE4": ("sparse-expansion", 4), "SE
 
 def cell(plan) -> str:
     if plan.invalid:  # the world size does not divide the work
-        return "refused: more ranks than clusters" if plan.method == "sparse-expansion" else "one rank only"
+        return "refused: " + ("more ranks than clusters" if plan.method == "sparse-expansion" else "more ranks than batches")
     peak = f"{plan.peak_device / 2**30:.1f} GiB"
     if plan.verdict == "chunking":
         return f"chunks x{max(g.chunks for g in plan.groups)}, {peak}"

@@ -67,14 +67,23 @@ def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask | (ties & (ties.cumsum(1) <= need))
 
 
+def block_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Pruned mask [E, R, B] of a column block's scores [E, R, B]: the lowest `sparsity` fraction
+    of each matrix's block (SparseGPT's unstructured choice)."""
+    E = score.shape[0]
+    return lowest_k_mask(score.reshape(E, -1), int(score[0].numel() * sparsity)).view(score.shape)
+
+
 def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
                         prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
-                        blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                        blocksize: int = 128, select=block_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune E matrices at once. Returns (pruned weights [E, R, C] fp32, kept mask [E, R, C]).
 
     W: [E, R, C] (any float dtype; computed in fp32). Hinv: [E, C, C] fp32 upper Cholesky factor
     of H⁻¹. Unstructured at rate `sparsity` when prune_n == 0, else prune_n of every prune_m
-    consecutive columns (blocksize is then rounded down to a multiple of prune_m).
+    consecutive columns (blocksize is then rounded down to a multiple of prune_m). `select(score,
+    sparsity)` chooses an unstructured block's pruned mask from its scores [E, R, B] (default
+    `block_mask`; a solve of some of the rows passes one that sees every row's scores).
 
     The mask of each `blocksize` block is chosen at its start, as in SparseGPT; the column loop
     then runs over sub-blocks of UPDATE_COLUMNS columns whose errors reach all later columns
@@ -92,8 +101,7 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
         i2 = min(i1 + blocksize, C)
         if not prune_n and sparsity > 0:
             d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
-            score = (W[:, :, i1:i2] ** 2 / d[:, None, :] ** 2).flatten(1)
-            pruned[:, :, i1:i2] = lowest_k_mask(score, int(score.shape[1] * sparsity)).view(E, R, i2 - i1)
+            pruned[:, :, i1:i2] = select(W[:, :, i1:i2] ** 2 / d[:, None, :] ** 2, sparsity)
         for j1 in range(i1, i2, sub):
             j2 = min(j1 + sub, i2)
             W1 = W[:, :, j1:j2].clone()
@@ -198,7 +206,7 @@ def _obs_rows_per_program(R: int, interpret: bool) -> int:
 
 def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
                      prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
-                     blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                     blocksize: int = 128, select=block_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `obs_prune_reference` (same arguments and results)."""
     W = W.float().contiguous().clone()
     E, R, C = W.shape
@@ -232,10 +240,8 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
         i2 = min(i1 + blocksize, C)
         count = i2 - i1
         if not prune_n and sparsity > 0:
-            W1 = W[:, :, i1:i2]
             d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
-            score = (W1 ** 2 / d[:, None, :] ** 2).flatten(1)
-            pruned[:, :, i1:i2] = lowest_k_mask(score, int(score.shape[1] * sparsity)).view(E, R, count)
+            pruned[:, :, i1:i2] = select(W[:, :, i1:i2] ** 2 / d[:, None, :] ** 2, sparsity)
         _obs_block_kernel[launch](
             W, pruned_u8, Hinv, err, scale, zero, R, C, i1, count, maxq,
             W.stride(0), W.stride(1), pruned_u8.stride(0), pruned_u8.stride(1),
@@ -247,8 +253,8 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
     return W, ~pruned
 
 
-def obs_prune(W, Hinv, sparsity=0.0, prune_n=0, prune_m=0, grid=None, blocksize=128):
+def obs_prune(W, Hinv, sparsity=0.0, prune_n=0, prune_m=0, grid=None, blocksize=128, select=block_mask):
     """Entry point the driver calls; dispatches to the Triton kernel on CUDA (see backend)."""
     if use_triton(W):
-        return obs_prune_triton(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize)
-    return obs_prune_reference(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize)
+        return obs_prune_triton(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize, select)
+    return obs_prune_reference(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize, select)

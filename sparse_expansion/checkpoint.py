@@ -127,11 +127,13 @@ class Checkpoint:
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir()) if self.folder.exists() else 0
 
-    def restore(self, model: nn.Module, cached: list, loaded: Callable[[int], None] | None = None
-                ) -> tuple[int, list, PruneResult]:
+    def restore(self, model: nn.Module, cached: list, loaded: Callable[[int], None] | None = None,
+                ids: range | None = None, batches: int | None = None) -> tuple[int, list, PruneResult]:
         """(first block, cached inputs, result so far) to continue from: the saved blocks are loaded
         into `model` (`loaded(b)` is called after each), the saved activations replace those of
-        `cached`."""
+        `cached`: batches `ids` (default: all) of the run's `batches` (default: len(cached))."""
+        ids = range(len(cached)) if ids is None else ids
+        batches = len(cached) if batches is None else batches
         if self.state is None:
             return 0, cached, PruneResult()
         blocks = decoder_blocks(model)
@@ -140,10 +142,10 @@ class Checkpoint:
             if loaded is not None:
                 loaded(int(b))
         saved = load_file(self.folder / self.state["activations"]["file"])
-        if len(saved) != len(cached):
+        if len(saved) != batches:
             raise UsageError(f"{self.folder}: the checkpoint holds {len(saved)} activation batches, the run has "
-                             f"{len(cached)}; delete the folder to start over")
-        cached = [(saved[f"batch{i}"].to(hidden.device), args, kwargs) for i, (hidden, args, kwargs) in enumerate(cached)]
+                             f"{batches}; delete the folder to start over")
+        cached = [(saved[f"batch{i}"].to(hidden.device), args, kwargs) for i, (hidden, args, kwargs) in zip(ids, cached)]
         return self.next_block, cached, PruneResult.from_dict(self.state["result"])
 
     @staticmethod
@@ -159,8 +161,10 @@ class Checkpoint:
             weight = {k[len("weight."):]: state.pop(k) for k in list(state) if k.startswith("weight.")}
             module.load_state_dict({**state, "weight": decompress(weight)})
 
-    def save(self, b: int, block: nn.Module, names: list[str], cached: list, result: PruneResult) -> None:
-        """Save block `b` (its pruned linears `names`) and the activations after it, then commit."""
+    def save(self, b: int, block: nn.Module, names: list[str], hidden: list[torch.Tensor], result: PruneResult
+             ) -> None:
+        """Save block `b` (its pruned linears `names`) and the activations after it (every batch's
+        hidden states, in order), then commit."""
         self.folder.mkdir(parents=True, exist_ok=True)
         state = dict(self.state or {"format": FORMAT, "identity": self.identity, "block_files": {}})
         state["block_files"] = dict(state["block_files"])
@@ -179,11 +183,10 @@ class Checkpoint:
             _save_tensors(self.folder / name, tensors, {"experts": layout, "linears": linears})
             state["block_files"][str(b)] = name
         activations = f"activations-{b:04d}.safetensors"
-        _save_tensors(self.folder / activations, {f"batch{i}": hidden for i, (hidden, _, _) in enumerate(cached)})
+        _save_tensors(self.folder / activations, {f"batch{i}": h for i, h in enumerate(hidden)})
         fault_point(f"checkpoint:{b}")
         state.update(next_block=b + 1, result=result.to_dict(),
-                     activations={"file": activations,
-                                  "bytes": sum(h.numel() * h.element_size() for h, _, _ in cached)})
+                     activations={"file": activations, "bytes": sum(h.numel() * h.element_size() for h in hidden)})
         _write_file(self.folder / STATE, lambda tmp: tmp.write_text(json.dumps(state)))
         self.state = state
         fault_point(f"block:{b}")

@@ -131,13 +131,15 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     device = home if device is None else torch.device(device)
     if checkpoint is not None:
         checkpoint.bind(config, calibration, device, next(blocks[0].parameters()).dtype)
+    batches = list(calibration.split(config.batch_size))
+    # under several ranks a method that shards the calibration runs its share of the batches
+    mine = distributed.my_share(len(batches)) if method.shards_calibration else slice(0, len(batches))
     move_outside_blocks(model, device)
-    cached = capture_block_inputs(model, list(calibration.split(config.batch_size)),
-                                  "cpu" if offload_activations else None, device)
+    cached = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
     move_outside_blocks(model, home)
     result, first = PruneResult(), 0
     if checkpoint is not None:
-        first, cached, result = checkpoint.restore(model, cached, spill)
+        first, cached, result = checkpoint.restore(model, cached, spill, range(len(batches))[mine], len(batches))
     leader = distributed.rank() == 0  # with several ranks, rank 0 alone reports and checkpoints
     bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress or not leader, unit="block",
                initial=first, total=end)
@@ -153,9 +155,13 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             trim_malloc()  # hand the block's freed working set back to the OS (glibc keeps it otherwise)
         result.layers += reports
         result.blocks.append(BlockReport(b, b >= start, time.perf_counter() - t0, **memory.peak))
-        if checkpoint is not None and leader:
+        if checkpoint is not None:
             t0 = time.perf_counter()
-            checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], cached, result)
+            hidden = [h for h, _, _ in cached]
+            if method.shards_calibration:  # every rank's share of the activations, on rank 0
+                hidden = distributed.gather_to_leader([h.cpu() for h in hidden])
+            if leader:
+                checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], hidden, result)
             result.blocks[-1].seconds_checkpoint = time.perf_counter() - t0
         if spill is not None and b >= start:
             spill(b)

@@ -172,7 +172,10 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     experts_block = sum(expert_bytes(r, c, clusters, density, e) for r, c in targets) if expansion else target_w
     sample = min(tokens, o.max_cluster_tokens) if expansion else 0
 
-    activations = (batch_tokens if offload_activations else tokens) * hidden * e
+    batches = math.ceil(nsamples / config.batch_size)
+    # this rank's tokens: the other methods give each rank its share of the calibration batches
+    mine = tokens if expansion else min(tokens, math.ceil(batches / ranks) * config.batch_size * seqlen)
+    activations = (batch_tokens if offload_activations else mine) * hidden * e
     inter = max(max(r, c) for r, c in targets)
     forward = batch_tokens * e * (4 * inter + 6 * hidden) + 2 * batch_tokens * inter * 4
     if not gpu:  # the CPU's attention materializes the scores (batch x heads x L x L)
@@ -189,7 +192,7 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     def stage(name: str, on_device: int) -> None:
         on_device += WORKSPACE_BYTES
         host = RUNTIME_HOST_BYTES + host_model + (on_device - block_w if not gpu else
-                                                  (tokens * hidden * e * 2 if offload_activations else 0))
+                                                  (mine * hidden * e * 2 if offload_activations else 0))
         plan.stages.append(Stage(name, on_device, host))
 
     base = block_w + activations
@@ -239,7 +242,7 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     stage("propagate: next block's inputs", pruned_block + 2 * activations + forward)
 
     try:
-        distributed.check_split(config.method, clusters if expansion else None, ranks)
+        distributed.check_split(config.method, clusters if expansion else None, ranks, batches)
     except UsageError as refusal:
         plan.invalid, plan.fix = True, str(refusal)
     if device_memory is not None and not plan.fix and (plan.peak_device if gpu else plan.peak_host) > device_memory:

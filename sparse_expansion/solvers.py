@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import NumericalError
-from .kernels.obs import find_quant_grid, lowest_k_mask, obs_prune, quantize
+from .kernels.obs import block_mask, find_quant_grid, lowest_k_mask, obs_prune, quantize
 from .sparsity import Sparsity
 
 DAMPING_STEPS = (1, 10, 100, 1000, 10000)  # multiples of percdamp tried in turn
@@ -121,10 +121,11 @@ def _factor(H: torch.Tensor, mean_diag: torch.Tensor, dead: torch.Tensor, percda
 
 
 def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsity, bits: int | None = None,
-              blocksize: int = 128, percdamp: float = 0.01, name: str = "layer"
+              blocksize: int = 128, percdamp: float = 0.01, name: str = "layer", select=block_mask
               ) -> tuple[torch.Tensor, SolveInfo]:
     """SparseGPT (Frantar & Alistarh, 2023) on E matrices [E, R, C] with Hessians [E, C, C]
-    (or their `inverse_hessian_factor`, when several linears share one input)."""
+    (or their `inverse_hessian_factor`, when several linears share one input). `select`: how
+    an unstructured block's mask is chosen from its scores (see kernels.obs.obs_prune)."""
     source, W = W, W.float().contiguous()
     if W.data_ptr() == source.data_ptr():  # the caller's own storage: work on a copy
         W = W.clone()
@@ -132,7 +133,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
     W[f.dead[:, None, :].expand_as(W)] = 0.0
     grid = find_quant_grid(W, bits) if bits is not None else None
     W, _ = obs_prune(W, f.Hinv, sparsity.rate if not sparsity.structured else 0.0,
-                     sparsity.n, sparsity.m, grid, blocksize)
+                     sparsity.n, sparsity.m, grid, blocksize, select)
     return W, SolveInfo(damping=f.damping, dead_inputs=f.dead.sum(dim=1).tolist())
 
 

@@ -1,4 +1,5 @@
-"""Several ranks (torch.distributed, gloo on CPU) give the one-rank model bit for bit."""
+"""Several ranks (torch.distributed, gloo on CPU): Sparse Expansion gives the one-rank model bit
+for bit; the data-parallel methods give it up to the rounding of the Hessian's sum."""
 import os
 import re
 import subprocess
@@ -14,42 +15,102 @@ from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
 from sparse_expansion.faults import KILL_ENV
-from sparse_expansion.methods import ExpansionOptions
+from sparse_expansion.methods import ExpansionOptions, HessianStats, method_class
 from tiny import random_tokens, tiny_model
 
 
-def _prune(rank: int, world: int, folder: str) -> None:
+def _in_ranks(rank: int, work, world: int, folder: str, *args) -> None:
+    """Run work(*args) as `rank` of `world` (gloo, one thread: the same arithmetic in every
+    process) and save what it returns to folder/rank{rank}-of-{world}.pt."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic in every process
+    torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    model = tiny_model("llama")
-    config = PruneConfig("sparse-expansion", "0.5", options=ExpansionOptions(clusters=5, kmeans_restarts=2, pca_factor=8))
-    result = prune_model(model, random_tokens(4, 32), config, progress=False)
-    torch.save({"state": model.state_dict(), "layers": result.to_dict()["layers"]}, f"{folder}/rank{rank}-of-{world}.pt")
+    torch.save(work(*args), f"{folder}/rank{rank}-of-{world}.pt")
     if world > 1:
         dist.destroy_process_group()
     torch.set_num_threads(threads)
 
 
+def _one_and_two_ranks(tmp_path, work, *args) -> tuple[dict, dict, dict]:
+    _in_ranks(0, work, 1, str(tmp_path), *args)  # one rank: here
+    mp.spawn(_in_ranks, args=(work, 2, str(tmp_path), *args), nprocs=2)
+    return tuple(torch.load(tmp_path / name) for name in ("rank0-of-1.pt", "rank0-of-2.pt", "rank1-of-2.pt"))
+
+
+def _prune_tiny(method: str, options) -> dict:
+    model = tiny_model("llama")
+    config = PruneConfig(method, "0.5", options=options)
+    result = prune_model(model, random_tokens(4, 32), config, progress=False)
+    return {"state": model.state_dict(), "layers": result.to_dict()["layers"]}
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
+
+
 def test_two_ranks_give_the_one_rank_model(tmp_path):
     """5 clusters over 2 ranks (3 + 2 experts each): the same experts, routers and reports."""
-    _prune(0, 1, str(tmp_path))  # one rank: here, with one thread
-    mp.spawn(_prune, args=(2, str(tmp_path)), nprocs=2)
-    one, two, other = (torch.load(tmp_path / name) for name in ("rank0-of-1.pt", "rank0-of-2.pt", "rank1-of-2.pt"))
+    one, two, other = _one_and_two_ranks(tmp_path, _prune_tiny, "sparse-expansion",
+                                         ExpansionOptions(clusters=5, kmeans_restarts=2, pca_factor=8))
     assert one["state"].keys() == two["state"].keys() == other["state"].keys()
     for key, value in one["state"].items():
         assert torch.equal(value, two["state"][key]) and torch.equal(value, other["state"][key]), key
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]  # noqa: E731
-    assert strip(one["layers"]) == strip(two["layers"])
+    assert _without_seconds(one["layers"]) == _without_seconds(two["layers"])
     assert {len(r["damping"]) for r in two["layers"]} == {5}
 
 
-def torchrun_prune(folder, corpus, out, *extra, ranks=2, **env):
+def _solve_rows() -> dict:
+    """SparseGPT's row split on one Hessian (37 rows: 19 + 18), unstructured, 2:4 and 4-bit, and
+    the all-reduce of a Hessian whose batches the ranks share."""
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(1, 37, 72, generator=g), torch.randn(300, 72, generator=g)
+    out = {}
+    for sparsity, bits in (("0.5", None), ("2:4", None), ("0.6", 4)):
+        method = method_class("sparsegpt")(PruneConfig("sparsegpt", sparsity, bits=bits))
+        stats = HessianStats(72, "cpu")
+        stats.add_batch(X)  # every rank the whole X: the same Hessian
+        method.prepare_group(stats, "layer")
+        out[(sparsity, bits)] = method.prune_linear(W, stats)[0]
+    shared = HessianStats(72, "cpu")
+    for xb in X.split(50)[distributed.my_share(6)]:
+        shared.add_batch(xb)
+    shared.end_pass()
+    return {"weights": out, "H": shared.H, "count": shared.count}
+
+
+def test_two_ranks_solve_sparsegpt_rows_to_the_one_rank_weights(tmp_path):
+    """Each rank solves its share of the rows; the masks are chosen over every rank's rows, so the
+    weights are those of one process, bit for bit, on every rank. The shared Hessian is the
+    one-rank Hessian up to rounding."""
+    one, two, other = _one_and_two_ranks(tmp_path, _solve_rows)
+    for key, W_hat in one["weights"].items():
+        assert torch.equal(W_hat, two["weights"][key]) and torch.equal(W_hat, other["weights"][key]), key
+        assert (W_hat == 0).sum() > 0
+    assert one["count"].item() == two["count"].item() == other["count"].item() == 300
+    torch.testing.assert_close(two["H"], one["H"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(two["H"], other["H"])
+
+
+def test_two_data_parallel_ranks_give_the_one_rank_sparsegpt_model(tmp_path):
+    """Each rank runs 2 of the 4 calibration windows through every block; the all-reduced Hessians
+    differ from one process's by rounding only: the same masks, weights within 1e-4."""
+    one, two, other = _one_and_two_ranks(tmp_path, _prune_tiny, "sparsegpt", None)
+    for key, value in one["state"].items():
+        assert torch.equal(two["state"][key], other["state"][key]), key  # every rank holds the same model
+        assert torch.equal(value == 0, two["state"][key] == 0), key
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=1e-5)
+    assert [r["tokens"] for r in two["layers"]] == [r["tokens"] for r in one["layers"]] == [128] * 6
+
+
+EXPANSION = ("--method", "sparse-expansion", "--clusters", "3", "--kmeans-restarts", "1")
+
+
+def torchrun_prune(folder, corpus, out, *extra, ranks=2, method=EXPANSION, **env):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), "-m", "sparse_expansion.cli", "prune",
-           str(folder), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--quiet",
-           "--method", "sparse-expansion", "--clusters", "3", "--kmeans-restarts", "1", "--output", str(out), *extra]
+           str(folder), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--batch-size", "1", "--quiet",
+           *method, "--output", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
@@ -82,10 +143,27 @@ def test_a_killed_one_rank_run_resumes_with_two_ranks_to_the_same_model(tiny_fol
         assert f.read_bytes() == (tmp_path / "out" / f.name).read_bytes(), f.name
 
 
+def test_a_killed_data_parallel_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_path):
+    """Two SparseGPT ranks, one calibration window each: rank 0 checkpoints both ranks'
+    activations, and each rank takes its own back on resume."""
+    sparsegpt = ("--method", "sparsegpt")
+    assert torchrun_prune(tiny_folder, small_corpus, tmp_path / "whole", method=sparsegpt).returncode == 0
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    killed = torchrun_prune(tiny_folder, small_corpus, tmp_path / "out", *ckpt, method=sparsegpt,
+                            **{KILL_ENV: "block:0@0"})
+    assert killed.returncode != 0 and not (tmp_path / "out").exists()
+    resumed = torchrun_prune(tiny_folder, small_corpus, tmp_path / "out", *ckpt, method=sparsegpt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    for f in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "out" / f.name).read_bytes(), f.name
+
+
 def test_world_sizes_that_do_not_divide_the_work_are_refused():
-    distributed.check_split("sparsegpt", None, 1)
-    distributed.check_split("sparse-expansion", 16, 16)
-    with pytest.raises(UsageError, match="does not split across ranks"):
-        distributed.check_split("sparsegpt", None, 2)
+    distributed.check_split("sparsegpt", None, 1, 1)
+    distributed.check_split("sparsegpt", None, 4, 4)
+    distributed.check_split("sparse-expansion", 16, 16, 1)
+    with pytest.raises(UsageError, match="4 ranks for 2 calibration batches"):
+        distributed.check_split("sparsegpt", None, 4, 2)
     with pytest.raises(UsageError, match="use at most 4 ranks"):
-        distributed.check_split("sparse-expansion", 4, 8)
+        distributed.check_split("sparse-expansion", 4, 8, 16)

@@ -43,7 +43,7 @@ def saved_run(tiny_folder, small_corpus, tmp_path, monkeypatch):
                 "--method", "sparse-expansion", "--output", str(tmp_path / "out"),
                 "--checkpoint-dir", str(tmp_path / "ckpt"), *extra]
     _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(args()))
-    ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], PruneResult())
+    ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
     return args
 
 
@@ -84,7 +84,7 @@ def test_a_run_with_a_block_range_resumes(tiny_folder, small_corpus, tmp_path):
     args = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "2", "--seqlen", "32",
             "--blocks", "1:2", "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]
     _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(args))
-    ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], PruneResult())
+    ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
     _, _, again, _ = cli.start_run(cli._parser().parse_args(args))
     assert again.next_block == 1
 
@@ -93,7 +93,7 @@ def test_the_library_checks_the_identity_too(tmp_path):
     calib = torch.arange(64).view(2, 32)
     ckpt = checkpoint.Checkpoint(tmp_path / "ckpt", "some/model")
     ckpt.bind(PruneConfig("sparsegpt"), calib, "cpu", torch.float32)
-    ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], PruneResult())
+    ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
     reopened = checkpoint.Checkpoint(tmp_path / "ckpt", "some/model")
     reopened.bind(PruneConfig("sparsegpt"), calib, "cpu", torch.float32)
     with pytest.raises(UsageError, match="calibration_sha256"):

@@ -76,7 +76,7 @@ def test_checkpoint_of_other_arguments_is_refused(tiny_folder, small_corpus, tmp
     base = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "2", "--seqlen", "32",
             "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]
     _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(base + ["--sparsity", "0.5"]))
-    ckpt.save(0, torch.nn.Module(), [], [(torch.zeros(1, 2, 3), (), {})], PruneResult())
+    ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
     capsys.readouterr()
     assert cli.main(base + ["--sparsity", "0.6"]) == 2
     err = capsys.readouterr().err.strip()

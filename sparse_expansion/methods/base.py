@@ -24,7 +24,7 @@ from torch import nn
 from ..kernels.hessian import accumulate_hessian
 from ..models import linear_weight, set_linear_weight
 from ..reports import LayerReport
-from .. import solvers
+from .. import distributed, solvers
 
 
 def flag(name: str) -> str:
@@ -69,7 +69,8 @@ class MethodOptions:
 
 
 class HessianStats:
-    """Running H = 2/n·XᵀX (fp32) of one group's input, batch by batch; one pass suffices."""
+    """Running H = 2/n·XᵀX (fp32) of one group's input, batch by batch; one pass suffices.
+    Under several ranks each sees its share of the batches and the pass ends with an all-reduce."""
 
     def __init__(self, columns: int, device):
         self.H = torch.zeros(1, columns, columns, dtype=torch.float32, device=device)
@@ -79,6 +80,7 @@ class HessianStats:
         accumulate_hessian(self.H, self.count, x.reshape(-1, x.shape[-1]))
 
     def end_pass(self) -> bool:
+        distributed.all_reduce_mean(self.H, self.count)
         return False
 
 
@@ -87,6 +89,9 @@ class Method:
     linear. Subclasses override `prune_linear`, or the whole of `collector`/`prune_group`."""
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # under several ranks, each runs its share of the calibration batches (the collector combines
+    # the ranks' statistics); False: every rank runs every batch
+    shards_calibration: ClassVar[bool] = True
 
     def __init__(self, config):
         """config: the run's config.PruneConfig (shared settings; `config.options` are this method's)."""

@@ -156,6 +156,7 @@ class ClusterStats:
 class ExpansionMethod(Method):
     name = "sparse-expansion"
     Options = ExpansionOptions
+    shards_calibration = False  # the routers are fit on every batch; the ranks split the clusters
 
     def label(self) -> str:
         return f"{self.name} ({self.options.clusters})"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import solvers
+from .. import distributed, solvers
 from ..errors import UsageError
 from .base import HessianStats, Method, MethodOptions
 
@@ -33,7 +33,11 @@ class SparseGPTMethod(Method):
         self.seconds_factor = time.perf_counter() - t0
 
     def prune_linear(self, W: torch.Tensor, stats: HessianStats) -> tuple[torch.Tensor, dict]:
-        cfg = self.config
-        W_hat, info = solvers.sparsegpt(W, self.factor, cfg.sparsity, cfg.bits, self.options.blocksize)
+        """Under several ranks each solves its share of the rows (they share the factor) and the
+        rows are gathered; the masks are chosen over every rank's rows."""
+        cfg, rows = self.config, W.shape[1]
+        W_hat, info = solvers.sparsegpt(W[:, distributed.my_share(rows)], self.factor, cfg.sparsity, cfg.bits,
+                                        self.options.blocksize, select=distributed.row_selector(rows))
+        W_hat = distributed.gather_rows(W_hat, rows)
         return W_hat, {"damping": info.damping, "dead_inputs": info.dead_inputs,
                        "extras": {"seconds_factor": self.seconds_factor}}
