@@ -4,3 +4,9 @@ Sparse Expansion (Sawmya et al., ICLR 2025) and the baselines it is judged again
 (SparseGPT, Wanda, magnitude), driven layer by layer over a model's decoder blocks.
 """
 __version__ = "0.1.0"
+
+from . import hf  # noqa: E402  (registers Sparse Expansion folders with transformers' Auto classes)
+from .api import load, load_tokenizer, prune, save  # noqa: E402
+from .config import PruneConfig  # noqa: E402
+
+__all__ = ["__version__", "hf", "prune", "save", "load", "load_tokenizer", "PruneConfig"]

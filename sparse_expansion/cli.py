@@ -30,7 +30,7 @@ from .methods.base import flag
 from .models import family_of
 from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
 from .router import choose_backend
-from .save import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
+from .outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
 
 EXIT_USAGE = 2
 

@@ -1,7 +1,7 @@
 """`PruneConfig`: what every pruning run shares; a method's own settings sit in `options`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import UsageError
 from .methods import Method, MethodOptions, method_class
@@ -13,7 +13,8 @@ TARGETS = ("ffn", "all")
 @dataclass
 class PruneConfig:
     """method: a registered name (methods.METHODS); sparsity: a `Sparsity`, a rate or "N:M";
-    options: the method's `Options` (its defaults when omitted). Checked on construction."""
+    options: the method's `Options`, or a dict of them by name (its defaults when omitted).
+    Checked on construction."""
     method: str = "sparsegpt"
     sparsity: Sparsity | str | float = "0.5"
     bits: int | None = None      # joint quantization of the kept weights, 2-8 bits
@@ -23,7 +24,7 @@ class PruneConfig:
     blocks: tuple[int, int] | None = None  # prune only blocks [start, end); all when None
     seed: int = 0
     max_memory: int | None = None  # bytes the solver's working set may use (None: free device memory / no bound)
-    options: MethodOptions | None = field(default=None)
+    options: MethodOptions | dict | None = field(default=None)
 
     def __post_init__(self) -> None:
         cls = method_class(self.method)
@@ -40,6 +41,12 @@ class PruneConfig:
             raise UsageError(f"--max-memory {self.max_memory}: give a positive size such as 20GiB")
         if self.options is None:
             self.options = cls.Options()
+        elif isinstance(self.options, dict):
+            unknown = sorted(set(self.options) - {f.name for f in fields(cls.Options)})
+            if unknown:
+                raise UsageError(f"{self.method} has no option {', '.join(unknown)}; its options: "
+                                 f"{', '.join(f.name for f in fields(cls.Options))}")
+            self.options = cls.Options(**self.options)
         elif type(self.options) is not cls.Options:
             raise UsageError(f"{self.method} takes {cls.Options.__name__}, not {type(self.options).__name__}")
 

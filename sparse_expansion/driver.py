@@ -117,7 +117,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     None: everything runs where the model is. `offload_activations` keeps the calibration
     activations (and the blocks' other inputs: masks, position embeddings) on the CPU; each batch
     visits the device only while a block runs on it. `spill(b)`, when given, is called once block
-    b is pruned (and checkpointed) or restored: prune passes save.spill_block, which writes the
+    b is pruned (and checkpointed) or restored: prune passes outputs.spill_block, which writes the
     block's experts to the output and releases them, so that the host holds one block's experts.
     """
     method = method or config.make_method()

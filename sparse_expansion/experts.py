@@ -1,7 +1,7 @@
 """`SparseExpertLinear`: a drop-in replacement of an nn.Linear (or GPT-2 Conv1D) that routes
 every token to one of K sparse experts; and the compressed form experts are stored in (kept
 values + bitmask), by module (`state_tensors` / `from_state`) and by model (`pack_experts` /
-`unpack_experts`, which store each shared router once). save.py and checkpoint.py only write
+`unpack_experts`, which store each shared router once). outputs.py and checkpoint.py only write
 and read what these return."""
 from __future__ import annotations
 

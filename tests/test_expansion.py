@@ -1,8 +1,11 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from sparse_expansion import loading, models
 from sparse_expansion.config import PruneConfig
@@ -12,7 +15,7 @@ from sparse_expansion.experts import SparseExpertLinear, compress, concat_compre
 from sparse_expansion.expansion import cluster_cost, merge_small_clusters
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
-from sparse_expansion.save import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
+from sparse_expansion.outputs import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 
@@ -187,6 +190,32 @@ def test_save_load_gives_identical_logits(saved_expert_model):
     assert loaded.model.layers[1].mlp.gate_proj.router is loaded.model.layers[1].mlp.up_proj.router
     reloaded, _ = loading.load_model(str(folder))  # the CLI's loader recognises expert folders
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, SparseExpertLinear)
+
+
+def test_transformers_auto_class_rebuilds_the_experts(saved_expert_model):
+    """Importing sparse_expansion registers the folder's model type with the Auto classes."""
+    model, folder = saved_expert_model
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "sparse_expansion"
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", revision="main", trust_remote_code=False)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, SparseExpertLinear) and loaded.config.use_cache
+    ids = random_tokens(2, 16, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        assert loaded.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
+    half = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16, device_map="cpu")
+    assert half.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="does not take"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config={"bits": 4})
+
+
+def test_plain_transformers_refuses_an_expert_folder(saved_expert_model):
+    """Without the package, the folder's model type is unknown: an error, not random experts."""
+    _, folder = saved_expert_model
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); "
+            "assert 'sparse_expansion' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    assert run.returncode != 0 and "model type `sparse_expansion`" in run.stderr, run.stderr[-2000:]
 
 
 def test_spilled_blocks_leave_memory_and_load_back_identical(saved_expert_model, smollm2, tmp_path):

@@ -14,7 +14,7 @@ from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
 from sparse_expansion.loading import load_model
-from sparse_expansion.save import load_pruned, write_atomically
+from sparse_expansion.outputs import load_pruned, write_atomically
 from tiny import random_tokens, tiny_model
 
 

@@ -17,7 +17,7 @@ from sparse_expansion.errors import NumericalError
 from sparse_expansion.faults import KILL_ENV
 from sparse_expansion.methods import ExpansionOptions, Method
 from sparse_expansion.reports import PruneResult
-from sparse_expansion.save import write_atomically
+from sparse_expansion.outputs import write_atomically
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 

@@ -1,7 +1,7 @@
 """Writing and reading pruned models.
 
 A pruned model is a transformers folder (safetensors) written atomically (`PartialOutput`).
-Models with routed experts also get expert files: every expert weight compressed (kept values +
+Models with routed experts get their own model type in config.json (see hf.py) and expert files: every expert weight compressed (kept values +
 bitmask), biases, and the routers (PCA mean/basis, centroids), listed with their sha256 in
 `sparse_expansion.json`: one `experts-NNNNN.safetensors` per block when prune spills each
 finished block there (`spill_block`), or one `experts.safetensors` for a model whose experts are
@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
+from .model_type import base_config, wrap_config
 from .faults import fault_point
 
 METADATA = "sparse_expansion.json"
@@ -147,14 +148,20 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
     def write(folder: Path) -> None:
         meta = dict(metadata)
         prefixes = tuple(f"{name}." for name in [*experts, *spilled])
-        model.save_pretrained(folder, state_dict={k: v for k, v in model.state_dict().items()
-                                                  if not k.startswith(prefixes)})
+        calibrating = model.config.use_cache
+        model.config.use_cache = type(model.config)().use_cache  # as the architecture has it, not calibration's
+        try:
+            model.save_pretrained(folder, state_dict={k: v for k, v in model.state_dict().items()
+                                                      if not k.startswith(prefixes)})
+        finally:
+            model.config.use_cache = calibrating
         files = list({id(m.entry): m.entry for m in spilled.values()}.values())
         if experts:
             tensors, layers = pack_experts(experts)
             save_file(tensors, folder / EXPERTS_FILE)
             files.append({"file": EXPERTS_FILE, "sha256": _sha256(folder / EXPERTS_FILE), "layers": layers})
         if files:
+            wrap_config(folder)  # its own model type: plain transformers refuses it (see hf.py)
             formats = {m.format for m in [*experts.values(), *spilled.values()]}
             meta["experts"] = {"format": EXPERTS_FORMAT, "files": files,
                                "runtime_format": "2:4" if formats == {"2:4"} else "bitmask"}
@@ -208,7 +215,8 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expert linears are expected to be missing from the dense part
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", output_loading_info=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, config=base_config(folder), dtype=dtype or "auto",
+                                                              output_loading_info=True)
     except (OSError, SafetensorError, ValueError) as e:
         raise UsageError(f"{folder}: the dense part cannot be loaded ({e}); re-run prune") from None
     finally:
@@ -218,6 +226,8 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     if unexpected:
         raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
     for entry, part in zip(files, tensors):
+        if dtype is not None:  # the experts' weights and biases in the asked dtype (routers stay fp32)
+            part = {k: v.to(dtype) if k.endswith((".weight.values", ".bias")) else v for k, v in part.items()}
         unpack_experts(model, part, entry["layers"], info.get("runtime_format", "bitmask"))
     model.to(device).eval()
     model.config.use_cache = False

@@ -1,0 +1,46 @@
+"""The Python API: prune, save and load as functions, with the CLI's checks."""
+import json
+
+import pytest
+import torch
+
+import sparse_expansion as se
+from sparse_expansion.errors import UsageError
+from sparse_expansion.experts import SparseExpertLinear
+from tiny import random_tokens, tiny_model
+
+
+def test_prune_save_load_from_a_reference(tiny_folder, small_corpus, tmp_path):
+    model, result = se.prune(str(tiny_folder), method="sparse-expansion", sparsity="0.5", calib=str(small_corpus),
+                             nsamples=4, seqlen=32, clusters=3, kmeans_restarts=1, progress=False)
+    assert result.config["options"]["clusters"] == 3 and len(result.layers) == 6
+    out = se.save(model, tmp_path / "se3", tokenizer=se.load_tokenizer(str(tiny_folder)), result=result)
+    meta = json.loads((out / "sparse_expansion.json").read_text())
+    assert meta["config"]["method"] == "sparse-expansion" and len(meta["layers"]) == 6
+    loaded, tokenizer = se.load(out)
+    assert isinstance(loaded.model.layers[0].mlp.gate_proj, SparseExpertLinear) and tokenizer is not None
+    ids = random_tokens(2, 16, vocab=len(tokenizer))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_prune_a_model_object_with_token_ids():
+    model = tiny_model("llama")
+    dense = model.model.layers[0].mlp.down_proj.weight.clone()
+    same, result = se.prune(model, method="sparsegpt", sparsity="2:4", calib=random_tokens(4, 32), percdamp=0.02,
+                            progress=False)
+    assert same is model and result.config["options"]["percdamp"] == 0.02
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(w, dense) and ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="sparsegpt", clusters=4), "sparsegpt has no option clusters"),
+    (dict(method="wanda", sparsity="3:2"), "sparsity"),
+    (dict(method="sparsegpt", calib="wiki"), "pass tokenizer"),
+    (dict(method="sparsegpt", calib=torch.rand(2, 8)), "token ids"),
+    (dict(method="sparsegpt", dtype="bfloat16"), "applies to a model reference"),
+])
+def test_bad_api_arguments_name_the_fix(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        se.prune(tiny_model("llama"), **{"calib": random_tokens(2, 8), **kwargs})
