@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `kernels/` lives at the repository root but installs as `sparse_expansion.kernels`:
 # the top-level name `kernels` belongs to the Hugging Face package that transformers probes for.
@@ -6,7 +6,7 @@ setup(
     name="sparse-expansion",
     version="0.1.0",
     description="One-shot pruning of transformer LMs: Sparse Expansion, SparseGPT, Wanda, magnitude",
-    packages=["sparse_expansion", "sparse_expansion.kernels"],
+    packages=[*find_packages(include=["sparse_expansion", "sparse_expansion.*"]), "sparse_expansion.kernels"],
     package_dir={"sparse_expansion": "sparse_expansion", "sparse_expansion.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[

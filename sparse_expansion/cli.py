@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -19,7 +20,7 @@ from . import __version__, checks, distributed
 from .analysis.command import add_analyze_parser, cmd_analyze
 from .checkpoint import Checkpoint
 from .config import PruneConfig
-from .data import calibration_windows, check_source, evaluation_windows
+from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
 from .evaluate import perplexity
@@ -33,6 +34,7 @@ from .router import choose_backend
 from .outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 
 
 def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
@@ -84,14 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("prune", help="prune a model layer by layer and save it")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    pr = sub.add_parser("prune", help="prune a model layer by layer and save it", formatter_class=defaults)
     _add_run_arguments(pr, planning=False)
-    pl = sub.add_parser("plan", help="predict a prune run's memory, chunking and sizes from the config alone")
+    pl = sub.add_parser("plan", help="predict a prune run's memory, chunking and sizes from the config alone",
+                        formatter_class=defaults)
     _add_run_arguments(pl, planning=True)
 
-    ev = sub.add_parser("eval", help="perplexity on held-out windows")
+    ev = sub.add_parser("eval", help="perplexity on held-out windows", formatter_class=defaults)
     ev.add_argument("model", help="model reference as for prune, or a folder written by prune")
     ev.add_argument("--data", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
+    ev.add_argument("--split", default="auto", choices=["auto", "test", "all"],
+                    help="test: the held-out side of the source (1 document in 10 for wiki and files); all: every "
+                         "document; auto: test for wiki, wikitext2 and c4, all for your own file or folder")
     ev.add_argument("--seqlen", type=int, default=2048)
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=4)
@@ -201,10 +208,10 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
 def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     config, device, checkpoint, calib = start_run(args)
-    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), "cpu")  # blocks visit `device`
     leader = distributed.rank() == 0  # rank 0 writes the output
-    partial = PartialOutput(args.output, args.overwrite) if leader else None
+    partial = PartialOutput(args.output, args.overwrite) if leader else None  # before the weights load
     try:
+        model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), "cpu")  # blocks visit `device`
         blocks = family_of(model).blocks
         result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
                              offload_activations=args.offload_activations, device=device,
@@ -214,8 +221,9 @@ def cmd_prune(args) -> int:
         if not leader:
             distributed.barrier()
             return 0
-        metadata = {"command": "prune", "arguments": vars(args), "config": config.as_dict(), "seconds": seconds,
-                    "world_size": distributed.world_size(), **result.to_dict()}
+        metadata = {"command": "prune", "command_line": args.command_line, "arguments": vars(args),
+                    "config": config.as_dict(), "seconds": seconds, "world_size": distributed.world_size(),
+                    **result.to_dict()}
         out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite, partial=partial)
     finally:
         if partial is not None:
@@ -241,18 +249,21 @@ def cmd_eval(args) -> int:
     checks.positive(args.batch_size, "--batch-size")
     device = checks.device(args.device)
     model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device)
-    windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows)
+    split = args.split if args.split != "auto" else "test" if args.data in SOURCES else "all"
+    windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows, split)
     result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
-    result.update(model=args.model, data=args.data)
+    result.update(model=args.model, data=args.data, split=split)
     print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
-          f"({result['windows']} windows of {result['seqlen']}) of {args.data}")
+          f"({result['windows']} windows of {result['seqlen']}) of {args.data} ({split} split)")
     if args.json:
         print(json.dumps(result))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["sparse-expansion", *argv])  # for the output's model card
     bars = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):  # transformers' own loading/saving bars too
         hf_logging.disable_progress_bar()
@@ -264,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalError as e:
         print(f"sparse-expansion: numerical error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # partial outputs are removed on the way out (PartialOutput.discard)
+        resume = "; re-run the same command to resume from the checkpoint" \
+            if getattr(args, "checkpoint_dir", None) else ""
+        print(f"sparse-expansion: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if bars:
             hf_logging.enable_progress_bar()

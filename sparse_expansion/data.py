@@ -104,9 +104,17 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
-def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """[W, seqlen] token ids: the first non-overlapping windows of the test stream."""
-    _, test = load_split(source)
+def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None, split: str = "test"
+                       ) -> torch.Tensor:
+    """[W, seqlen] token ids: the first non-overlapping windows of the test stream (split "test")
+    or of every document of a file or folder (split "all")."""
+    if split == "all" and source in SOURCES:
+        raise UsageError(f"--split all: {source} is a calibration source too; score its test split (the default)")
+    if split == "all":
+        check_source(source)
+        test = text_documents(source)
+    else:
+        _, test = load_split(source)
     ids = tokenize(tokenizer, "\n\n".join(test))
     count = ids.numel() // seqlen
     if max_windows is not None:

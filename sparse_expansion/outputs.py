@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from .card import model_card
 from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
 from .model_type import base_config, wrap_config
@@ -38,6 +40,11 @@ def check_output(output: str, overwrite: bool = False) -> None:
         raise UsageError(f"--output {output!r} already exists; choose another folder or pass --overwrite")
     if not path.parent.resolve().exists():
         raise UsageError(f"--output {output!r}: parent folder {str(path.parent)!r} does not exist")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts such as /proc
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=path.parent.resolve()))
+    except OSError as e:
+        raise UsageError(f"--output {output!r}: parent folder {str(path.parent)!r} is not writable "
+                         f"({e.strerror})") from None
 
 
 class PartialOutput:
@@ -172,7 +179,10 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
         dense_bytes += sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in experts.values())
         dense_bytes += sum(m.in_features * m.out_features * m.element_size for m in spilled.values())
         meta["saved_bytes"], meta["dense_bytes"] = folder_bytes(folder), dense_bytes
+        hashed = {entry["file"] for entry in files}  # the expert files carry theirs
+        meta["sha256"] = {f.name: _sha256(f) for f in sorted(folder.glob("*.safetensors")) if f.name not in hashed}
         (folder / METADATA).write_text(json.dumps(meta, indent=1))
+        (folder / "README.md").write_text(model_card(meta, experts=bool(files)))
     return write_atomically(output, write, overwrite, partial)
 
 
@@ -184,6 +194,17 @@ def read_metadata(folder: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise UsageError(f"{path} is corrupted (not JSON); re-run prune") from None
+
+
+def check_files(folder: str | Path) -> None:
+    """Refuse a folder written by `prune` whose dense weight files (model*.safetensors) differ
+    from the sha256 recorded in its metadata (expert files are checked as they are read)."""
+    folder = Path(folder)
+    for name, digest in ((read_metadata(folder) or {}).get("sha256") or {}).items():
+        path = folder / name
+        if not path.exists() or _sha256(path) != digest:
+            raise UsageError(f"{path} is missing, truncated or corrupted (sha256 differs from {METADATA}); "
+                             f"re-run prune")
 
 
 def is_expert_folder(folder: str | Path) -> bool:
@@ -201,6 +222,7 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     info = meta["experts"]
     if info.get("format") != EXPERTS_FORMAT:
         raise UsageError(f"{folder}: unknown experts format {info.get('format')!r}; expected {EXPERTS_FORMAT}")
+    check_files(folder)
     files = info.get("files") or [info]  # one experts.safetensors (earlier outputs) or one file per block
     tensors: list[dict[str, torch.Tensor]] = []
     for entry in files:

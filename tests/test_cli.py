@@ -77,6 +77,44 @@ def test_existing_output_is_refused(tmp_path, capsys, no_model_loading):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_unwritable_output_and_path_like_models_are_refused_before_loading(tmp_path, capsys, monkeypatch,
+                                                                          no_model_loading):
+    assert cli.main(["prune", "smollm2", "--output", "/proc/pruned"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()  # "out/nope" could be a hub id, but out/ is a folder here: never the hub
+    for ref in ("./no_such_dir", str(tmp_path / "nope"), "out/nope", "a/b/c"):
+        assert cli.main(["eval", ref]) == 2
+        assert f"model {ref!r}: no such folder" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 128)" in out and "(default: 2048)" in out and "(default: 16)" in out
+
+
+def test_analyze_takes_output_like_prune():
+    args = cli._parser().parse_args(["analyze", "smollm2", "--output", "figs"])
+    assert args.out == "figs" and cli._parser().parse_args(["analyze", "smollm2", "--out", "x"]).out == "x"
+
+
+def test_interrupt_exits_130_with_the_resume_hint_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_model", interrupted)
+    monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
+    args = ["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o")]
+    assert cli.main(args + ["--checkpoint-dir", str(tmp_path / "ckpt")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the checkpoint's description
+    assert err == "sparse-expansion: interrupted; re-run the same command to resume from the checkpoint"
+    assert cli.main(args) == 130
+    assert capsys.readouterr().err.strip() == "sparse-expansion: interrupted"
+    assert list(tmp_path.iterdir()) == []  # no partial output (and no checkpoint before a block is done)
+
+
 def test_bad_eval_arguments(capsys, no_model_loading):
     assert cli.main(["eval", "smollm2", "--data", "nowhere.txt"]) == 2
     assert cli.main(["eval", "/no/such/folder/model.gguf"]) == 2
@@ -94,10 +132,40 @@ def test_prune_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.model.layers[0].mlp.down_proj.weight
     assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True  # calibration's False not saved
+    card = (out / "README.md").read_text()  # the model card
+    assert card.startswith(f"# {tiny_folder}, pruned with sparsegpt at sparsity 2:4")
+    assert "sparse-expansion prune" in card and "--sparsity 2:4" in card and "4 windows of 64 tokens" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "import sparse_expansion" not in card
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--seqlen", "64", "--max-windows", "3", "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens"] == 3 * 63 and result["perplexity"] > 1
+    weights = out / "model.safetensors"  # one flipped byte in the dense weights is refused on load
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 1
+    weights.write_bytes(bytes(data))
+    assert cli.main(["eval", str(out), "--seqlen", "64", "--max-windows", "3", "--quiet"]) == 2
+    assert "model.safetensors is missing, truncated or corrupted" in capsys.readouterr().err
+
+
+def test_eval_scores_the_whole_of_a_users_file_unless_told(tiny_folder, small_corpus, capsys):
+    windows = {}
+    for split in ("auto", "test"):
+        assert cli.main(["eval", str(tiny_folder), "--data", str(small_corpus), "--split", split, "--seqlen", "64",
+                         "--json", "--quiet"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        windows[result["split"]] = result["windows"]
+    assert windows["all"] > 5 * windows["test"] > 0
+
+
+def test_a_model_folder_without_tokenizer_is_refused(tiny_folder, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(tiny_folder).save_pretrained(bare)  # the weights, not the tokenizer
+    capsys.readouterr()
+    assert cli.main(["eval", str(bare), "--seqlen", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no tokenizer" in err and len(err.splitlines()) == 1
 
 
 def test_console_script_exit_code(tmp_path):

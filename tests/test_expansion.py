@@ -196,6 +196,7 @@ def test_transformers_auto_class_rebuilds_the_experts(saved_expert_model):
     """Importing sparse_expansion registers the folder's model type with the Auto classes."""
     model, folder = saved_expert_model
     assert json.loads((folder / "config.json").read_text())["model_type"] == "sparse_expansion"
+    assert "import sparse_expansion" in (folder / "README.md").read_text()  # the card says how to load it
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", revision="main", trust_remote_code=False)
     assert isinstance(loaded.model.layers[0].mlp.up_proj, SparseExpertLinear) and loaded.config.use_cache
     ids = random_tokens(2, 16, vocab=model.config.vocab_size)
@@ -268,6 +269,11 @@ def test_truncated_dense_part_is_a_clear_error(saved_expert_model, tmp_path):
     shutil.copytree(folder, copy)
     path = copy / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="model.safetensors is missing, truncated or corrupted"):
+        load_pruned(copy)
+    meta = json.loads((copy / "sparse_expansion.json").read_text())
+    del meta["sha256"]  # a folder written before the dense files' sha256 were recorded
+    (copy / "sparse_expansion.json").write_text(json.dumps(meta))
     with pytest.raises(UsageError, match="dense part cannot be loaded"):
         load_pruned(copy)
 

@@ -112,16 +112,21 @@ def _corrupt_format(folder):
     (folder / "sparse_expansion.json").write_text(json.dumps(meta))
 
 
-def _drop_dense_weight(folder):
+def _drop_dense_weight(folder, forget_checksums: bool = False):
     dense = load_file(folder / "model.safetensors")
     del dense["model.norm.weight"]
     save_file(dense, folder / "model.safetensors", metadata={"format": "pt"})
+    if forget_checksums:  # as in a folder written before the dense files' sha256 were recorded
+        meta = json.loads((folder / "sparse_expansion.json").read_text())
+        del meta["sha256"]
+        (folder / "sparse_expansion.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("corrupt,message", [
     (_corrupt_format, "unknown experts format 'bitmask-v9'"),
     (lambda f: (f / "sparse_expansion.json").write_text("{"), "is corrupted (not JSON)"),
-    (_drop_dense_weight, "weights missing from the dense part: ['model.norm.weight']"),
+    (_drop_dense_weight, "model.safetensors is missing, truncated or corrupted"),
+    (lambda f: _drop_dense_weight(f, True), "weights missing from the dense part: ['model.norm.weight']"),
     (lambda f: (f / "experts-00001.safetensors").write_bytes((f / "experts-00001.safetensors").read_bytes()[:-9]),
      "missing, truncated or corrupted"),
     (lambda f: (f / "experts-00000.safetensors").unlink(), "missing, truncated or corrupted")])
@@ -178,7 +183,8 @@ def test_a_bf16_checkpoint_is_pruned_and_saved_in_bf16(tmp_path, small_corpus, s
         if method == "sparse-expansion" else prune(folder, small_corpus, tmp_path / "out") == 0
     saved = tensors(tmp_path / "out")
     assert {t.dtype for k, t in saved.items() if k.endswith("weight") or k.endswith(".values")} == {torch.bfloat16}
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("base_config", config)["dtype"] == "bfloat16"  # Sparse Expansion nests the base config
     model, _ = load_model(str(tmp_path / "out"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert prune(folder, small_corpus, tmp_path / "fp32", "--dtype", "float32") == 0

@@ -19,3 +19,17 @@ def test_kernels_import_from_the_installed_namespace(tmp_path):
 def test_console_script_is_installed():
     assert Path(sys.executable).with_name("sparse-expansion").exists()
     assert importlib.util.find_spec("sparse_expansion.cli") is not None
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    """A plain `pip install .` (not editable) gets every subpackage: methods, analysis, kernels."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root),
+                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
+    import zipfile
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {f"sparse_expansion/{p.relative_to(root / 'sparse_expansion').as_posix()}"
+               for p in (root / "sparse_expansion").rglob("*.py")}
+    sources |= {f"sparse_expansion/kernels/{p.name}" for p in (root / "kernels").glob("*.py")}
+    assert sources - names == set()

@@ -117,7 +117,7 @@ def check_analyze_args(args) -> tuple[AnalysisConfig, tuple[str, ...]]:
 
 
 def cmd_analyze(args) -> int:
-    """`sparse-expansion analyze MODEL --experiment ... --out DIR`."""
+    """`sparse-expansion analyze MODEL --experiment ... --output DIR`."""
     cfg, experiments = check_analyze_args(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device=checks.device(args.device))
@@ -152,7 +152,8 @@ def add_analyze_parser(sub) -> None:
     an.add_argument("model", help="model reference as for prune")
     an.add_argument("--experiment", default="all",
                     help="neurons, histograms, clusters, sparsity-sweep, ablation, a comma-separated list, or all")
-    an.add_argument("--out", required=True, help="folder for the PNG figures and CSV/JSON tables")
+    an.add_argument("--output", "--out", dest="out", required=True,
+                    help="folder for the PNG figures and CSV/JSON tables (--out: the former name)")
     an.add_argument("--block", type=int, default=None, help="decoder block analysed (default: the middle one)")
     an.add_argument("--linears", default=None,
                     help="comma-separated linears sharing one input (default: the first FFN group, e.g. gate/up_proj)")

@@ -1,0 +1,44 @@
+"""The model card (README.md) written into every output folder: what was pruned, how, and how to
+load it, from the run's metadata (sparse_expansion.json holds the full record)."""
+from __future__ import annotations
+
+from . import __version__
+
+
+def model_card(meta: dict, experts: bool) -> str:
+    """Markdown for a folder written by prune or `sparse_expansion.save`; `experts`: it holds
+    routed experts (its own model type, loaded after `import sparse_expansion`)."""
+    config = meta.get("config") or {}
+    arguments = meta.get("arguments") or {}
+    method = config.get("method", "unknown method")
+    options = config.get("options") or {}
+    label = f"{method} ({options['clusters']} experts per linear)" if "clusters" in options else method
+    source = arguments.get("model", "a model")
+    layers = meta.get("layers") or []
+    lines = [f"# {source}, pruned with {label} at sparsity {config.get('sparsity', '?')}", "",
+             f"Written by sparse-expansion {__version__}.", ""]
+    if arguments:
+        lines.append(f"- Calibration: {arguments.get('nsamples')} windows of {arguments.get('seqlen')} tokens of "
+                     f"`{arguments.get('calib')}`, seed {arguments.get('seed')}.")
+    lines.append(f"- Pruned: {len(layers)} linears ({config.get('targets', 'ffn')}); "
+                 f"bits: {config.get('bits') or 'none (no quantization)'}.")
+    if layers:
+        mean = sum(r["relative_error"] for r in layers) / len(layers)
+        lines.append(f"- Mean relative reconstruction error ‖WX−ŴX‖²/‖WX‖²: {mean:.4f}.")
+    if meta.get("saved_bytes") and meta.get("dense_bytes"):
+        lines.append(f"- Weights: {meta['saved_bytes'] / 2**20:.1f} MiB saved, "
+                     f"{meta['saved_bytes'] / meta['dense_bytes']:.2f}x the dense model.")
+    if meta.get("command_line"):
+        lines += ["", "Command:", "", "```", meta["command_line"], "```"]
+    load = ["import sparse_expansion  # registers the sparse_expansion model type"] if experts else []
+    lines += ["", "## Load", "", "```python", *load,
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+              'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")', "```", ""]
+    if experts:
+        lines += ["Each FFN linear is a set of sparse experts with a router (PCA + nearest centroid); "
+                  "without the `sparse-expansion` package transformers refuses the folder rather than "
+                  "loading random weights.", ""]
+    lines += ["Perplexity: `sparse-expansion eval THIS_FOLDER --data wiki --seqlen 512`. "
+              "`sparse_expansion.json` holds the arguments and the per-layer report.", ""]
+    return "\n".join(lines)
