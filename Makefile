@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test clean
+.PHONY: install demo test peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 
+# llm-compressor beside ours (benchmarks/peers.py): its own environment, as it pins another transformers
+PEERS := .venv-peers
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0 llmcompressor==0.14.0.1
+	touch $@
+
+peers: $(STAMP) $(PEERS)/.installed
+	$(PY) benchmarks/peers.py --peer-python $(PEERS)/bin/python --owl --threads 1,2
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS) build *.egg-info

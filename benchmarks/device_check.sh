@@ -8,7 +8,7 @@
 #    symlinks, with a stub __init__ so the driver's own dependencies are not needed);
 # 2. runs tests/test_kernels.py on the GPU (real kernels: TRITON_INTERPRET=0), through pytest,
 #    or through a tiny built-in runner when pytest is not installed;
-# 3. runs the kernel microbenchmarks (benchmarks/kernels.py), JSON into $OUT/results.
+# 3. runs the kernel microbenchmarks (benchmarks/kernel_speed.py), JSON into $OUT/results.
 # Each stage has its own timeout; the whole script stays under ~8 minutes. The exit status is
 # nonzero when a stage failed, but every stage runs.
 set -uo pipefail
@@ -184,8 +184,8 @@ else
 fi
 
 # ---------------------------------------------------------------- microbenchmarks
-log "benchmarks: benchmarks/kernels.py (timeout ${BENCH_TIMEOUT}s)"
-timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/kernels.py --out "$OUT/results" \
+log "benchmarks: benchmarks/kernel_speed.py (timeout ${BENCH_TIMEOUT}s)"
+timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/kernel_speed.py --out "$OUT/results" \
   > "$OUT/bench.log" 2>&1
 rc=$?
 cat "$OUT/bench.log" | grep -vE '^\s*$' | tail -n 60

@@ -74,10 +74,12 @@ def _checked(collector, where: str) -> Callable:
     return add
 
 
-def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, method: Method) -> list[LayerReport]:
+def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, method: Method,
+                 status: Callable[[str], None] = lambda text: None) -> list[LayerReport]:
     """Collect each phase's statistics (one pass over the block's inputs for all its groups, then
     as many more as each group's collector asks for, one group at a time), then prune the phase's
-    groups. Returns the block's layer reports."""
+    groups. `status(text)` hears what the block is doing (the progress bar shows it). Returns the
+    block's layer reports."""
     where, reports = f"block{b}", []
     tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached)
     for hidden, _, _ in cached:
@@ -87,13 +89,20 @@ def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, m
         names = [f"{where}.{'/'.join(layers)}" for layers in layer_groups]
         collectors = [method.collector(layers, tokens, name) for layers, name in zip(layer_groups, names)]
         t_collect = time.perf_counter()
+        status(f"block {b}: collecting")
         _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, name)
                                            for layers, c, name in zip(layer_groups, collectors, names)})
         for layers, c, name in zip(layer_groups, collectors, names):  # further passes: one group at a time,
-            while c.end_pass():                                         # so one group's working set is live
+            passes = 1                                                  # so one group's working set is live
+            status(f"{name}: after pass 1")
+            while c.end_pass():
+                passes += 1
+                status(f"{name}: pass {passes}")
                 _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, name)})
+                status(f"{name}: after pass {passes}")
         t_collect = time.perf_counter() - t_collect
-        for layers, c in zip(layer_groups, collectors):
+        for layers, c, name in zip(layer_groups, collectors, names):
+            status(f"{name}: pruning")
             for report in method.prune_group(block, layers, c, where):
                 report.block, report.seconds_collect = b, t_collect
                 reports.append(report)
@@ -148,7 +157,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
         with PeakMemory(device) as memory:
             t0 = time.perf_counter()
             block.to(device)
-            reports = _prune_block(block, b, cached, device, phases, method) if b >= start else []
+            reports = (_prune_block(block, b, cached, device, phases, method, bar.set_postfix_str)
+                       if b >= start else [])
             fault_point(f"pruned:{b}")
             cached = _run_block(block, cached, device, keep_outputs=True)
             block.to(home)

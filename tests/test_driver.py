@@ -115,3 +115,30 @@ def test_each_block_visits_the_device_alone(monkeypatch):
     assert runs and all(e[2] == [e[0]] for e in runs), runs  # a block runs alone on the device
     assert [e for e in events if e[1] != "run"] == [(i, d) for i in range(3) for d in ("cpu:0", "cpu")]
     assert on_device == set()
+
+
+def test_the_progress_bar_hears_each_pass_and_group(monkeypatch):
+    """Inside a block the bar says what runs: the collecting pass, each further pass of a group
+    (Sparse Expansion's chunks: one pass per cluster Hessian that fits --max-memory), the pruning."""
+    from sparse_expansion import driver
+    from sparse_expansion.expansion import cluster_cost
+    from sparse_expansion.methods import ExpansionOptions
+    heard = []
+    monkeypatch.setattr(driver, "tqdm", lambda *a, **k: _Bar(heard))
+    options = ExpansionOptions(clusters=3, kmeans_restarts=1, pca_factor=8, max_cluster_tokens=16)  # sampled: passes
+    config = PruneConfig("sparse-expansion", "0.5", max_memory=cluster_cost(128, 128), options=options)
+    prune_model(tiny_model("llama"), random_tokens(2, 16), config)
+    assert "block 0: collecting" in heard and "block1.mlp.down_proj: pass 3" in heard
+    assert "block1.mlp.gate_proj/mlp.up_proj: pruning" in heard
+
+
+class _Bar(list):
+    def __init__(self, heard):
+        super().__init__(range(2))
+        self.heard = heard
+
+    def set_postfix_str(self, text):
+        self.heard.append(text)
+
+    def set_postfix(self, **kw):
+        pass

@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: each Triton kernel against its torch reference and a dense cuBLAS op.
 
-    python benchmarks/kernels.py [--out benchmarks/results] [--only hessian,obs,routed] [--full]
+    python benchmarks/kernel_speed.py [--out benchmarks/results] [--only hessian,obs,routed] [--full]
 
 GPU: median times (triton.testing.do_bench; CUDA graphs for decode, where host launch overhead
 would otherwise dominate; CUDA events for calls longer than ~50 ms) at Llama-2 FFN shapes
