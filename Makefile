@@ -35,7 +35,7 @@ $(PEERS)/.installed:
 	touch $@
 
 peers: $(STAMP) $(PEERS)/.installed
-	$(PY) benchmarks/peers.py --peer-python $(PEERS)/bin/python --owl --threads 1,2
+	$(PY) benchmarks/peers.py --peer-python $(PEERS)/bin/python --threads 1,2
 
 clean:
 	rm -rf $(VENV) $(PEERS) build *.egg-info

@@ -2,8 +2,7 @@
 SmolLM2's FFN linears, each run in a fresh process, every output scored by our evaluator.
 
     make peers      # builds .venv-peers (llm-compressor pins another transformers) and runs this
-    python benchmarks/peers.py --peer-python .venv-peers/bin/python [--methods sparsegpt,wanda] [--owl]
-                               [--threads 1,2]
+    python benchmarks/peers.py --peer-python .venv-peers/bin/python [--methods sparsegpt,wanda] [--threads 1,2]
 
 Prints a table and writes benchmarks/results/peers.json: wiki perplexity (24 x 512 test
 windows), pruning seconds (the pruning call only), wall seconds (the whole process: imports,
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,8 +23,11 @@ from pathlib import Path
 
 import torch
 
+from peer_llmcompressor import peak_rss_bytes  # beside this file; imports nothing of the peer at the top
+
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
 PEER = Path(__file__).resolve().parent / "peer_llmcompressor.py"
+
 
 
 def run_ours(method: str, calib: str, output: str) -> None:
@@ -39,7 +40,7 @@ def run_ours(method: str, calib: str, output: str) -> None:
     se.prune(model, method=method, sparsity=0.5, calib=torch.load(calib), progress=False)
     seconds = time.perf_counter() - t0
     se.save(model, output, tokenizer=tokenizer)
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def timed(cmd: list[str], threads: int) -> dict:
@@ -63,7 +64,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer-python", default=".venv-peers/bin/python", help="python of llm-compressor's environment")
     p.add_argument("--methods", default="sparsegpt,wanda")
-    p.add_argument("--owl", action="store_true", help="also llm-compressor with its OWL sparsity profile")
     p.add_argument("--threads", default="2", help="CPU threads per run; several (e.g. 1,2) repeat every run at each, "
                                                   "which shows how far float rounding alone moves each result")
     p.add_argument("--nsamples", type=int, default=32)
@@ -86,18 +86,15 @@ def main() -> None:
         torch.save(calib, ids)
         model_folder = str(smollm2_folder())  # the embedded model as a plain transformers folder
         methods, threads = args.methods.split(","), [int(t) for t in args.threads.split(",")]
-        runs = [(m, "ours", False, t) for t in threads for m in methods] + \
-               [(m, "llm-compressor", owl, t) for t in threads for m in methods
-                for owl in ([False, True] if args.owl else [False])]
-        for method, who, owl, n in runs:
-            out = Path(tmp) / f"{who}-{method}{'-owl' if owl else ''}-{n}"
+        runs = [(m, who, t) for who in ("ours", "llm-compressor") for t in threads for m in methods]
+        for method, who, n in runs:
+            out = Path(tmp) / f"{who}-{method}-{n}"
             if who == "ours":
                 cmd = [sys.executable, __file__, "--ours", method, str(ids), str(out)]
             else:
                 cmd = [args.peer_python, str(PEER), "--model", model_folder, "--calib", str(ids), "--method", method,
-                       "--output", str(out)] + (["--owl"] if owl else [])
-            row = {"method": method + (" + OWL" if owl else ""), "implementation": who, "threads": n,
-                   **timed(cmd, n)}
+                       "--output", str(out)]
+            row = {"method": method, "implementation": who, "threads": n, **timed(cmd, n)}
             row["perplexity"] = perplexity_of(out)
             shutil.rmtree(out)
             rows.append(row)

@@ -145,7 +145,8 @@ class Checkpoint:
         if len(saved) != batches:
             raise UsageError(f"{self.folder}: the checkpoint holds {len(saved)} activation batches, the run has "
                              f"{batches}; delete the folder to start over")
-        cached = [(saved[f"batch{i}"].to(hidden.device), args, kwargs) for i, (hidden, args, kwargs) in zip(ids, cached)]
+        cached = [(saved[f"batch{i}"].to(hidden.device), args, kwargs)
+                  for i, (hidden, args, kwargs) in zip(ids, cached)]
         return self.next_block, cached, PruneResult.from_dict(self.state["result"])
 
     @staticmethod

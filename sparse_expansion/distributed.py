@@ -7,10 +7,10 @@ one; what is split depends on the method:
   the compressed experts. The result does not depend on the number of ranks, bit for bit.
 - SparseGPT, Wanda, magnitude: rank r runs a contiguous share of the calibration batches
   through each block and the Hessians are all-reduced (`all_reduce_mean`); SparseGPT's rows,
-  which share one inverse Hessian, are split too (`split_rows`), each column block's mask chosen
-  over every rank's rows (`select_across_ranks`), so the masks are those of one process given
-  the same Hessian. The Hessian's sum runs in another order than one process's, so the result
-  equals the one-rank result up to float rounding.
+  which share one inverse Hessian, are split too (`my_share` of the rows, then `gather_rows`),
+  each column block's mask chosen over every rank's rows (`select_across_ranks`), so the masks
+  are those of one process given the same Hessian. The Hessian's sum runs in another order
+  than one process's, so the result equals the one-rank result up to float rounding.
 Rank 0 alone writes checkpoints and the output.
 """
 from __future__ import annotations
@@ -22,9 +22,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .kernels.obs import block_mask
-
 from .errors import UsageError
+from .kernels.obs import block_mask
 
 
 def init_from_env(device: str) -> None:

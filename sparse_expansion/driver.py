@@ -168,7 +168,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
         if checkpoint is not None:
             t0 = time.perf_counter()
             hidden = [h for h, _, _ in cached]
-            if method.shards_calibration:  # every rank's share of the activations, on rank 0
+            if method.shards_calibration and distributed.world_size() > 1:  # every rank's share, on rank 0
                 hidden = distributed.gather_to_leader([h.cpu() for h in hidden])
             if leader:
                 checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], hidden, result)

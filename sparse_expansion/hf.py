@@ -62,7 +62,8 @@ class SparseExpansionForCausalLM(PreTrainedModel):
         if model_args or refused:
             raise UsageError(f"{folder}: a Sparse Expansion model does not take {sorted(refused) or model_args}; "
                              f"it takes dtype and device_map")
-        model, _ = load_pruned(folder, device=_device(device_map), dtype=_dtype(dtype if dtype is not None else torch_dtype))
+        dtype = _dtype(dtype if dtype is not None else torch_dtype)
+        model, _ = load_pruned(folder, device=_device(device_map), dtype=dtype)
         model.config.use_cache = True  # load_pruned's models are for scoring; this one may generate
         return model
 

@@ -1,9 +1,10 @@
 """Writing and reading pruned models.
 
-A pruned model is a transformers folder (safetensors) written atomically (`PartialOutput`).
-Models with routed experts get their own model type in config.json (see hf.py) and expert files: every expert weight compressed (kept values +
-bitmask), biases, and the routers (PCA mean/basis, centroids), listed with their sha256 in
-`sparse_expansion.json`: one `experts-NNNNN.safetensors` per block when prune spills each
+A pruned model is a transformers folder (safetensors) written atomically (`PartialOutput`), with
+a model card (card.py) and the sha256 of every weight file in `sparse_expansion.json`. Models
+with routed experts get their own model type in config.json (model_type.py) and expert files:
+every expert weight compressed (kept values + bitmask), biases, and the routers (PCA
+mean/basis, centroids): one `experts-NNNNN.safetensors` per block when prune spills each
 finished block there (`spill_block`), or one `experts.safetensors` for a model whose experts are
 in memory. The dense part sits in the usual transformers files. `load_pruned` rebuilds it.
 """
