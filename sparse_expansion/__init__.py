@@ -3,7 +3,7 @@
 Sparse Expansion (Sawmya et al., ICLR 2025) and the baselines it is judged against
 (SparseGPT, Wanda, magnitude), driven layer by layer over a model's decoder blocks.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import hf  # noqa: E402  (registers Sparse Expansion folders with transformers' Auto classes)
 from .api import load, load_tokenizer, prune, save  # noqa: E402

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .config import PruneConfig
 from .errors import UsageError
 from .experts import SparseExpertLinear, compress, decompress, pack_experts, unpack_experts

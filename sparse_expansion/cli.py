@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import __version__, checks, distributed
+from . import checks, distributed
+from .version import __version__
 from .analysis.command import add_analyze_parser, cmd_analyze
 from .checkpoint import Checkpoint
 from .config import PruneConfig
