@@ -1,7 +1,7 @@
 """Sparse Expansion folders as transformers models: importing `sparse_expansion` registers the
 `sparse_expansion` model type (model_type.py) with transformers' Auto classes, so that
 `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the base architecture with its routed
-experts (through `outputs.load_pruned`). No code is ever executed from a model folder (no
+experts (through `outputs.load_pruned_model`). No code is ever executed from a model folder (no
 `trust_remote_code`): the package must be imported in the process that loads.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import UsageError
 from .model_type import LOADER, MODEL_TYPE, SparseExpansionConfig
-from .outputs import load_pruned
+from .outputs import load_pruned_model
 
 # from_pretrained arguments the loader accepts at these values only, besides None (what lm-eval
 # and pipelines pass by default); anything else is refused rather than ignored
@@ -63,7 +63,7 @@ class SparseExpansionForCausalLM(PreTrainedModel):
             raise UsageError(f"{folder}: a Sparse Expansion model does not take {sorted(refused) or model_args}; "
                              f"it takes dtype and device_map")
         dtype = _dtype(dtype if dtype is not None else torch_dtype)
-        model, _ = load_pruned(folder, device=_device(device_map), dtype=dtype)
+        model = load_pruned_model(folder, device=_device(device_map), dtype=dtype)  # the tokenizer is not ours
         model.config.use_cache = True  # load_pruned's models are for scoring; this one may generate
         return model
 

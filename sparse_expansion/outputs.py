@@ -27,8 +27,8 @@ from transformers.utils import logging as hf_logging
 from .card import model_card
 from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
-from .model_type import base_config, wrap_config
 from .faults import fault_point
+from .model_type import base_config, wrap_config
 
 METADATA = "sparse_expansion.json"
 EXPERTS_FILE = "experts.safetensors"
@@ -215,7 +215,11 @@ def is_expert_folder(folder: str | Path) -> bool:
 
 def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) of a folder written by `prune`, with its routed experts rebuilt."""
+    return load_pruned_model(folder, device, dtype), AutoTokenizer.from_pretrained(folder)
 
+
+def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of a folder written by `prune`, with its routed experts rebuilt (no tokenizer)."""
     folder = Path(folder)
     meta = read_metadata(folder)
     if meta is None or "experts" not in meta:
@@ -254,4 +258,4 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
         unpack_experts(model, part, entry["layers"], info.get("runtime_format", "bitmask"))
     model.to(device).eval()
     model.config.use_cache = False
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model
