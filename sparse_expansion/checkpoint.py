@@ -33,6 +33,7 @@ from .errors import UsageError
 from .experts import SparseExpertLinear, compress, decompress, pack_experts, unpack_experts
 from .faults import fault_point
 from .models import decoder_blocks
+from .packing import GRID, remember_grid
 from .reports import PruneResult
 
 FORMAT = "sparse-expansion-checkpoint-v3"
@@ -160,7 +161,10 @@ class Checkpoint:
             prefix = f"{name}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             weight = {k[len("weight."):]: state.pop(k) for k in list(state) if k.startswith("weight.")}
+            grid = {k[len("grid."):]: state.pop(k) for k in list(state) if k.startswith("grid.")}
             module.load_state_dict({**state, "weight": decompress(weight)})
+            if grid:
+                remember_grid(module, grid["scale"], grid["zero"], meta["bits"][name])
 
     def save(self, b: int, block: nn.Module, names: list[str], hidden: list[torch.Tensor], result: PruneResult
              ) -> None:
@@ -173,15 +177,17 @@ class Checkpoint:
             modules = {n: block.get_submodule(n) for n in names}
             experts = {n: m for n, m in modules.items() if isinstance(m, SparseExpertLinear)}
             tensors, layout = pack_experts(experts)
-            linears = [n for n in names if n not in experts]
+            linears, bits = [n for n in names if n not in experts], {}
             for n in linears:  # weights compressed bit-exactly (values + bitmask), biases as they are
                 for k, v in modules[n].state_dict().items():
                     if k == "weight":
                         tensors.update({f"{n}.weight.{p}": t for p, t in compress(v, exact=True).items()})
                     else:
                         tensors[f"{n}.{k}"] = v
+                if hasattr(modules[n], GRID):  # a quantized linear's grid, for the saved integers
+                    tensors[f"{n}.grid.scale"], tensors[f"{n}.grid.zero"], bits[n] = getattr(modules[n], GRID)
             name = f"block-{b:04d}.safetensors"
-            _save_tensors(self.folder / name, tensors, {"experts": layout, "linears": linears})
+            _save_tensors(self.folder / name, tensors, {"experts": layout, "linears": linears, "bits": bits})
             state["block_files"][str(b)] = name
         activations = f"activations-{b:04d}.safetensors"
         _save_tensors(self.folder / activations, {f"batch{i}": h for i, h in enumerate(hidden)})

@@ -24,7 +24,9 @@ from .config import PruneConfig
 from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
+from .downstream import PERPLEXITY, WIKI_TASK, prepare_tasks, run_tasks
 from .evaluate import perplexity
+from .experts import convert_experts
 from .loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
 from .memory import available_host_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
@@ -32,6 +34,7 @@ from .methods.base import flag
 from .models import family_of
 from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
 from .router import choose_backend
+from .packing import check_format
 from .outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
 
 EXIT_USAGE = 2
@@ -53,6 +56,9 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     pr.add_argument("--targets", default="ffn", help="ffn (default) or all (adds attention projections)")
     pr.add_argument("--output", required=not planning, help="folder to write the pruned model to")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    pr.add_argument("--format", default="auto", choices=["auto", "dense", "compressed-tensors"],
+                    help="baselines' weights: dense (pruned entries zero, in --dtype) or compressed-tensors integer "
+                         "weights (needs --bits); auto: compressed-tensors when --bits is given")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pr.add_argument("--dtype", default="auto",
                     help="auto (the checkpoint's dtype), bfloat16, float16 or float32: the model, its activations "
@@ -94,8 +100,15 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=defaults)
     _add_run_arguments(pl, planning=True)
 
-    ev = sub.add_parser("eval", help="perplexity on held-out windows", formatter_class=defaults)
+    ev = sub.add_parser("eval", help="perplexity on held-out windows and lm-eval tasks", formatter_class=defaults)
     ev.add_argument("model", help="model reference as for prune, or a folder written by prune")
+    ev.add_argument("--tasks", default=PERPLEXITY,
+                    help=f"comma-separated: {PERPLEXITY} (held-out perplexity of --data) and/or lm-eval tasks, "
+                         f"e.g. {WIKI_TASK} (embedded, offline), hellaswag (needs the network)")
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval tasks: score the first N documents of each")
+    ev.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files")
+    ev.add_argument("--experts", default="saved", choices=["saved", "dense"],
+                    help="routed experts as saved (compressed), or dense: faster on a CPU, K dense copies in memory")
     ev.add_argument("--data", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
     ev.add_argument("--split", default="auto", choices=["auto", "test", "all"],
                     help="test: the held-out side of the source (1 document in 10 for wiki and files); all: every "
@@ -132,6 +145,7 @@ def check_prune_args(args) -> PruneConfig:
     config = method_config(args)
     checks.positive(args.nsamples, "--nsamples")
     check_output(args.output, args.overwrite)
+    args.format = check_format(args.format, args.bits, config.method)
     check_source(args.calib)
     check_model_ref(args.model)
     checks.seqlen(args.model, args.seqlen)
@@ -225,7 +239,8 @@ def cmd_prune(args) -> int:
         metadata = {"command": "prune", "command_line": args.command_line, "arguments": vars(args),
                     "config": config.as_dict(), "seconds": seconds, "world_size": distributed.world_size(),
                     **result.to_dict()}
-        out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite, partial=partial)
+        out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite, partial=partial,
+                                weight_format=args.format)
     finally:
         if partial is not None:
             partial.discard()
@@ -243,19 +258,35 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     checks.kernel_backend()
-    check_source(args.data)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    lm_tasks = [t for t in tasks if t != PERPLEXITY]
+    if not tasks:
+        raise UsageError("--tasks is empty")
+    if PERPLEXITY in tasks:
+        check_source(args.data)
+        checks.seqlen(args.model, args.seqlen)
     check_model_ref(args.model)
-    checks.seqlen(args.model, args.seqlen)
     checks.positive(args.max_windows, "--max-windows")
     checks.positive(args.batch_size, "--batch-size")
+    checks.positive(args.limit, "--limit")
     device = checks.device(args.device)
+    manager = prepare_tasks(lm_tasks, args.include_path) if lm_tasks else None
     model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device)
-    split = args.split if args.split != "auto" else "test" if args.data in SOURCES else "all"
-    windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows, split)
-    result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
-    result.update(model=args.model, data=args.data, split=split)
-    print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
-          f"({result['windows']} windows of {result['seqlen']}) of {args.data} ({split} split)")
+    if args.experts == "dense" and convert_experts(model, "dense"):
+        print(f"experts stored dense for this evaluation ({rss_bytes() / 2**30:.1f} GiB resident)")
+    result = {"model": args.model}
+    if PERPLEXITY in tasks:
+        split = args.split if args.split != "auto" else "test" if args.data in SOURCES else "all"
+        windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows, split)
+        result.update(perplexity(model, windows, args.batch_size, progress=not args.quiet), data=args.data, split=split)
+        print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
+              f"({result['windows']} windows of {result['seqlen']}) of {args.data} ({split} split)")
+    if lm_tasks:
+        result["tasks"] = run_tasks(model, tokenizer, lm_tasks, manager, args.limit, args.batch_size,
+                                    progress=not args.quiet)
+        for task, metrics in result["tasks"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
+            print(f"{task}: {shown}" + (f" ({metrics['examples']} examples)" if metrics["examples"] else ""))
     if args.json:
         print(json.dumps(result))
     return 0

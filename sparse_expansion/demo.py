@@ -1,9 +1,12 @@
-"""`make demo`: held-out perplexity of the embedded SmolLM2-135M at 50% unstructured FFN sparsity.
+"""`make demo`: held-out perplexity and last-word accuracy of the embedded SmolLM2-135M at 50%
+unstructured FFN sparsity.
 
 Dense, magnitude, Wanda, SparseGPT and Sparse Expansion with 16 clusters (default options).
-Same calibration windows (32 x 512 tokens of the Wikipedia train split, seed 0) and the same 24
-evaluation windows of 512 tokens for every method; dense first, then each method on a fresh copy.
-Writes the table as JSON to runs/demo.json.
+Same calibration windows (32 x 512 tokens of the Wikipedia train split, seed 0), the same 24
+evaluation windows of 512 tokens and the same first `lastword` documents of the embedded
+wiki_lastword task (scored by lm-eval) for every method; dense first, then each method on a fresh
+copy. Sparse Expansion's experts are evaluated dense (16 copies in memory: faster on a CPU than
+decompressing them batch by batch; the same numbers). Writes the table as JSON to runs/demo.json.
 """
 from __future__ import annotations
 
@@ -12,38 +15,62 @@ import json
 import time
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows
 from .driver import prune_model
+from .downstream import WIKI_TASK, prepare_tasks, run_tasks
 from .evaluate import perplexity
+from .experts import convert_experts
 from .loading import SMOLLM2, load_model
 from .methods import METHODS
 
+def evaluate(model, tokenizer, evalw, tasks, lastword: int, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    result = perplexity(model, evalw, progress=progress)
+    t1 = time.perf_counter()
+    accuracy = run_tasks(model, tokenizer, [WIKI_TASK], tasks, lastword, batch_size=8, progress=progress)[WIKI_TASK]
+    return {**result, "lastword_acc": accuracy["acc"], "lastword_stderr": accuracy["acc_stderr"],
+            "lastword_examples": accuracy["examples"], "perplexity_seconds": t1 - t0,
+            "lastword_seconds": time.perf_counter() - t1}
+
+
 def run(methods=tuple(METHODS), sparsity: str = "0.5", nsamples: int = 32, seqlen: int = 512, windows: int = 24,
-        seed: int = 0, progress: bool = True) -> list[dict]:
+        lastword: int = 200, seed: int = 0, progress: bool = True) -> list[dict]:
+    tasks = prepare_tasks([WIKI_TASK])
     model, tokenizer = load_model(SMOLLM2)
     calib = calibration_windows(tokenizer, "wiki", nsamples, seqlen, seed)
     evalw = evaluation_windows(tokenizer, "wiki", seqlen, windows)
-    rows = [{"method": "dense", "sparsity": 0.0, **perplexity(model, evalw, progress=progress), "prune_seconds": 0.0}]
-    print(f"dense: perplexity {rows[0]['perplexity']:.3f}", flush=True)
+    rows = [{"method": "dense", "sparsity": 0.0, **evaluate(model, tokenizer, evalw, tasks, lastword, progress),
+             "prune_seconds": 0.0}]
+    print(f"dense: perplexity {rows[0]['perplexity']:.3f}, last-word accuracy {rows[0]['lastword_acc']:.3f}",
+          flush=True)
     for method in methods:
         model, _ = load_model(SMOLLM2)
         t0 = time.perf_counter()
         config = PruneConfig(method=method, sparsity=sparsity)
         pruned = prune_model(model, calib, config, progress=progress)
         seconds = time.perf_counter() - t0
-        result = perplexity(model, evalw, progress=progress)
+        convert_experts(model, "dense")
+        result = evaluate(model, tokenizer, evalw, tasks, lastword, progress)
         rows.append({"method": config.make_method().label(), "sparsity": pruned.sparsity, **result,
                      "prune_seconds": seconds})
-        print(f"{method}: perplexity {result['perplexity']:.3f} (pruned in {seconds:.0f} s)", flush=True)
+        print(f"{method}: perplexity {result['perplexity']:.3f}, last-word accuracy {result['lastword_acc']:.3f} "
+              f"(pruned in {seconds:.0f} s)", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | FFN sparsity | wiki-test perplexity | prune time (s) |", "|---|---|---|---|"]
+    lines = ["| method | FFN sparsity | wiki-test perplexity | last-word accuracy | prune time (s) |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {r['perplexity']:.3f} | {r['prune_seconds']:.0f} |")
-    lines.append(f"\n{rows[0]['tokens']} predicted tokens ({rows[0]['windows']} windows of {rows[0]['seqlen']}).")
+        lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {r['perplexity']:.3f} | "
+                     f"{r['lastword_acc']:.3f} ± {r['lastword_stderr']:.3f} | {r['prune_seconds']:.0f} |")
+    first = rows[0]
+    lines.append(f"\nPerplexity: {first['tokens']} predicted tokens ({first['windows']} windows of {first['seqlen']}). "
+                 f"Last-word accuracy ({WIKI_TASK}, lm-eval): the first {first['lastword_examples']} documents, "
+                 f"± one standard error.")
     return "\n".join(lines)
 
 
@@ -51,9 +78,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--output", default="runs/demo.json")
+    p.add_argument("--lastword", type=int, default=200, help="documents of the last-word task to score")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    rows = run(tuple(args.methods.split(",")), progress=not args.quiet)
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+    rows = run(tuple(args.methods.split(",")), lastword=args.lastword, progress=not args.quiet)
     print()
     print(table(rows))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

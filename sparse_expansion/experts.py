@@ -57,9 +57,14 @@ class SparseExpertLinear(nn.Module):
             return self.weight[e]
         if self.format == "2:4":
             return decompress_24(self.values[e:e + 1], self.meta[e:e + 1])[0]
-        dense = self.values.new_zeros(self.out_features * self.in_features)
-        dense.masked_scatter_(self._expert_mask(e), self.values[self.offsets[e]:self.offsets[e + 1]])
-        return dense.view(self.out_features, self.in_features)
+        # kept value k of the expert sits at the k-th set bit: gather by the running count of set bits
+        # (twice as fast as masked_scatter on a CPU; pruned entries may come out as -0.0)
+        mask = self._expert_mask(e)
+        position = torch.cumsum(mask, 0, dtype=torch.int32).sub_(1).clamp_(min=0)
+        kept = self.values[self.offsets[e]:self.offsets[e + 1]]
+        if kept.numel() == 0:
+            return self.values.new_zeros(self.out_features, self.in_features)
+        return kept.take(position.long()).mul_(mask).view(self.out_features, self.in_features)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -183,6 +188,16 @@ def concat_compressed(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
         mask = pack_bits(torch.cat([unpack_bits(p["mask"])[:n] for p, n in zip(parts, numel)]))
     return {"values": torch.cat([p["values"] for p in parts]), "mask": mask,
             "shape": torch.tensor([sum(s[0] for s in shapes), *shapes[0][1:]], dtype=torch.int64)}
+
+
+def convert_experts(model: nn.Module, fmt: str) -> int:
+    """Store every SparseExpertLinear of `model` as `fmt` ('dense' or '2:4'); returns how many."""
+    if fmt not in ("dense", "2:4"):
+        raise ValueError(f"experts format {fmt!r}: use 'dense' or '2:4'")
+    modules = [m for m in model.modules() if isinstance(m, SparseExpertLinear)]
+    for module in modules:
+        module.to_dense() if fmt == "dense" else module.to_24()
+    return len(modules)
 
 
 def pack_experts(experts: dict[str, SparseExpertLinear]) -> tuple[dict[str, torch.Tensor], dict]:

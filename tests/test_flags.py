@@ -13,6 +13,7 @@ from sparse_expansion import cli, demo
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
+from sparse_expansion.experts import SparseExpertLinear
 from sparse_expansion.loading import load_model
 from sparse_expansion.outputs import load_pruned, write_atomically
 from tiny import random_tokens, tiny_model
@@ -45,7 +46,8 @@ def test_sequential_prunes_down_proj_on_the_pruned_gate_and_up():
 
 
 def test_bits_through_the_cli_leave_at_most_two_to_the_bits_levels_per_row(tiny_folder, small_corpus, tmp_path):
-    assert prune(tiny_folder, small_corpus, tmp_path / "out", "--bits", "3") == 0
+    assert prune(tiny_folder, small_corpus, tmp_path / "out", "--bits", "3", "--format", "dense") == 0
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     W = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
     levels = [len(set(row[row != 0].tolist())) for row in W]
     assert max(levels) <= 8 and min(levels) >= 2
@@ -167,10 +169,13 @@ def test_demo_runs_end_to_end_at_a_tiny_size(monkeypatch):
     model, tokenizer = load_model("smollm2")
     small = tiny_model("llama", vocab_size=len(tokenizer))
     monkeypatch.setattr(demo, "load_model", lambda ref: (small, tokenizer))
-    rows = demo.run(methods=("magnitude", "sparse-expansion"), nsamples=2, seqlen=32, windows=2, progress=False)
+    rows = demo.run(methods=("magnitude", "sparse-expansion"), nsamples=2, seqlen=32, windows=2, lastword=3,
+                    progress=False)
     assert [r["method"] for r in rows] == ["dense", "magnitude", "sparse-expansion (16)"]
     assert rows[1]["sparsity"] == pytest.approx(0.5, abs=0.01) and all(r["tokens"] == 62 for r in rows)
-    assert "| sparse-expansion (16) | 50.0% |" in demo.table(rows)
+    assert all(r["lastword_examples"] == 3 and 0 <= r["lastword_acc"] <= 1 for r in rows)
+    assert "| sparse-expansion (16) | 50.0% |" in demo.table(rows) and "first 3 documents" in demo.table(rows)
+    assert {m.format for m in small.modules() if isinstance(m, SparseExpertLinear)} == {"dense"}  # evaluated dense
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "sparse-expansion"])

@@ -41,15 +41,16 @@ def same_model(a, b):
     assert strip(meta_a["layers"]) == strip(meta_b["layers"])
 
 
-@pytest.mark.parametrize("method,kill_at", [("sparsegpt", "block:0"), ("sparse-expansion", "checkpoint:1"),
-                                            ("sparsegpt", "save")])
-def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_path, capsys, method, kill_at):
+@pytest.mark.parametrize("method,extra,kill_at", [("sparsegpt", [], "block:0"), ("sparsegpt", ["--bits", "4"], "block:0"),
+                                                  ("sparse-expansion", [], "checkpoint:1"), ("sparsegpt", [], "save")])
+def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_path, capsys, method, extra, kill_at):
     """SIGKILL (in a subprocess) after block 0 is committed, while block 1's checkpoint is
     written, or while the output is written: no folder at --output (only the partial one the
     run was filling); re-running the command
     resumes (or, with every block saved, only saves) and gives the uninterrupted model bit for
-    bit. Sparse Expansion fits its routers on a 100-token sample of the 256, over two passes."""
-    args = ["--method", method, "--seed", "5"]
+    bit (quantized: the restored block's integers too). Sparse Expansion fits its routers on a
+    100-token sample of the 256, over two passes."""
+    args = ["--method", method, "--seed", "5", *extra]
     if method == "sparse-expansion":
         args += ["--clusters", "4", "--kmeans-restarts", "2", "--max-cluster-tokens", "100"]
     assert cli.main(prune_cmd(tiny_folder, small_corpus, tmp_path / "uninterrupted", *args)[3:]) == 0
