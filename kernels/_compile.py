@@ -1,21 +1,32 @@
 """Ahead-of-time compilation of every kernel for a CUDA target, without a GPU.
 
 `compile_all(cc)` builds each kernel variant with `triton.compile(ASTSource(...),
-target=GPUTarget("cuda", cc, 32))` down to a cubin (Triton ships ptxas). It is the cheap check,
-run by the CPU test suite, that the kernels the interpreter tests also lower for sm_80/sm_90 with
-16-bit inputs (the interpreter accepts some programs the compiler rejects, and vice versa).
+target=GPUTarget("cuda", cc, 32))` down to a cubin (Triton ships ptxas), specialised as the JIT
+specialises a launch at LLM shapes: pointers and integer arguments divisible by 16 carry the
+`tt.divisibility` hint, unit strides become the constant 1 (`Variant.unit`), and arguments that
+vary per call (token counts) carry no hint (`Variant.free`). Each result says what the compiled
+code uses: registers, spill bytes (ptxas -v), shared memory, and tensor-core instructions
+(mma.sync on sm_80/86, wgmma on sm_90) in the PTX. It is the cheap check, run by the CPU test
+suite, that the kernels the interpreter tests also lower for sm_80/86/90 with 16-bit inputs (the
+interpreter accepts some programs the compiler rejects, and vice versa), and the record of what
+the compiled code looks like while no GPU is lent.
 
 It must run in a process without TRITON_INTERPRET: under the interpreter Triton's own library
 functions (tl.sum's combine function, ...) are interpreter objects that the compiler cannot
 lower, and calling them patches triton.language for good. From an interpreted process run
-`python -m sparse_expansion.kernels._compile 80 90` with TRITON_INTERPRET unset.
+`python -m sparse_expansion.kernels._compile 80 86 90` with TRITON_INTERPRET unset.
 """
 import json
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import triton
+import triton.backends.nvidia as nvidia_backend
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -25,6 +36,7 @@ from .obs import _obs_block_kernel
 from .routed_matmul import _routed_kernel
 
 _TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+ROUTED_UNIT = ("stride_xk", "stride_wk", "stride_yn")  # contiguous activations, weights, outputs
 
 
 @dataclass
@@ -34,6 +46,19 @@ class Variant:
     signature: dict
     constexprs: dict
     options: dict = field(default_factory=dict)
+    unit: tuple = ()  # integer arguments that are 1 at every launch (innermost strides)
+    free: tuple = ()  # integer arguments with no divisibility at some launches (token counts)
+
+    def specialised(self) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) as the JIT builds them for a launch at LLM shapes."""
+        names = _jit(self.kernel).arg_names
+        signature, constexprs, attrs = dict(self.signature), dict(self.constexprs), {}
+        for name, kind in self.signature.items():
+            if name in self.unit:
+                signature[name], constexprs[name] = "constexpr", 1
+            elif kind.startswith("*") or (kind in ("i32", "i64") and name not in self.free):
+                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+        return signature, constexprs, attrs
 
 
 def _jit(kernel) -> JITFunction:
@@ -55,7 +80,7 @@ def variants(dtype: str = "bf16") -> list[Variant]:
     for has_perm in (False, True):
         out.append(Variant(f"hessian[perm={has_perm}]", _hessian_tile_kernel, hsig,
                            dict(HAS_PERM=has_perm, BLOCK=128, BLOCK_K=64 if t != "fp32" else 32,
-                                PREC=prec), dict(num_warps=8, num_stages=3)))
+                                PREC=prec), dict(num_warps=8, num_stages=3), unit=("stride_xd",)))
     osig = {"W": "*fp32", "PRUNED": "*u8", "HINV": "*fp32", "ERR": "*fp32", "SCALE": "*fp32",
             "ZERO": "*fp32", "R": "i32", "C": "i32", "i1": "i32", "count": "i32", "maxq": "fp32",
             "stride_we": "i64", "stride_wr": "i32", "stride_pe": "i64", "stride_pr": "i32",
@@ -65,7 +90,7 @@ def variants(dtype: str = "bf16") -> list[Variant]:
     for n, m, quant in ((0, 1, False), (2, 4, False), (0, 1, True), (2, 4, True)):
         out.append(Variant(f"obs[{n}:{m},quant={quant}]", _obs_block_kernel, osig,
                            dict(PRUNE_N=n, PRUNE_M=m, QUANT=quant, BLOCK_R=16, BLOCK_C=128),
-                           dict(num_warps=4)))
+                           dict(num_warps=4), free=("count",)))
     rsig = {"X": f"*{t}", "W": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}",
             "SORTED_IDS": "*i32", "BLOCK_EXPERT": "*i32", "T": "i32", "N": "i32", "K": "i32",
             "stride_xt": "i32", "stride_xk": "i32", "stride_we": "i64", "stride_wn": "i32",
@@ -79,30 +104,49 @@ def variants(dtype: str = "bf16") -> list[Variant]:
         out.append(Variant(f"routed_{tag}[prefill]", _routed_kernel, rsig,
                            dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=1, BLOCK_M=128,
                                 BLOCK_N=128, BLOCK_K=64, PREC=prec),
-                           dict(num_warps=8, num_stages=4)))
+                           dict(num_warps=8, num_stages=4), unit=ROUTED_UNIT, free=("T",)))
         out.append(Variant(f"routed_{tag}[decode,split]", _routed_kernel, split_sig,
                            dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16,
                                 BLOCK_N=32, BLOCK_K=256 if sparse24 else 128, PREC=prec),
-                           dict(num_warps=4, num_stages=4)))
+                           dict(num_warps=4, num_stages=4), unit=ROUTED_UNIT, free=("T",)))
     return out
 
 
 def compile_variant(v: Variant, cc: int):
-    src = ASTSource(fn=_jit(v.kernel), signature=v.signature, constexprs=v.constexprs)
+    signature, constexprs, attrs = v.specialised()
+    src = ASTSource(fn=_jit(v.kernel), signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=v.options)
+
+
+PTXAS = Path(nvidia_backend.__file__).parent / "bin" / "ptxas"
+_TENSOR_CORE = re.compile(r"^\s*(mma\.sync|wgmma\.mma_async)", re.M)
+
+
+def resources(ptx: str, cc: int) -> dict:
+    """Registers and spill bytes per thread (ptxas -v on the kernel's PTX), tensor-core instructions."""
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([str(PTXAS), "-v", f"--gpu-name={arch}", str(path), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: sum(int(n) for n in re.findall(pattern, log))  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "tensor_core": len(_TENSOR_CORE.findall(ptx))}
 
 
 def compile_all(cc: int, dtype: str = "bf16") -> dict[str, dict]:
     """Compile every variant for compute capability `cc`.
 
-    Returns {variant: {"stages": [...], "shared": bytes, "error": str | None}}.
+    Returns {variant: {"stages", "shared" (bytes), "registers", "spill_stores", "spill_loads",
+    "tensor_core" (mma instructions in the PTX), "dot" (the kernel calls tl.dot), "error"}}.
     """
     out = {}
     for v in variants(dtype):
         try:
             k = compile_variant(v, cc)
-            out[v.name] = {"stages": list(k.asm.keys()), "shared": k.metadata.shared,
-                           "error": None}
+            out[v.name] = {"stages": list(k.asm.keys()), "shared": k.metadata.shared, **resources(k.asm["ptx"], cc),
+                           "dot": "tl.dot(" in _jit(v.kernel).src, "error": None}
         except Exception as e:  # reported, the caller decides
             out[v.name] = {"stages": [], "shared": 0, "error": f"{type(e).__name__}: {e}"}
     return out
@@ -115,7 +159,7 @@ def main(argv: list[str]) -> int:
         i = argv.index("--dtype")
         dtype = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
-    ccs = [int(a) for a in argv] or [80, 90]
+    ccs = [int(a) for a in argv] or [80, 86, 90]
     t0 = time.time()
     res = {f"sm_{cc}": compile_all(cc, dtype) for cc in ccs}
     failed = [f"{t}/{n}" for t, r in res.items() for n, v in r.items() if v["error"]]

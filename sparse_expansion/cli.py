@@ -34,7 +34,7 @@ from .methods.base import flag
 from .models import family_of
 from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
 from .router import choose_backend
-from .packing import check_format
+from .packing import FORMATS, check_format
 from .outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
 
 EXIT_USAGE = 2
@@ -56,7 +56,7 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     pr.add_argument("--targets", default="ffn", help="ffn (default) or all (adds attention projections)")
     pr.add_argument("--output", required=not planning, help="folder to write the pruned model to")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    pr.add_argument("--format", default="auto", choices=["auto", "dense", "compressed-tensors"],
+    pr.add_argument("--format", default="auto", choices=FORMATS,
                     help="baselines' weights: dense (pruned entries zero, in --dtype) or compressed-tensors integer "
                          "weights (needs --bits); auto: compressed-tensors when --bits is given")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -29,7 +29,7 @@ from .errors import UsageError
 from .experts import SparseExpertLinear, pack_experts, unpack_experts
 from .faults import fault_point
 from .model_type import base_config, wrap_config
-from .packing import add_quantization_config, compressed_state, quantized_linears
+from .packing import FORMATS, add_quantization_config, compressed_state, quantized_linears
 
 METADATA = "sparse_expansion.json"
 EXPERTS_FILE = "experts.safetensors"
@@ -156,6 +156,8 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
     experts = expert_layers(model)
     spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
     quantized = bool(quantized_linears(model))
+    if weight_format not in FORMATS:
+        raise UsageError(f"weight format {weight_format!r}: use one of {', '.join(FORMATS)}")
     if weight_format == "auto":
         weight_format = "compressed-tensors" if quantized else "dense"
     if weight_format == "compressed-tensors" and not quantized:

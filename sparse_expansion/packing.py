@@ -26,6 +26,11 @@ def remember_grid(module: nn.Module, scale: torch.Tensor, zero: torch.Tensor, bi
     setattr(module, GRID, (scale.reshape(-1, 1).float().cpu(), zero.reshape(-1, 1).float().cpu(), bits))
 
 
+def forget_grid(module: nn.Module) -> None:
+    if hasattr(module, GRID):
+        delattr(module, GRID)
+
+
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if hasattr(m, GRID)}
 
@@ -89,6 +94,9 @@ def loading_options(folder: str | Path) -> dict:
         return {}
     from transformers import CompressedTensorsConfig
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
+FORMATS = ("auto", "dense", "compressed-tensors")
 
 
 def check_format(fmt: str, bits: int | None, method: str) -> str:

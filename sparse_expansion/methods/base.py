@@ -24,7 +24,7 @@ from torch import nn
 from ..kernels.hessian import accumulate_hessian
 from ..kernels.obs import find_quant_grid
 from ..models import linear_weight, set_linear_weight
-from ..packing import remember_grid
+from ..packing import forget_grid, remember_grid
 from ..reports import LayerReport
 from .. import distributed, solvers
 
@@ -127,6 +127,8 @@ class Method:
             if self.config.bits is not None:  # the grid every solver rounds on, for the saved integers
                 grid = find_quant_grid(W, self.config.bits)
                 remember_grid(module, grid.scale, grid.zero, self.config.bits)
+            else:
+                forget_grid(module)  # of an earlier quantized prune
             reports.append(LayerReport(
                 layer=f"{where}.{name}", shape=list(W.shape[1:]), tokens=int(stats.count[0]),
                 sparsity=float((W_hat == 0).float().mean()), relative_error=solvers.relative_error(W, W_hat, stats.H)[0],
