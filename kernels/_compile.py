@@ -99,16 +99,18 @@ def variants(dtype: str = "bf16") -> list[Variant]:
             "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     split_sig = dict(rsig, Y="*fp32")
-    for sparse24 in (False, True):
+    for sparse24 in (False, True):  # the configurations routed_matmul.default_config picks on a GPU
         tag = "24" if sparse24 else "dense"
-        out.append(Variant(f"routed_{tag}[prefill]", _routed_kernel, rsig,
-                           dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=1, BLOCK_M=128,
-                                BLOCK_N=128, BLOCK_K=64, PREC=prec),
-                           dict(num_warps=8, num_stages=4), unit=ROUTED_UNIT, free=("T",)))
-        out.append(Variant(f"routed_{tag}[decode,split]", _routed_kernel, split_sig,
-                           dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16,
-                                BLOCK_N=32, BLOCK_K=256 if sparse24 else 128, PREC=prec),
-                           dict(num_warps=4, num_stages=4), unit=ROUTED_UNIT, free=("T",)))
+        decode_k = 256 if sparse24 else 128
+        for name, sig, (m, n, k, split, warps) in (
+                ("prefill", rsig, (128, 128, 64, 1, 8)),          # >= 128 tokens per expert
+                ("prefill,m64", rsig, (64, 128, 64, 1, 8)),       # fewer tokens per expert
+                ("decode", rsig, (16, 32, decode_k, 1, 4)),       # T <= 64, enough programs
+                ("decode,split", split_sig, (16, 32, decode_k, 4, 4))):  # split-K: fp32 partial sums
+            out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, sig,
+                               dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=split, BLOCK_M=m, BLOCK_N=n,
+                                    BLOCK_K=k, PREC=prec),
+                               dict(num_warps=warps, num_stages=4), unit=ROUTED_UNIT, free=("T",)))
     return out
 
 

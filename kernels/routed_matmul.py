@@ -208,7 +208,9 @@ def default_config(T: int, E: int, N: int, K: int, sparse24: bool,
     per_expert = T / max(1, min(E, T))
     if per_expert >= 128:
         return RoutedConfig(128, 128, 64, 1, 8, 4)
-    return RoutedConfig(64, 128, 64, 1, 4, 4)
+    # 8 warps: with 4, sm_90's compiler aborts on the 2:4 path (LLVM "Illegal shared layout") and
+    # sm_80 needs 255 registers; see kernels/_compile.py
+    return RoutedConfig(64, 128, 64, 1, 8, 4)
 
 
 def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ DEFAULT_METHODS = ("sparsegpt", "sparse-expansion")
 
 
 def run(methods=DEFAULT_METHODS, sparsity: str = "0.5", nsamples: int = 32, seqlen: int = 512, windows: int = 24,
-        lastword: int = 200, seed: int = 0, progress: bool = True) -> list[dict]:
+        lastword: int = 100, seed: int = 0, progress: bool = True) -> list[dict]:
     tasks = prepare_tasks([WIKI_TASK])
     model, tokenizer = load_model(SMOLLM2)
     calib = calibration_windows(tokenizer, "wiki", nsamples, seqlen, seed)
@@ -83,7 +83,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, or all: {', '.join(METHODS)}")
     p.add_argument("--output", default="runs/demo.json")
-    p.add_argument("--lastword", type=int, default=200, help="documents of the last-word task to score")
+    p.add_argument("--lastword", type=int, default=100, help="documents of the last-word task to score")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     if args.quiet:

@@ -273,19 +273,30 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 # ----------------------------------------------------------------------------- compilation
 
-def test_kernels_compile_for_sm80_sm90_bf16():
-    """Every kernel variant lowers to a cubin for sm_80 and sm_90 with bf16 inputs, no GPU.
+SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448}  # bytes of shared memory a block may use
+
+
+def test_kernels_compile_as_the_jit_does_for_sm80_sm86_sm90_bf16():
+    """Every kernel variant lowers to a cubin for sm_80, sm_86 and sm_90 with bf16 inputs, no GPU,
+    specialised as the JIT specialises an LLM-shaped launch (16-divisible pointers and sizes, unit
+    strides constant); no register spills, its shared memory fits the device, and every kernel
+    that calls tl.dot issues tensor-core instructions (mma.sync / wgmma).
 
     Runs in a subprocess without TRITON_INTERPRET (the interpreter's objects cannot be compiled).
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ccs = (80, 86, 90)
     procs = [subprocess.Popen([sys.executable, "-m", "sparse_expansion.kernels._compile", str(cc),
                                "--dtype", "bf16"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for cc in (80, 90)]
-    for cc, p in zip((80, 90), procs):
-        out, err = p.communicate(timeout=300)
+                              stderr=subprocess.PIPE, text=True) for cc in ccs]
+    for cc, p in zip(ccs, procs):
+        out, err = p.communicate(timeout=600)
         assert p.returncode in (0, 1), f"sm_{cc} compile crashed:\n{err[-3000:]}"
         report = json.loads(out)
         assert not report["failed"], json.dumps(report["results"], indent=1)[-3000:]
         for name, r in report["results"][f"sm_{cc}"].items():
-            assert "cubin" in r["stages"], name
+            assert "cubin" in r["stages"] and r["registers"] > 0, name
+            assert r["shared"] <= SHARED_LIMIT[cc], (cc, name, r["shared"])
+            assert r["spill_stores"] == r["spill_loads"] == 0, (cc, name, r["spill_stores"])
+            if r["dot"]:
+                assert r["tensor_core"] > 0, (cc, name)
