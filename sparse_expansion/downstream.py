@@ -9,12 +9,14 @@ itself scores it, offline, exactly as it scores any other task.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
 import re
 from pathlib import Path
 
+from .data import WIKI_PACKAGE, load_split
 from .errors import UsageError
 from .packages import cache_dir, require
 
@@ -56,7 +58,6 @@ def _task_yaml(data: Path) -> str:
 
 def write_wiki_task(folder: Path | None = None) -> Path:
     """Write (or refresh) the embedded task's YAML and data; returns the folder for lm-eval's include path."""
-    from .data import load_split
     folder = folder or cache_dir() / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     _, test = load_split("wiki")
@@ -75,7 +76,8 @@ def prepare_tasks(tasks: list[str], include_path: str | None = None):
     if include_path is not None and not Path(include_path).is_dir():
         raise UsageError(f"--include-path {include_path!r}: no such folder")
     from lm_eval.tasks import TaskManager
-    paths = [str(write_wiki_task())] + ([include_path] if include_path else [])
+    embedded = WIKI_TASK in tasks or importlib.util.find_spec(WIKI_PACKAGE) is not None  # hub tasks need no corpus
+    paths = ([str(write_wiki_task())] if embedded else []) + ([include_path] if include_path else [])
     with _lm_eval_logging(logging.ERROR):
         manager = TaskManager(include_path=paths, include_defaults=False)  # ours alone: indexed in a blink
         if any(t not in manager.all_tasks for t in tasks):  # lm-eval's own tasks too (~10 s to index)
