@@ -145,7 +145,7 @@ def check_prune_args(args) -> PruneConfig:
     config = method_config(args)
     checks.positive(args.nsamples, "--nsamples")
     check_output(args.output, args.overwrite)
-    args.format = check_format(args.format, args.bits, config.method)
+    check_format(args.format, args.bits, config.method)
     check_source(args.calib)
     check_model_ref(args.model)
     checks.seqlen(args.model, args.seqlen)

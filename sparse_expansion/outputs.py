@@ -152,7 +152,7 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
     """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder.
     Experts still in memory go to experts.safetensors; spilled ones are already in `partial`.
     weight_format: 'dense', or 'compressed-tensors' for the quantized linears (packing.py); 'auto':
-    compressed-tensors when the model has quantized linears."""
+    compressed-tensors when the model has quantized nn.Linear layers, dense otherwise."""
     experts = expert_layers(model)
     spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
     quantized = bool(quantized_linears(model))

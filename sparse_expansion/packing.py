@@ -99,15 +99,12 @@ def loading_options(folder: str | Path) -> dict:
 FORMATS = ("auto", "dense", "compressed-tensors")
 
 
-def check_format(fmt: str, bits: int | None, method: str) -> str:
-    """The format a run saves in: 'compressed-tensors' or 'dense' ('auto': compressed-tensors when
-    a baseline is quantized)."""
-    if fmt == "auto":
-        return "compressed-tensors" if bits is not None and method != "sparse-expansion" else "dense"
+def check_format(fmt: str, bits: int | None, method: str) -> None:
+    """Refuse a --format the run cannot save in ('auto' is resolved at save time: compressed-tensors
+    when the model has quantized nn.Linear layers, dense otherwise)."""
     if fmt == "compressed-tensors":
         if method == "sparse-expansion":
             raise UsageError("--format compressed-tensors: routed experts have their own format; use auto or dense")
         if bits is None:
             raise UsageError("--format compressed-tensors needs --bits: compressed-tensors >= 0.15 (which "
                              "transformers 5 requires) has no sparse formats; sparse weights are saved dense")
-    return fmt

@@ -81,3 +81,12 @@ def test_cli_quantized_prune_writes_compressed_tensors(tiny_folder, small_corpus
     assert json.loads((out / "sparse_expansion.json").read_text())["format"] == "compressed-tensors"
     assert "CompressedTensorsConfig(dequantize=True)" in (out / "README.md").read_text()
     assert cli.main(["eval", str(out), "--data", str(small_corpus), "--seqlen", "32", "--max-windows", "2"]) == 0
+
+
+def test_gpt2_conv1d_layers_stay_dense_under_auto(tmp_path):
+    """compressed-tensors quantizes nn.Linear only: GPT-2's Conv1D weights are saved on their grid, dense."""
+    model = tiny_model("gpt2")
+    se.prune(model, method="magnitude", sparsity="0.5", bits=4, calib=random_tokens(2, 16), progress=False)
+    out = se.save(model, tmp_path / "gpt2")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert json.loads((out / "sparse_expansion.json").read_text())["format"] == "dense"

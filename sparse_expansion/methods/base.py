@@ -124,7 +124,8 @@ class Method:
             W = linear_weight(module).detach().float().clone(memory_format=torch.contiguous_format)[None]
             W_hat, fields_ = self.prune_linear(W, stats)
             set_linear_weight(module, W_hat[0])
-            if self.config.bits is not None:  # the grid every solver rounds on, for the saved integers
+            if self.config.bits is not None and isinstance(module, nn.Linear):  # the grid every solver rounds
+                # on, for the saved integers (compressed-tensors quantizes nn.Linear, not GPT-2's Conv1D)
                 grid = find_quant_grid(W, self.config.bits)
                 remember_grid(module, grid.scale, grid.zero, self.config.bits)
             else:
