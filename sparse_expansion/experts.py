@@ -59,11 +59,11 @@ class SparseExpertLinear(nn.Module):
             return decompress_24(self.values[e:e + 1], self.meta[e:e + 1])[0]
         # kept value k of the expert sits at the k-th set bit: gather by the running count of set bits
         # (twice as fast as masked_scatter on a CPU; pruned entries may come out as -0.0)
-        mask = self._expert_mask(e)
-        position = torch.cumsum(mask, 0, dtype=torch.int32).sub_(1).clamp_(min=0)
         kept = self.values[self.offsets[e]:self.offsets[e + 1]]
         if kept.numel() == 0:
             return self.values.new_zeros(self.out_features, self.in_features)
+        mask = self._expert_mask(e)
+        position = torch.cumsum(mask, 0, dtype=torch.int32).sub_(1).clamp_(min=0)
         return kept.take(position.long()).mul_(mask).view(self.out_features, self.in_features)
 
     @property

@@ -50,7 +50,7 @@ def compressed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
     bits = {getattr(m, GRID)[2] for m in linears.values()}
     if len(bits) != 1:
         raise ValueError(f"quantized linears with {sorted(bits)} bits: one width per model")
-    (b,), state = bits, dict(state)
+    b, state = bits.pop(), dict(state)
     fmt, offset = format_for(b), 2 ** (b - 1)
     for name, module in linears.items():
         scale, zero, _ = getattr(module, GRID)
