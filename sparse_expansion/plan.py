@@ -189,14 +189,20 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     if expansion and spill and gpu:
         host_model += experts_block
 
+    # from the first collecting pass to the propagate pass, the attention outputs are kept where the
+    # activations are (driver.UnchangedOutputs): one more activation copy when no target is in them
+    kept = 1 if config.targets == "ffn" else 0
+    copies = {"held": 2}  # activation copies on the host when offloaded to it from a GPU
+
     def stage(name: str, on_device: int) -> None:
         on_device += WORKSPACE_BYTES
         host = RUNTIME_HOST_BYTES + host_model + (on_device - block_w if not gpu else
-                                                  (mine * hidden * e * 2 if offload_activations else 0))
+                                                  (mine * hidden * e * copies["held"] if offload_activations else 0))
         plan.stages.append(Stage(name, on_device, host))
 
-    base = block_w + activations
-    stage("block + calibration activations", base)
+    stage("block + calibration activations", block_w + activations)
+    base = block_w + activations * (1 + kept) if not (gpu and offload_activations) else block_w + activations
+    copies["held"] += kept
     if expansion:
         samples = [sample * g[0][1][1] * e for g in groups]
         stage("collect: dense pass, router samples", base + forward + sum(samples))
@@ -233,9 +239,9 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         for g in groups:
             (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
             plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows))
-            # SparseGPT: the factorisation's workspace (in place), then the factor and the weight's
-            # copies; Wanda and magnitude: the weight's scores, sort and mask
-            work = (max(3 * columns * columns, columns * columns + 4 * rows * columns)
+            # SparseGPT: the factorisation's workspace beside H (in place: two C x C at a time), then
+            # the factor and the weight's copies; Wanda and magnitude: the weight's scores, sort and mask
+            work = (max(2 * columns * columns, columns * columns + 4 * rows * columns)
                     if config.method == "sparsegpt" else 6 * rows * columns)
             stage(f"solve {name}", base + hessians + 4 * work)
     pruned_block = block_w - target_w + experts_block

@@ -142,3 +142,56 @@ class _Bar(list):
 
     def set_postfix(self, **kw):
         pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "opt", "gpt2"])
+def test_attention_runs_once_per_block_and_the_result_is_unchanged(family, monkeypatch):
+    """The propagate pass replays the attention outputs of the first pass (no target lies in the
+    attention) and the first pass stops at the last hooked linear: the pruned model is bitwise the
+    one that recomputing everything gives."""
+    from contextlib import nullcontext
+    from sparse_expansion import driver
+    calib, config = random_tokens(4, 16), PruneConfig("sparsegpt", Sparsity(0.5), batch_size=2)
+    attention = models.target_groups(tiny_model(family), "all")[0][0].split(".")[0]
+    last = models.target_groups(tiny_model(family), "ffn")[-1][0]
+
+    def run():
+        model, calls = tiny_model(family), {"attention": 0, "last": 0}
+        for key, name in (("attention", attention), ("last", last)):
+            mine = {id(b.get_submodule(name)) for b in models.decoder_blocks(model)}
+            real = type(models.decoder_blocks(model)[0].get_submodule(name)).forward
+
+            def counted(self, *a, _r=real, _k=key, _mine=mine, **k):
+                calls[_k] += id(self) in _mine
+                return _r(self, *a, **k)
+            monkeypatch.setattr(type(models.decoder_blocks(model)[0].get_submodule(name)), "forward", counted)
+        prune_model(model, calib, config, progress=False)
+        monkeypatch.undo()
+        return model, calls
+
+    model, calls = run()
+    batches, blocks = 2, len(models.decoder_blocks(model))
+    assert calls == {"attention": batches * blocks, "last": batches * blocks}  # collect + propagate would be 2x
+    monkeypatch.setattr(driver.UnchangedOutputs, "replaying", lambda self, device: nullcontext())
+    reference, ref_calls = run()
+    assert ref_calls["attention"] == 2 * batches * blocks
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_attention_returning_its_probabilities_is_recomputed():
+    """Eager attention also returns its [B, heads, L, L] probabilities: larger than the block's
+    input, so it is not kept; the run still works."""
+    from sparse_expansion.driver import UnchangedOutputs, _run_block
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    block = models.decoder_blocks(model)[0]
+    cached = models.capture_block_inputs(model, list(random_tokens(4, 16).split(2)))
+    unchanged = UnchangedOutputs(block, ["mlp.gate_proj", "mlp.down_proj"])
+    _run_block(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
+    assert unchanged.outputs == {}
+    sdpa = tiny_model("llama")
+    block = models.decoder_blocks(sdpa)[0]
+    unchanged = UnchangedOutputs(block, ["mlp.gate_proj", "mlp.down_proj"])
+    _run_block(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
+    assert list(unchanged.outputs) == [block.self_attn] and len(unchanged.outputs[block.self_attn]) == 2

@@ -1,6 +1,7 @@
 """The planner (sparse_expansion/plan.py): its predictions against measured runs, its chunking
 against the run's, the `plan` command, and `prune` refusing up front what cannot fit."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,15 @@ def measured_and_predicted(method: str, hidden: int, intermediate: int) -> tuple
 @pytest.mark.skipif(rss_high_water_bytes() is None, reason="needs /proc (Linux) to read the peak RSS")
 @pytest.mark.parametrize("method,hidden,intermediate", [("sparse-expansion", 256, 1024), ("sparsegpt", 512, 2048)])
 def test_predicted_peak_is_within_a_quarter_of_the_measured_one(method, hidden, intermediate):
-    """Measured in a fresh process (a test process's heap carries other tests' fragments).
-    Ratios measured on the dev machine: SE8 0.98-1.07, SparseGPT 0.99-1.03."""
+    """Measured in a fresh process (a test process's heap carries other tests' fragments), with
+    glibc's mmap threshold fixed: its default one moves with the frees, so that at these small
+    sizes (transients of 0.1-32 MB) the heap kept between 0 and 30% more than was live, at random
+    from run to run. Fixed, the RSS peak is the live peak, as it is at real sizes, whose
+    transients are above the 32 MB where glibc always maps and unmaps. Ratios measured on the dev
+    machine: SE8 0.88-0.91, SparseGPT 0.89-0.93."""
     out = subprocess.run([sys.executable, __file__, method, str(hidden), str(intermediate)], check=True,
-                         capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+                         capture_output=True, text=True, cwd=Path(__file__).parent,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}).stdout
     measured, predicted = json.loads(out.strip().splitlines()[-1])
     assert 0.75 < measured / predicted < 1.25, (measured, predicted)
 
