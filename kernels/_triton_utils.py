@@ -23,6 +23,15 @@ def check_launch(kernel, *tensors: torch.Tensor) -> None:
         raise RuntimeError(_INTERPRET_HINT)
 
 
+def check_interpreted_dot(kernel, *operands: torch.Tensor) -> None:
+    """Refuse bf16 operands of a `tl.dot` under the interpreter: it computes them wrongly (a 32x32
+    bf16 product comes out off by ~5e10 under triton 3.8; fp16 and fp32 are exact), and a wrong
+    result must not pass for a kernel's."""
+    if interpreted(kernel) and any(t is not None and t.dtype == torch.bfloat16 for t in operands):
+        raise RuntimeError("Triton's interpreter computes bf16 tl.dot wrongly; run this kernel on a GPU, or give "
+                           "it float16 or float32 inputs under TRITON_INTERPRET")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision for operands of `dtype`: fp32 follows torch's matmul TF32 flag
     (off by default, so fp32 kernels match torch's fp32 results); 16-bit types ignore it."""

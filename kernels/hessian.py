@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_launch, dot_precision, interpreted, next_pow2
+from ._triton_utils import check_interpreted_dot, check_launch, dot_precision, interpreted, next_pow2
 from .backend import use_triton
 
 
@@ -131,6 +131,7 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
         return
     dev = H.device
     check_launch(_hessian_tile_kernel, H, x)
+    check_interpreted_dot(_hessian_tile_kernel, x)
     if labels is None:
         added = torch.zeros(K, dtype=torch.int64, device=dev)
         added[0] = N

@@ -109,19 +109,28 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
             Hinv1 = Hinv[:, j1:j2, j1:j2]
             d = torch.diagonal(Hinv1, dim1=1, dim2=2)  # [E, count]
             mask1 = pruned[:, :, j1:j2]  # a view: N:M choices are written through
+            # without rounding, err = w·m/d (m = 1 where pruned) and the column's own update
+            # w -= err·d leaves w where kept and ~0 where pruned (made exactly 0 below): 2 ops a column
+            over_d = None if grid is not None or prune_n else mask1 / d[:, None, :]
             for i in range(j2 - j1):
                 w = W1[:, :, i]
                 if prune_n and i % prune_m == 0:
                     score = W1[:, :, i:i + prune_m] ** 2 / d[:, None, i:i + prune_m] ** 2
                     idx = torch.topk(score, prune_n, dim=2, largest=False).indices
                     mask1[:, :, i:i + prune_m].scatter_(2, idx, True)
-                q = w.masked_fill(mask1[:, :, i], 0.0)
-                if grid is not None:
-                    q = quantize(q, grid.scale[:, :, 0], grid.zero[:, :, 0], grid.maxq)
+                    if grid is None:
+                        over_d = mask1[:, :, i:i + prune_m] / d[:, None, i:i + prune_m]
+                if grid is None:
+                    err = torch.mul(w, over_d[:, :, i % prune_m if prune_n else i], out=Err1[:, :, i])
+                    W1[:, :, i:].addcmul_(err[:, :, None], Hinv1[:, None, i, i:], value=-1.0)
+                    continue
+                q = quantize(w.masked_fill(mask1[:, :, i], 0.0), grid.scale[:, :, 0], grid.zero[:, :, 0], grid.maxq)
                 err = (w - q) / d[:, None, i]
                 W1[:, :, i:].addcmul_(err[:, :, None], Hinv1[:, None, i, i:], value=-1.0)
                 W1[:, :, i] = q
                 Err1[:, :, i] = err
+            if grid is None:
+                W1.masked_fill_(mask1, 0.0)
             W[:, :, j1:j2] = W1
             if j2 < C:
                 W[:, :, j2:].baddbmm_(Err1, Hinv[:, j1:j2, j2:], alpha=-1.0)

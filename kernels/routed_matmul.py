@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_launch, dot_precision, interpreted, next_pow2, num_sms
+from ._triton_utils import check_interpreted_dot, check_launch, dot_precision, interpreted, next_pow2, num_sms
 from .backend import use_triton
 
 
@@ -247,6 +247,7 @@ def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
     T = x.shape[0]
     sparse24 = meta is not None
     check_launch(_routed_kernel, x, expert, w, meta, bias)
+    check_interpreted_dot(_routed_kernel, x, w)
     if T == 0:
         return x.new_empty(0, N)
     expert = expert.reshape(-1).long()

@@ -192,6 +192,39 @@ def test_routed_matmul_24_matches_reference(T, E, N, K, dtype, bias, config):
     torch.testing.assert_close(y.float().cpu(), ref, **_tol(dtype))
 
 
+@pytest.mark.parametrize("T,E,N,K,path", [
+    (1, 1, 32, 2048, "decode, automatic split-K"),  # one program: split until 2 per SM (CPU: 1 SM)
+    (65, 4, 45, 100, "prefill, BLOCK_M 64"),         # the first T past decode, ~16 tokens per expert
+    (2048, 4, 40, 96, "prefill, BLOCK_M 128"),        # >= 128 tokens per expert
+])
+@pytest.mark.parametrize("sparse24", [False, True])
+def test_routed_matmul_runs_the_configs_a_gpu_gets(T, E, N, K, path, sparse24):
+    """The configurations default_config picks off the interpreter (which otherwise always gets
+    its own), run here on the shapes that select them."""
+    cfg = rm.default_config(T, E, N, K, sparse24, torch.device("cpu"), interpret=False)
+    assert {"decode, automatic split-K": cfg.SPLIT_K > 1, "prefill, BLOCK_M 64": cfg.BLOCK_M == 64,
+            "prefill, BLOCK_M 128": cfg.BLOCK_M == 128}[path], cfg
+    x, expert, W, b = _routed_inputs(T, E, N, K, torch.float16, True, T)
+    if sparse24:
+        values, meta = compress_24(_make_24(W))
+        ref = routed_matmul_24_reference(x.float(), expert, values.float(), meta, b.float())
+        y = routed_matmul_24_triton(*_dev(x, expert, values, meta, b), config=cfg)
+    else:
+        ref = routed_matmul_reference(x.float(), expert, W.float(), b.float())
+        y = routed_matmul_triton(*_dev(x, expert, W, b), config=cfg)
+    torch.testing.assert_close(y.float().cpu(), ref, **_tol(torch.float16))
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter's limitation")
+def test_bf16_dots_are_refused_under_the_interpreter():
+    x, expert, W, b = _routed_inputs(5, 2, 8, 16, torch.bfloat16, False, 0)
+    with pytest.raises(RuntimeError, match="bf16"):
+        routed_matmul_triton(x, expert, W)
+    H, counts = torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="bf16"):
+        accumulate_hessian_triton(H, counts, x)
+
+
 def test_routed_matmul_no_tokens():
     W = torch.randn(2, 8, 16, device=DEV)
     y = routed_matmul_triton(torch.zeros(0, 16, device=DEV),
