@@ -130,7 +130,8 @@ def _tensors(obj) -> list[torch.Tensor]:
 def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Callable] | None = None,
                keep_outputs: bool = False, unchanged: UnchangedOutputs | None = None, record: bool = False) -> list:
     """Run `block` on every cached input (moved to `device`), with forward-pre-hooks calling
-    hooks[module](input); returns the outputs, on the inputs' device, when asked. Without
+    hooks[module](input); returns the outputs, on the inputs' device, when asked (written over
+    the inputs, which are spent). Without
     `keep_outputs` a batch stops as soon as every hooked module has seen its input. `unchanged`:
     record its children's outputs in this pass (`record`), or replay them."""
     hooks = hooks or {}
@@ -159,6 +160,8 @@ def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Ca
             except _StopBlock:
                 continue
             if keep_outputs:
+                if out.shape == hidden.shape and out.dtype == hidden.dtype and hidden._base is None:
+                    out = hidden.copy_(out)  # the input is spent: its storage takes the output (one copy, not two)
                 outputs.append((out.to(hidden.device), args, kwargs))
     return outputs
 
