@@ -107,7 +107,7 @@ def main() -> None:
     for row in rows:
         peer = next((r for r in rows if r["method"] == row["method"] and r["threads"] == row["threads"]
                      and r["implementation"] == "llm-compressor"), None)
-        ratio = f"{peer['seconds'] / row['seconds']:.2f}x" if peer else ""
+        ratio = f"{peer['seconds'] / row['seconds']:.2f}x" if peer and row is not peer else ""
         print(f"| {row['method']} | {row['implementation']} | {row['threads']} | {row['perplexity']:.3f} | "
               f"{row['seconds']:.1f} | {row['wall_seconds']:.1f} | {row['peak_rss_bytes'] / 2**30:.2f} | {ratio} |")
     RESULTS.write_text(json.dumps({"nsamples": args.nsamples, "seqlen": args.seqlen,

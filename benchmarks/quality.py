@@ -9,7 +9,7 @@ both are asserted. 50% unstructured sparsity on gate/up/down_proj unless the run
     python benchmarks/quality.py --runs se16 --small-clusters merge --tag merge
 
 Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
-'-2:4' for 2:4 sparsity. Results are merged into benchmarks/results/quality.json by run name
+'-2:4' for 2:4 sparsity or '-0.7' for another unstructured rate. Results are merged into benchmarks/results/quality.json by run name
 (+ tag) and the table is printed.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def protocol_windows(tokenizer):
 
 def config_for(run: str, args) -> PruneConfig:
     name, _, pattern = run.partition("-")
-    common = dict(sparsity=pattern or "0.5", sequential=args.sequential, seed=args.seed)
+    common = dict(sparsity=pattern or "0.5", sequential=args.sequential, seed=args.seed, allocation=args.allocation)
     if name.startswith("se"):
         options = ExpansionOptions(clusters=int(name[2:]), pca_factor=args.pca_factor, kmeans_restarts=args.restarts,
                                    small_clusters=args.small_clusters, shrink_tokens=args.shrink_tokens,
@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--shrink-tokens", type=float, default=ExpansionOptions.shrink_tokens)
     p.add_argument("--min-cluster-tokens", type=int, default=ExpansionOptions.min_cluster_tokens)
     p.add_argument("--sequential", action="store_true")
+    p.add_argument("--allocation", default="uniform", help="uniform or owl (layer-wise rates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--quiet", action="store_true")

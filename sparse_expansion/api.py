@@ -27,7 +27,7 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
           calib: str | torch.Tensor = "wiki", nsamples: int = 128, seqlen: int = 2048, *, tokenizer=None,
           bits: int | None = None, targets: str = "ffn", batch_size: int = 8, sequential: bool = False,
           blocks: tuple[int, int] | None = None, seed: int = 0, max_memory: int | None = None,
-          dtype: str = "auto", device: str | None = None, offload_activations: bool = False,
+          allocation: str = "uniform", owl_m: float = 5.0, owl_lambda: float = 0.08, dtype: str = "auto", device: str | None = None, offload_activations: bool = False,
           progress: bool = True, **options) -> tuple[nn.Module, PruneResult]:
     """Prune `model` and return it with the run's `PruneResult` (per-layer reports; `.config`
     holds the run's settings as a dict).
@@ -39,11 +39,14 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
     from a reference); or token ids [N, L] used as they are.
     options: the method's own settings by name (e.g. clusters=16 for sparse-expansion,
     percdamp=0.01 for sparsegpt); an unknown one is refused.
+    allocation: "uniform" (every block at `sparsity`) or "owl" (per-block rates within
+    ±owl_lambda of it, from the blocks' outlier ratios; see sparse_expansion/allocation.py).
     device: where each decoder block is calibrated and pruned (the model stays where it is);
     None: where the model is.
     """
     config = PruneConfig(method, sparsity, bits=bits, targets=targets, batch_size=batch_size, sequential=sequential,
-                         blocks=blocks, seed=seed, max_memory=max_memory, options=options or None)
+                         blocks=blocks, seed=seed, max_memory=max_memory, allocation=allocation, owl_m=owl_m,
+                         owl_lambda=owl_lambda, options=options or None)
     if isinstance(model, (str, Path)):
         reference = str(model)
         model, tokenizer = load_model(reference, model_dtype(reference, dtype), "cpu")

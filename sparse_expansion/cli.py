@@ -20,7 +20,7 @@ from . import checks, distributed
 from .version import __version__
 from .analysis.command import add_analyze_parser, cmd_analyze
 from .checkpoint import Checkpoint
-from .config import PruneConfig
+from .config import ALLOCATIONS, PruneConfig
 from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
@@ -67,6 +67,11 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     pr.add_argument("--blocks", default=None, help="prune only decoder blocks START:END (default: all)")
     pr.add_argument("--sequential", action="store_true",
                     help="collect each group's inputs after the block's earlier groups are pruned")
+    pr.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                    help="uniform: every block at --sparsity; owl: per-block rates within +-(--owl-lambda) of it, "
+                         "more kept where a block has more outlier weights (Yin et al., 2024)")
+    pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outliers score above M x the block's mean")
+    pr.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: largest departure from --sparsity")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     lr = pr.add_argument_group("long runs")
     lr.add_argument("--checkpoint-dir", default=None,
@@ -137,6 +142,7 @@ def method_config(args) -> PruneConfig:
     return PruneConfig(method=args.method, sparsity=args.sparsity, bits=args.bits, targets=args.targets,
                        batch_size=args.batch_size, sequential=args.sequential, seed=args.seed,
                        blocks=checks.block_range(args.blocks), max_memory=checks.size_bytes(args.max_memory, "--max-memory"),
+                       allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                        options=cls.Options.from_args(args))
 
 

@@ -8,6 +8,7 @@ from .methods import Method, MethodOptions, method_class
 from .sparsity import Sparsity, check_bits
 
 TARGETS = ("ffn", "all")
+ALLOCATIONS = ("uniform", "owl")
 
 
 @dataclass
@@ -24,6 +25,9 @@ class PruneConfig:
     blocks: tuple[int, int] | None = None  # prune only blocks [start, end); all when None
     seed: int = 0
     max_memory: int | None = None  # bytes the solver's working set may use (None: free device memory / no bound)
+    allocation: str = "uniform"  # uniform, or owl: per-block rates from outlier ratios (allocation.py)
+    owl_m: float = 5.0           # OWL: a score is an outlier above owl_m x the block's mean score
+    owl_lambda: float = 0.08     # OWL: block rates lie within +-owl_lambda of the target
     options: MethodOptions | dict | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -39,6 +43,17 @@ class PruneConfig:
             self.blocks = tuple(self.blocks)
         if self.max_memory is not None and self.max_memory < 1:
             raise UsageError(f"--max-memory {self.max_memory}: give a positive size such as 20GiB")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation!r}: use {' or '.join(ALLOCATIONS)}")
+        if self.allocation == "owl":
+            if self.sparsity.structured:
+                raise UsageError(f"--allocation owl gives each block its own rate; N:M ({self.sparsity}) has one rate")
+            if self.owl_m <= 0:
+                raise UsageError(f"--owl-m {self.owl_m}: must be positive (the paper uses 5)")
+            limit = min(self.sparsity.rate, 1 - self.sparsity.rate)
+            if not (0 <= self.owl_lambda < limit or self.owl_lambda == 0):
+                raise UsageError(f"--owl-lambda {self.owl_lambda}: block rates {self.sparsity.rate:g} +- lambda must "
+                                 f"stay inside (0, 1); use 0 <= lambda < {limit:g}")
         if self.options is None:
             self.options = cls.Options()
         elif isinstance(self.options, dict):
@@ -58,4 +73,6 @@ class PruneConfig:
                 "batch_size": self.batch_size, "sequential": self.sequential,
                 "blocks": None if self.blocks is None else list(self.blocks), "seed": self.seed,
                 "max_memory": self.max_memory,
+                **({"allocation": self.allocation, "owl_m": self.owl_m, "owl_lambda": self.owl_lambda}
+                   if self.allocation != "uniform" else {}),
                 "options": self.options.as_dict()}

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocation import block_outlier_ratios, owl_rates
 from .checkpoint import Checkpoint
 from .config import PruneConfig
 from .errors import NumericalError, UsageError
@@ -26,6 +27,7 @@ from .methods import Method
 from .models import (block_output, is_conv1d, capture_block_inputs, decoder_blocks, linear_weight, move, move_outside_blocks,
                      target_groups)
 from .reports import BlockReport, LayerReport, PruneResult
+from .sparsity import Sparsity
 
 
 def check_block_range(start: int, end: int, count: int) -> None:
@@ -247,11 +249,19 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     mine = distributed.my_share(len(batches)) if method.shards_calibration else slice(0, len(batches))
     move_outside_blocks(model, device)
     cached = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
+    rates = None
+    leader = distributed.rank() == 0  # with several ranks, rank 0 alone reports and checkpoints
+    if config.allocation == "owl":  # on the dense model, before a checkpoint's pruned blocks are restored;
+        # the ratios are over every linear of a block, as OWL's (FFN-only ratios measured worse)
+        consumed = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
+        ratios = block_outlier_ratios(model, consumed, target_groups(model, "all"), config.owl_m, device, _run_block, end,
+                                      progress and leader)
+        rates = dict(zip(range(start, end), owl_rates(ratios[start:], config.sparsity.rate, config.owl_lambda)))
+        del consumed
     move_outside_blocks(model, home)
     result, first = PruneResult(), 0
     if checkpoint is not None:
         first, cached, result = checkpoint.restore(model, cached, spill, range(len(batches))[mine], len(batches))
-    leader = distributed.rank() == 0  # with several ranks, rank 0 alone reports and checkpoints
     bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress or not leader, unit="block",
                initial=first, total=end)
     for b in bar:
@@ -260,6 +270,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             t0 = time.perf_counter()
             block.to(device)
             unchanged = UnchangedOutputs(block, [n for g in groups for n in g]) if b >= start else None
+            method.sparsity = Sparsity(rates[b]) if rates and b >= start else config.sparsity
             reports = (_prune_block(block, b, cached, device, phases, method, unchanged, bar.set_postfix_str)
                        if b >= start else [])
             fault_point(f"pruned:{b}")

@@ -99,6 +99,7 @@ class Method:
         """config: the run's config.PruneConfig (shared settings; `config.options` are this method's)."""
         self.config = config
         self.options = config.options
+        self.sparsity = config.sparsity  # the block's own under a layer-wise allocation (the driver sets it)
 
     def label(self) -> str:
         return self.name

@@ -191,7 +191,7 @@ class ExpansionMethod(Method):
         for name, module in stats.layers.items():
             t2 = time.perf_counter()
             W = linear_weight(module)
-            W_hat, info = stages.solve_experts(W, factor, cfg.sparsity, cfg.bits, o.blocksize)
+            W_hat, info = stages.solve_experts(W, factor, self.sparsity, cfg.bits, o.blocksize)
             out = stats.solved[name]
             part = compress(W_hat.to(module.weight.dtype))
             out["parts"].append(part)

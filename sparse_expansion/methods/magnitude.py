@@ -11,4 +11,4 @@ class MagnitudeMethod(Method):
     name = "magnitude"
 
     def prune_linear(self, W: torch.Tensor, stats: HessianStats) -> tuple[torch.Tensor, dict]:
-        return solvers.magnitude(W, self.config.sparsity, self.config.bits), {}
+        return solvers.magnitude(W, self.sparsity, self.config.bits), {}

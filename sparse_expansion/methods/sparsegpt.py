@@ -36,7 +36,7 @@ class SparseGPTMethod(Method):
         """Under several ranks each solves its share of the rows (they share the factor) and the
         rows are gathered; the masks are chosen over every rank's rows."""
         cfg, rows = self.config, W.shape[1]
-        W_hat, info = solvers.sparsegpt(W[:, distributed.my_share(rows)], self.factor, cfg.sparsity, cfg.bits,
+        W_hat, info = solvers.sparsegpt(W[:, distributed.my_share(rows)], self.factor, self.sparsity, cfg.bits,
                                         self.options.blocksize, select=distributed.row_selector(rows))
         W_hat = distributed.gather_rows(W_hat, rows)
         return W_hat, {"damping": info.damping, "dead_inputs": info.dead_inputs,

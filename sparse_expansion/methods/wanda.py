@@ -11,4 +11,4 @@ class WandaMethod(Method):
     name = "wanda"
 
     def prune_linear(self, W: torch.Tensor, stats: HessianStats) -> tuple[torch.Tensor, dict]:
-        return solvers.wanda(W, stats.H, self.config.sparsity, self.config.bits), {}
+        return solvers.wanda(W, stats.H, self.sparsity, self.config.bits), {}
