@@ -79,7 +79,7 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         ref_ppl, ref_s = REFERENCE.get(r["run"], (None, None))
-        closed = "" if sgpt is None or r["run"] in ("dense", "sparsegpt") or "2:4" in r["run"] \
+        closed = "" if sgpt is None or r["run"] in ("dense", "sparsegpt") or "-" in r["run"] \
             else f"{(sgpt - r['perplexity']) / (sgpt - dense):.1%}"
         out.append(f"| {r['run']} | {r.get('tag') or ''} | {r['perplexity']:.3f} | {ref_ppl or ''} | {closed} | "
                    f"{r.get('prune_seconds', 0):.0f} | {ref_s or ''} |")

@@ -137,17 +137,48 @@ def resources(ptx: str, cc: int) -> dict:
             "spill_loads": number(r"(\d+) bytes spill loads"), "tensor_core": len(_TENSOR_CORE.findall(ptx))}
 
 
+NVDISASM = PTXAS.parent / "nvdisasm"
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+_BACK = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+def main_loop(cubin: bytes) -> dict:
+    """The SASS of the kernel's main loop (its longest backward branch, nvdisasm): instructions
+    per iteration per warp, of which tensor-core (HMMA/HGMMA) and fp32 FMA, and the kernel's total."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(NVDISASM), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    labels, code = {}, []
+    for line in sass.splitlines():
+        if m := _LABEL.match(line):
+            labels[m.group(1)] = len(code)
+        elif m := _INSTRUCTION.match(line):
+            code.append(m.group(1))
+    loops = [(labels[m.group(1)], i) for i, text in enumerate(code)
+             if (m := _BACK.search(text)) and labels.get(m.group(1), len(code)) < i]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0], default=(0, -1))
+    body = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in code[start:end + 1]]
+    return {"instructions": len(code), "loop_instructions": len(body),
+            "loop_tensor_core": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
+            "loop_ffma": sum(op.startswith("FFMA") for op in body)}
+
+
 def compile_all(cc: int, dtype: str = "bf16") -> dict[str, dict]:
     """Compile every variant for compute capability `cc`.
 
     Returns {variant: {"stages", "shared" (bytes), "registers", "spill_stores", "spill_loads",
-    "tensor_core" (mma instructions in the PTX), "dot" (the kernel calls tl.dot), "error"}}.
+    "tensor_core" (mma instructions in the PTX), "instructions", "loop_instructions",
+    "loop_tensor_core", "loop_ffma" (SASS, `main_loop`), "num_warps", "dot" (the kernel calls
+    tl.dot), "error"}}.
     """
     out = {}
     for v in variants(dtype):
         try:
             k = compile_variant(v, cc)
             out[v.name] = {"stages": list(k.asm.keys()), "shared": k.metadata.shared, **resources(k.asm["ptx"], cc),
+                           **main_loop(k.asm["cubin"]), "num_warps": k.metadata.num_warps,
                            "dot": "tl.dot(" in _jit(v.kernel).src, "error": None}
         except Exception as e:  # reported, the caller decides
             out[v.name] = {"stages": [], "shared": 0, "error": f"{type(e).__name__}: {e}"}

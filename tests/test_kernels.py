@@ -313,7 +313,7 @@ def test_kernels_compile_as_the_jit_does_for_sm80_sm86_sm90_bf16():
     """Every kernel variant lowers to a cubin for sm_80, sm_86 and sm_90 with bf16 inputs, no GPU,
     specialised as the JIT specialises an LLM-shaped launch (16-divisible pointers and sizes, unit
     strides constant); no register spills, its shared memory fits the device, and every kernel
-    that calls tl.dot issues tensor-core instructions (mma.sync / wgmma).
+    that calls tl.dot issues tensor-core instructions (mma.sync / wgmma) in its main loop.
 
     Runs in a subprocess without TRITON_INTERPRET (the interpreter's objects cannot be compiled).
     """
@@ -331,5 +331,6 @@ def test_kernels_compile_as_the_jit_does_for_sm80_sm86_sm90_bf16():
             assert "cubin" in r["stages"] and r["registers"] > 0, name
             assert r["shared"] <= SHARED_LIMIT[cc], (cc, name, r["shared"])
             assert r["spill_stores"] == r["spill_loads"] == 0, (cc, name, r["spill_stores"])
-            if r["dot"]:
-                assert r["tensor_core"] > 0, (cc, name)
+            assert 0 < r["loop_instructions"] < r["instructions"], (cc, name)  # the main loop's SASS was found
+            if r["dot"]:  # ... and the tensor-core instructions sit in it (HMMA / HGMMA)
+                assert r["tensor_core"] > 0 and r["loop_tensor_core"] > 0, (cc, name)
