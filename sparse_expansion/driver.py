@@ -2,9 +2,13 @@
 
 For each block: run the calibration activations through the dense block while each target group
 (linears sharing one input) collects statistics of its input, in as many passes as its collector
-asks for; prune every group; run the pruned block to produce the next block's inputs. A `Method`
-says what a group collects and how it is pruned, so every method shares this loop. A checkpoint,
-when given, saves every finished block and the activations after it (see checkpoint.py).
+asks for; prune every group; run the pruned block to produce the next block's inputs. A
+collecting pass stops at the last linear it collects for; the first one keeps the outputs of the
+children no target can change (the attention, with FFN targets), which the later passes replay
+instead of recomputing (`UnchangedOutputs`); the next block's inputs overwrite this block's.
+A `Method` says what a group collects and how it is pruned, so every method shares this loop.
+`--allocation owl` gives each block its own rate (allocation.py). A checkpoint, when given,
+saves every finished block and the activations after it (see checkpoint.py).
 """
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ from .errors import NumericalError, UsageError
 from .faults import fault_point
 from .memory import PeakMemory, trim_malloc
 from .methods import Method
-from .models import (block_output, is_conv1d, capture_block_inputs, decoder_blocks, linear_weight, move, move_outside_blocks,
-                     target_groups)
+from .models import (block_output, capture_block_inputs, decoder_blocks, is_conv1d, linear_weight, move,
+                     move_outside_blocks, target_groups)
 from .reports import BlockReport, LayerReport, PruneResult
 from .sparsity import Sparsity
 
@@ -132,10 +136,10 @@ def _tensors(obj) -> list[torch.Tensor]:
 def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Callable] | None = None,
                keep_outputs: bool = False, unchanged: UnchangedOutputs | None = None, record: bool = False) -> list:
     """Run `block` on every cached input (moved to `device`), with forward-pre-hooks calling
-    hooks[module](input); returns the outputs, on the inputs' device, when asked (written over
-    the inputs, which are spent). Without
-    `keep_outputs` a batch stops as soon as every hooked module has seen its input. `unchanged`:
-    record its children's outputs in this pass (`record`), or replay them."""
+    hooks[module](input). With `keep_outputs`, returns the outputs on the inputs' device, written
+    over the inputs (which are spent); without, a batch stops as soon as every hooked module has
+    seen its input. `unchanged`: record its children's outputs in this pass (`record`), or
+    replay them."""
     hooks = hooks or {}
     seen: set[nn.Module] = set()
 
