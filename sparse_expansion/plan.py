@@ -201,6 +201,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         plan.stages.append(Stage(name, on_device, host))
 
     stage("block + calibration activations", block_w + activations)
+    if config.allocation == "owl":  # a second capture of the inputs runs through the dense blocks
+        stage("OWL pre-pass: dense forward", block_w + 2 * activations + forward)
     base = block_w + activations * (1 + kept) if not (gpu and offload_activations) else block_w + activations
     copies["held"] += kept
     if expansion:
