@@ -192,19 +192,18 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     # from the first collecting pass to the propagate pass, the attention outputs are kept where the
     # activations are (driver.UnchangedOutputs): one more activation copy when no target is in them
     kept = 1 if config.targets == "ffn" else 0
-    copies = {"held": 2}  # activation copies on the host when offloaded to it from a GPU
+    held = 2 + kept  # activation copies on the host when offloaded to it from a GPU
 
     def stage(name: str, on_device: int) -> None:
         on_device += WORKSPACE_BYTES
         host = RUNTIME_HOST_BYTES + host_model + (on_device - block_w if not gpu else
-                                                  (mine * hidden * e * copies["held"] if offload_activations else 0))
+                                                  (mine * hidden * e * held if offload_activations else 0))
         plan.stages.append(Stage(name, on_device, host))
 
     stage("block + calibration activations", block_w + activations)
     if config.allocation == "owl":  # a second capture of the inputs runs through the dense blocks
         stage("OWL pre-pass: dense forward", block_w + 2 * activations + forward)
     base = block_w + activations * (1 + kept) if not (gpu and offload_activations) else block_w + activations
-    copies["held"] += kept
     if expansion:
         samples = [sample * g[0][1][1] * e for g in groups]
         stage("collect: dense pass, router samples", base + forward + sum(samples))
