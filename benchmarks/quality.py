@@ -5,12 +5,18 @@ SmolLM2-135M-Instruct (fp32), embedded Wikipedia split; calibration 32 x 512 tok
 evaluation = the first 24 non-overlapping 512-token windows of the test stream; checksums of
 both are asserted. 50% unstructured sparsity on gate/up/down_proj unless the run says 2:4.
 
+Every model is also scored on held-out text of another kind, never used to choose anything: 48
+evenly spaced 512-token windows of the test split of the State of the Union addresses (`sotu`).
+`--model gemma3` runs the same protocol on Gemma 3 270M, a second family (no checksums: its
+tokenizer gives other windows).
+
     python benchmarks/quality.py --runs dense,sparsegpt,se4,se16
     python benchmarks/quality.py --runs se16 --small-clusters merge --tag merge
+    python benchmarks/quality.py --model gemma3 --runs dense,sparsegpt,se16
 
 Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
-'-2:4' for 2:4 sparsity or '-0.7' for another unstructured rate. Results are merged into benchmarks/results/quality.json by run name
-(+ tag) and the table is printed.
+'-2:4' for 2:4 sparsity or '-0.7' for another unstructured rate. Results are merged into
+benchmarks/results/quality.json by model, run name and tag, and the table is printed.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from sparse_expansion.data import calibration_windows, evaluation_windows
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.evaluate import perplexity
-from sparse_expansion.loading import SMOLLM2, load_model
+from sparse_expansion.loading import EMBEDDED, SMOLLM2, load_model
 from sparse_expansion.methods import ExpansionOptions
 
 CALIB_CHECKSUM = 82074762
@@ -35,11 +41,17 @@ REFERENCE = {  # the paper's code under the same protocol (2 CPU cores)
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 
 
-def protocol_windows(tokenizer):
+HELD_OUT = "sotu"
+
+
+def protocol_windows(tokenizer, model: str):
+    """(calibration windows, {corpus: evaluation windows})."""
     calib = calibration_windows(tokenizer, "wiki", 32, 512, seed=0)
-    evalw = evaluation_windows(tokenizer, "wiki", 512, 24)
-    assert calib.sum().item() == CALIB_CHECKSUM, "calibration windows differ from the reference protocol"
-    assert evalw.sum().item() == EVAL_CHECKSUM, "evaluation windows differ from the reference protocol"
+    evalw = {"wiki": evaluation_windows(tokenizer, "wiki", 512, 24),
+             HELD_OUT: evaluation_windows(tokenizer, HELD_OUT, 512, 48, spread=True)}
+    if model == SMOLLM2:
+        assert calib.sum().item() == CALIB_CHECKSUM, "calibration windows differ from the reference protocol"
+        assert evalw["wiki"].sum().item() == EVAL_CHECKSUM, "evaluation windows differ from the reference protocol"
     return calib, evalw
 
 
@@ -55,8 +67,8 @@ def config_for(run: str, args) -> PruneConfig:
 
 
 def run_one(run: str, args, calib, evalw) -> dict:
-    model, _ = load_model(SMOLLM2)
-    row = {"run": run, "tag": args.tag}
+    model, _ = load_model(args.model)
+    row = {"model": args.model, "run": run, "tag": args.tag}
     if run != "dense":
         config = config_for(run, args)
         t0 = time.perf_counter()
@@ -68,26 +80,42 @@ def run_one(run: str, args, calib, evalw) -> dict:
             row["layers_with_cluster_under_50"] = sum(s < 50 for s in sizes)
             row["smallest_cluster"] = min(sizes)
         row["mean_relative_error"] = result.mean_relative_error
-    row.update(perplexity(model, evalw, progress=not args.quiet))
+    row.update(perplexity(model, evalw["wiki"], progress=not args.quiet))
+    row[f"{HELD_OUT}_perplexity"] = perplexity(model, evalw[HELD_OUT], progress=not args.quiet)["perplexity"]
     return row
 
 
+def closed(rows: list[dict], r: dict, key: str) -> str:
+    """The fraction of the SparseGPT-to-dense gap a row closes on one corpus ('' where not comparable)."""
+    def find(run):
+        return next((x.get(key) for x in rows if x["run"] == run and not x.get("tag")), None)
+    dense, sgpt = find("dense"), find("sparsegpt")
+    if key == "perplexity" and dense is None and r.get("model", SMOLLM2) == SMOLLM2:
+        dense = REFERENCE["dense"][0]
+    if None in (dense, sgpt, r.get(key)) or r["run"] in ("dense", "sparsegpt") or "-" in r["run"]:
+        return ""
+    return f"{(sgpt - r[key]) / (sgpt - dense):.1%}"
+
+
 def table(rows: list[dict]) -> str:
-    dense = next((r["perplexity"] for r in rows if r["run"] == "dense"), REFERENCE["dense"][0])
-    sgpt = next((r["perplexity"] for r in rows if r["run"] == "sparsegpt" and not r.get("tag")), None)
-    out = ["| run | tag | perplexity | reference | gap to dense closed vs our SparseGPT | prune s | reference s |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ref_ppl, ref_s = REFERENCE.get(r["run"], (None, None))
-        closed = "" if sgpt is None or r["run"] in ("dense", "sparsegpt") or "-" in r["run"] \
-            else f"{(sgpt - r['perplexity']) / (sgpt - dense):.1%}"
-        out.append(f"| {r['run']} | {r.get('tag') or ''} | {r['perplexity']:.3f} | {ref_ppl or ''} | {closed} | "
-                   f"{r.get('prune_seconds', 0):.0f} | {ref_s or ''} |")
+    """One table per model; a row's gap closed is against that model's untagged SparseGPT row."""
+    out = []
+    for model in dict.fromkeys(r.get("model", SMOLLM2) for r in rows):
+        mine = [r for r in rows if r.get("model", SMOLLM2) == model]
+        out += [f"\n{model}:", "| run | tag | wiki ppl | reference | gap closed (wiki) | sotu ppl | gap closed (sotu) "
+                "| prune s | reference s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            ref_ppl, ref_s = REFERENCE.get(r["run"], (None, None)) if model == SMOLLM2 else (None, None)
+            sotu = r.get(f"{HELD_OUT}_perplexity")
+            out.append(f"| {r['run']} | {r.get('tag') or ''} | {r['perplexity']:.3f} | {ref_ppl or ''} | "
+                       f"{closed(mine, r, 'perplexity')} | {'' if sotu is None else f'{sotu:.3f}'} | "
+                       f"{closed(mine, r, f'{HELD_OUT}_perplexity')} | {r.get('prune_seconds', 0):.0f} | {ref_s or ''} |")
     return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=SMOLLM2, choices=sorted(EMBEDDED))
     p.add_argument("--runs", default="dense,magnitude,wanda,sparsegpt,se4,se16")
     p.add_argument("--tag", default="", help="label stored with the rows (e.g. the small-cluster rule)")
     p.add_argument("--pca-factor", type=int, default=32)
@@ -101,15 +129,17 @@ def main() -> None:
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    _, tokenizer = load_model(SMOLLM2)
-    calib, evalw = protocol_windows(tokenizer)
+    _, tokenizer = load_model(args.model)
+    calib, evalw = protocol_windows(tokenizer, args.model)
     path = Path(args.output)
     for run in args.runs.split(","):
         row = run_one(run, args, calib, evalw)
-        print(f"{run} {args.tag}: perplexity {row['perplexity']:.3f} ({row.get('prune_seconds', 0):.0f} s)", flush=True)
+        print(f"{args.model} {run} {args.tag}: perplexity {row['perplexity']:.3f}, {HELD_OUT} "
+              f"{row[f'{HELD_OUT}_perplexity']:.3f} ({row.get('prune_seconds', 0):.0f} s)", flush=True)
         print(json.dumps(row), flush=True)
         rows = json.loads(path.read_text()) if path.exists() else []  # re-read: runs may go in parallel
-        rows = [r for r in rows if (r["run"], r.get("tag", "")) != (run, args.tag)] + [row]
+        key = (args.model, run, args.tag)
+        rows = [r for r in rows if (r.get("model", SMOLLM2), r["run"], r.get("tag", "")) != key] + [row]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=1))
     print(table(rows))

@@ -33,8 +33,8 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
     holds the run's settings as a dict).
 
     model: a transformers causal LM (pruned in place), or a reference the CLI takes (a folder,
-    a hub id, a .gguf file, "smollm2"), loaded in `dtype` ("auto": the checkpoint's own) on the CPU.
-    calib: a source name or path ("wiki", a .txt file or folder, "wikitext2", "c4"), from which
+    a hub id, a .gguf file, "smollm2" or "gemma3"), loaded in `dtype` ("auto": the checkpoint's own) on the CPU.
+    calib: a source name or path ("wiki", "sotu", a .txt file or folder, "wikitext2", "c4"), from which
     `nsamples` windows of `seqlen` tokens are drawn with `seed` (needs the tokenizer, found
     from a reference); or token ids [N, L] used as they are.
     options: the method's own settings by name (e.g. clusters=16 for sparse-expansion,

