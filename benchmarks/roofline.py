@@ -66,7 +66,7 @@ def hessian(k, gpu, d: int) -> dict:
     pairs, n = tiles * (tiles + 1) // 2, TOKENS // EXPERTS
     flops = pairs * EXPERTS * 2 * 128 * 128 * n
     x_reads = 1 if n * d * 2 <= gpu["l2"] / 2 else tiles + 1  # a cluster's x stays in L2 while its pairs run
-    hbm = TOKENS * d * 2 * x_reads + pairs * EXPERTS * 128 * 128 * 4 * 2 * 2  # x; H tile and mirror, read + write
+    hbm = TOKENS * d * 2 * x_reads + pairs * EXPERTS * 128 * 128 * 4 * 2  # x; the upper H tiles, read + write
     t = kernel_time(k, gpu, pairs * EXPERTS, n / 64, flops, hbm)
     t["fraction_of_peak"] = flops / gpu["tc"] / t["seconds"]
     return t

@@ -22,20 +22,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 import triton
 import triton.backends.nvidia as nvidia_backend
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .hessian import _hessian_tile_kernel
+from .hessian import _hessian_blocks, _hessian_tile_kernel
 from .obs import _obs_block_kernel
-from .routed_matmul import _routed_kernel
+from .routed_matmul import _routed_kernel, gpu_configs
 
 _TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROUTED_UNIT = ("stride_xk", "stride_wk", "stride_yn")  # contiguous activations, weights, outputs
 
 
@@ -71,16 +74,18 @@ def _jit(kernel) -> JITFunction:
 def variants(dtype: str = "bf16") -> list[Variant]:
     """Every kernel variant the wrappers launch on a GPU, with `dtype` activations/weights."""
     t = _TY[dtype]
-    prec = "ieee" if t == "fp32" else "tf32"
+    prec = "tf32x3" if t == "fp32" else "tf32"  # dot_precision's choice with TF32 off
     out = []
     hsig = {"X": f"*{t}", "PERM": "*i32", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
             "PAIR_J": "*i32", "H": "*fp32", "SCALE": "*fp32", "ALPHA": "*fp32", "d": "i32",
             "stride_xn": "i32", "stride_xd": "i32", "HAS_PERM": "constexpr",
             "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
+    blocks = _hessian_blocks(4096, TORCH_DTYPE[t], interpret=False)  # the blocks of a d = 4096 launch
+    warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
     for has_perm in (False, True):
         out.append(Variant(f"hessian[perm={has_perm}]", _hessian_tile_kernel, hsig,
-                           dict(HAS_PERM=has_perm, BLOCK=128, BLOCK_K=64 if t != "fp32" else 32,
-                                PREC=prec), dict(num_warps=8, num_stages=3), unit=("stride_xd",)))
+                           dict(HAS_PERM=has_perm, PREC=prec, **blocks), dict(num_warps=warps, num_stages=stages),
+                           unit=("stride_xd",)))
     osig = {"W": "*fp32", "PRUNED": "*u8", "HINV": "*fp32", "ERR": "*fp32", "SCALE": "*fp32",
             "ZERO": "*fp32", "R": "i32", "C": "i32", "i1": "i32", "count": "i32", "maxq": "fp32",
             "stride_we": "i64", "stride_wr": "i32", "stride_pe": "i64", "stride_pr": "i32",
@@ -101,16 +106,14 @@ def variants(dtype: str = "bf16") -> list[Variant]:
     split_sig = dict(rsig, Y="*fp32")
     for sparse24 in (False, True):  # the configurations routed_matmul.default_config picks on a GPU
         tag = "24" if sparse24 else "dense"
-        decode_k = 256 if sparse24 else 128
-        for name, sig, (m, n, k, split, warps) in (
-                ("prefill", rsig, (128, 128, 64, 1, 8)),          # >= 128 tokens per expert
-                ("prefill,m64", rsig, (64, 128, 64, 1, 8)),       # fewer tokens per expert
-                ("decode", rsig, (16, 32, decode_k, 1, 4)),       # T <= 64, enough programs
-                ("decode,split", split_sig, (16, 32, decode_k, 4, 4))):  # split-K: fp32 partial sums
-            out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, sig,
-                               dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=split, BLOCK_M=m, BLOCK_N=n,
-                                    BLOCK_K=k, PREC=prec),
-                               dict(num_warps=warps, num_stages=4), unit=ROUTED_UNIT, free=("T",)))
+        configs = gpu_configs(sparse24, ELEMENT_SIZE[t])
+        configs["decode,split"] = replace(configs["decode"], SPLIT_K=4)  # split-K: fp32 partial sums
+        for name, c in configs.items():
+            out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, split_sig if c.SPLIT_K > 1 else rsig,
+                               dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=c.SPLIT_K, BLOCK_M=c.BLOCK_M,
+                                    BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, PREC=prec),
+                               dict(num_warps=c.num_warps, num_stages=c.num_stages), unit=ROUTED_UNIT,
+                               free=("T",)))
     return out
 
 

@@ -1,13 +1,16 @@
 """Per-cluster Hessian accumulation, H_c = 2/n_c · Σ_{t in c} x_t x_tᵀ, as running averages.
 
 State: H [K, d, d] fp32 and counts [K] int64, updated in place batch by batch, exactly as
-SparseGPT's `add_batch` does for K = 1 (H ← H·n/(n+m) + 2/(n+m)·XᵀX).
+SparseGPT's `add_batch` does for K = 1 (H ← H·n/(n+m) + 2/(n+m)·XᵀX). Every update writes the
+upper triangle (j ≥ i) of each H[c] only; the strict lower triangle is unspecified until
+`complete_hessian` mirrors the upper one, once, when accumulation ends (half the products and
+half the traffic of writing both triangles on every call).
 
 Triton version: one launch for all clusters. Tokens are sorted by label in torch (a permutation,
 the rows are gathered inside the kernel); the grid is (upper-triangle tile pair, non-empty
 cluster). Each program computes one d×d tile Σ_t x_t[i-tile] x_t[j-tile]ᵀ over its cluster's
-tokens with tensor-core dots (fp32 accumulation), applies the running-average rescale and
-writes the tile and, off the diagonal, its mirror image, so every product is computed once.
+tokens with tensor-core dots (fp32 accumulation; fp32 inputs as tf32x3, see dot_precision),
+applies the running-average rescale and writes the tile.
 """
 import functools
 
@@ -35,22 +38,31 @@ def accumulate_hessian_reference(H: torch.Tensor, counts: torch.Tensor, x: torch
     for c in torch.nonzero(added).flatten().tolist():
         xc = x[labels == c]
         n_old, n_new = int(counts[c]), int(counts[c]) + xc.shape[0]
-        add_gram(H[c], xc, n_old / n_new, 2.0 / n_new)
+        add_gram(H[c], xc, n_old / n_new, 2.0 / n_new, mirror=False)
     counts.add_(added)
+
+
+def complete_hessian(H: torch.Tensor) -> torch.Tensor:
+    """Mirror the upper triangle of every H[c] ([K, d, d] or [d, d]) onto its lower one, in place:
+    call once after the last `accumulate_hessian`. Returns H, exactly symmetric."""
+    for Hc in H.reshape(-1, *H.shape[-2:]):
+        upper = Hc.triu(1)
+        Hc.triu_().add_(upper.mT)
+    return H
 
 
 GRAM_BLOCK = 256
 
 
-def add_gram(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
-    """H ← beta·H + alpha·xᵀx, computing only the block rows' upper part and mirroring it (half
-    the products; on a 2-core CPU 2.4x faster than one full addmm at d = 1536). H stays exactly
-    symmetric."""
+def add_gram(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, mirror: bool = True) -> None:
+    """H ← beta·H + alpha·xᵀx, computing only the block rows' upper part (half the products; on a
+    2-core CPU 2.4x faster than one full addmm at d = 1536), then mirroring it (H exactly
+    symmetric) unless `mirror` is False (then the strict lower triangle is unspecified)."""
     d = H.shape[0]
     for i in range(0, d, GRAM_BLOCK):
         H[i:i + GRAM_BLOCK, i:].addmm_(x[:, i:i + GRAM_BLOCK].t(), x[:, i:], beta=beta, alpha=alpha)
-    for i in range(GRAM_BLOCK, d, GRAM_BLOCK):
-        H[i:i + GRAM_BLOCK, :i] = H[:i, i:i + GRAM_BLOCK].t()
+    if mirror:
+        complete_hessian(H)
 
 
 @triton.jit
@@ -58,7 +70,7 @@ def _hessian_tile_kernel(X, PERM, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
                          d, stride_xn, stride_xd,
                          HAS_PERM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                          PREC: tl.constexpr):
-    """H[c][I, J] ← H[c][I, J]·SCALE[c] + ALPHA[c]·Σ_{t in c} x_t[I] x_t[J]ᵀ, and the mirror tile.
+    """H[c][I, J] ← H[c][I, J]·SCALE[c] + ALPHA[c]·Σ_{t in c} x_t[I] x_t[J]ᵀ (the upper tiles only).
 
     Program (p, q): tile pair p = (PAIR_I[p], PAIR_J[p]) with PAIR_J ≥ PAIR_I, cluster CIDS[q].
     Cluster c owns the sorted token positions OFFS[c]:OFFS[c+1] (rows PERM[pos] of X).
@@ -95,10 +107,6 @@ def _hessian_tile_kernel(X, PERM, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
     base = H + c.to(tl.int64) * d * d
     p = base + ri[:, None] * d + rj[None, :]
     tl.store(p, tl.load(p, mask=m, other=0.0) * scale + alpha * acc, mask=m)
-    if ti != tj:
-        # mirror tile: element (a, b) of acc is also H[rj[b], ri[a]]
-        pt = base + rj[None, :] * d + ri[:, None]
-        tl.store(pt, tl.load(pt, mask=m, other=0.0) * scale + alpha * acc, mask=m)
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,8 +118,8 @@ def _tile_pairs(n_tiles: int, device: torch.device) -> tuple[torch.Tensor, torch
 def _hessian_blocks(d: int, dtype: torch.dtype, interpret: bool) -> dict:
     if interpret:  # the interpreter pays per program and per K step: few, large blocks
         return dict(BLOCK=next_pow2(d, 16, 128), BLOCK_K=128, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=32, num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # tf32x3 splits every operand in two: half the K tile keeps 0 spills
+        return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=16, num_warps=8, num_stages=3)
     return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -165,7 +173,8 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
 
 
 def accumulate_hessian(H, counts, x, labels=None) -> None:
-    """Entry point the driver calls; dispatches to the Triton kernel on CUDA (see backend)."""
+    """Entry point the driver calls; dispatches to the Triton kernel on CUDA (see backend).
+    Writes the upper triangles: `complete_hessian(H)` once the last batch is in."""
     if use_triton(H):
         return accumulate_hessian_triton(H, counts, x, labels)
     return accumulate_hessian_reference(H, counts, x, labels)

@@ -13,7 +13,7 @@ scatters the rows back to token order. Many tokens (prefill) use large tiles; fe
 (decode) use 16-row blocks, narrow output tiles and a K split summed with fp32 atomics so that
 enough programs stream the weights.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -191,26 +191,37 @@ class RoutedConfig:
     num_stages: int = 3
 
 
+def gpu_configs(sparse24: bool, element_size: int) -> dict[str, RoutedConfig]:
+    """The configurations default_config picks on a GPU, by name (kernels/_compile.py compiles
+    each). 4-byte (fp32) operands take half the K tile, and 64-row prefill tiles: at the 16-bit
+    tiles fp32 prefill needs 196-295 KB of shared memory, over every target's limit, and at
+    128 rows it spills on sm_80/86 (tf32x3 holds every operand twice)."""
+    k = 2 if element_size >= 4 else 1
+    return {
+        "prefill": RoutedConfig(128 // k, 128, 64 // k, 1, 8, 4),  # >= 128 tokens per expert
+        # 8 warps: with 4, sm_90's compiler aborts on the 2:4 path (LLVM "Illegal shared layout")
+        # and sm_80 needs 255 registers
+        "prefill,m64": RoutedConfig(64, 128, 64 // k, 1, 8, 4),  # fewer tokens per expert
+        # decode: memory bound, the weight stream spread over many programs (split-K added below)
+        "decode": RoutedConfig(16, 32, (256 if sparse24 else 128) // k, 1, 4, 4),
+    }
+
+
 def default_config(T: int, E: int, N: int, K: int, sparse24: bool,
-                   device: torch.device, interpret: bool) -> RoutedConfig:
-    """Block sizes for T tokens over E experts, d_out N, d_in K (no GPU tuning table yet)."""
+                   device: torch.device, interpret: bool, element_size: int = 2) -> RoutedConfig:
+    """Block sizes for T tokens over E experts, d_out N, d_in K, operands of `element_size` bytes
+    (no GPU tuning table yet)."""
     if interpret:  # few, large programs: the interpreter pays per program and K step
         return RoutedConfig(16, next_pow2(N, 16, 64), next_pow2(K, 32, 128), 1, 4, 1)
-    if T <= 64:  # decode: memory bound, spread the weight stream over many programs
-        cfg = RoutedConfig(16, 32, 256 if sparse24 else 128, 1, 4, 4)
-        active = min(T, E)
-        programs = active * triton.cdiv(N, cfg.BLOCK_N)
+    configs = gpu_configs(sparse24, element_size)
+    if T <= 64:
+        cfg = configs["decode"]
+        programs = min(T, E) * triton.cdiv(N, cfg.BLOCK_N)
         split = 1
         while programs * split < 2 * num_sms(device) and K // (cfg.BLOCK_K * split * 2) >= 4:
             split *= 2
-        return RoutedConfig(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, split, cfg.num_warps,
-                            cfg.num_stages)
-    per_expert = T / max(1, min(E, T))
-    if per_expert >= 128:
-        return RoutedConfig(128, 128, 64, 1, 8, 4)
-    # 8 warps: with 4, sm_90's compiler aborts on the 2:4 path (LLVM "Illegal shared layout") and
-    # sm_80 needs 255 registers; see kernels/_compile.py
-    return RoutedConfig(64, 128, 64, 1, 8, 4)
+        return replace(cfg, SPLIT_K=split)
+    return configs["prefill" if T / max(1, min(E, T)) >= 128 else "prefill,m64"]
 
 
 def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +264,7 @@ def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
     expert = expert.reshape(-1).long()
     if expert.numel() != T:
         raise ValueError(f"{expert.numel()} expert ids for {T} tokens")
-    cfg = config or default_config(T, E, N, d_in, sparse24, x.device, interpreted(_routed_kernel))
+    cfg = config or default_config(T, E, N, d_in, sparse24, x.device, interpreted(_routed_kernel), x.element_size())
     if sparse24 and cfg.BLOCK_K % 8:
         raise ValueError("2:4 weights need BLOCK_K divisible by 8")
     sorted_ids, block_expert = align_tokens(expert, E, cfg.BLOCK_M)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .kernels.hessian import add_gram
+from .kernels.hessian import add_gram, complete_hessian
 
 KMEANS_BACKENDS = ("auto", "torch", "cuml")
 ROWS_PER_CHUNK = 16384  # rows of x turned into fp32 at a time by the PCA and the projection
@@ -79,7 +79,8 @@ def fit_pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tenso
     cov = torch.zeros(d, d, dtype=torch.float32, device=x.device)
     for rows in x.split(ROWS_PER_CHUNK):
         centered = rows.float() - mean
-        add_gram(cov, centered, 1.0, 1.0)
+        add_gram(cov, centered, 1.0, 1.0, mirror=False)
+    complete_hessian(cov)
     _, vecs = torch.linalg.eigh(cov.double() / n)  # ascending eigenvalues
     basis = vecs[:, -components:].flip(1)
     # fix each direction's sign (largest |entry| positive) so that fits are reproducible

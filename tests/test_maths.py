@@ -7,7 +7,7 @@ import torch
 from sparse_expansion import solvers
 from sparse_expansion.evaluate import perplexity
 from sparse_expansion.expansion import solve_hessians
-from sparse_expansion.kernels.hessian import accumulate_hessian
+from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
 from sparse_expansion.kernels.routed_matmul import compress_24
 from sparse_expansion.router import Router
 from sparse_expansion.sparsity import Sparsity
@@ -90,6 +90,7 @@ def test_cluster_hessians_are_two_over_n_xtx_of_each_cluster():
     H, counts = torch.zeros(4, 9, 9), torch.zeros(4, dtype=torch.long)
     for xb, lb in zip(x.split(37), labels.split(37)):
         accumulate_hessian(H, counts, xb, lb)
+    complete_hessian(H)
     for c in range(4):
         xc = x[labels == c].double()
         assert counts[c] == xc.shape[0]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparse_expansion import solvers
-from sparse_expansion.kernels.hessian import accumulate_hessian
+from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
 from sparse_expansion.kernels.obs import find_quant_grid
 from sparse_expansion.sparsity import Sparsity
 
@@ -11,7 +11,7 @@ def hessian_of(x):
     H = torch.zeros(1, x.shape[1], x.shape[1])
     n = torch.zeros(1, dtype=torch.long)
     accumulate_hessian(H, n, x)
-    return H
+    return complete_hessian(H)
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def test_hessian_is_running_average_of_2_over_n_xtx():
     n = torch.zeros(1, dtype=torch.long)
     for chunk in x.split(13):
         accumulate_hessian(H, n, chunk)
+    complete_hessian(H)
     assert n.item() == 50
     torch.testing.assert_close(H[0], 2 / 50 * x.t() @ x, rtol=1e-5, atol=1e-5)
 

@@ -19,7 +19,7 @@ import torch
 
 from sparse_expansion import expansion as stages
 from sparse_expansion import solvers
-from sparse_expansion.kernels.hessian import accumulate_hessian
+from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
 from sparse_expansion.methods import HessianStats
 from sparse_expansion.router import Router
 from sparse_expansion.sparsity import Sparsity
@@ -72,7 +72,7 @@ def cluster_hessians(batches: list[torch.Tensor], labels: list[torch.Tensor], cl
     counts = torch.zeros(clusters, dtype=torch.long, device=batches[0].device)
     for xb, lb in zip(batches, labels):
         accumulate_hessian(H_c, counts, xb, lb)
-    return H_c, counts
+    return complete_hessian(H_c), counts
 
 
 def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsity, cfg: BenchConfig,

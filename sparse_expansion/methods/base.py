@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..kernels.hessian import accumulate_hessian
+from ..kernels.hessian import accumulate_hessian, complete_hessian
 from ..kernels.obs import find_quant_grid
 from ..models import linear_weight, set_linear_weight
 from ..packing import forget_grid, remember_grid
@@ -82,6 +82,7 @@ class HessianStats:
         accumulate_hessian(self.H, self.count, x.reshape(-1, x.shape[-1]))
 
     def end_pass(self) -> bool:
+        complete_hessian(self.H)
         distributed.all_reduce_mean(self.H, self.count)
         return False
 

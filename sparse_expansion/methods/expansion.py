@@ -16,7 +16,7 @@ from .. import expansion as stages
 from .. import distributed, solvers
 from ..errors import UsageError
 from ..experts import SparseExpertLinear, compress, concat_compressed
-from ..kernels.hessian import accumulate_hessian
+from ..kernels.hessian import accumulate_hessian, complete_hessian
 from ..memory import available_host_bytes
 from ..models import linear_weight
 from ..reports import LayerReport
@@ -148,6 +148,9 @@ class ClusterStats:
 
     def _solve_chunk(self) -> None:
         assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])  # every row seen once
+        if self.current == 0:  # the layer's Hessian is complete after the first chunk's pass
+            complete_hessian(self.H_full)
+        complete_hessian(self.H)
         self.method.solve_chunk(self, self.chunks[self.current])
         self.H = self.chunk_counts = None
         self.current += 1
