@@ -124,7 +124,8 @@ def main() -> None:
     p.add_argument("--pca-factor", type=int, default=32)
     p.add_argument("--restarts", type=int, default=ExpansionOptions.kmeans_restarts)
     p.add_argument("--small-clusters", default=ExpansionOptions.small_clusters)
-    p.add_argument("--shrink-tokens", type=float, default=ExpansionOptions.shrink_tokens)
+    p.add_argument("--shrink-tokens", type=lambda v: None if v == "d" else float(v),
+                   default=ExpansionOptions.shrink_tokens, help="tau in tokens, or d (the layer's input dimension)")
     p.add_argument("--min-cluster-tokens", type=int, default=ExpansionOptions.min_cluster_tokens)
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--allocation", default="uniform", help="uniform or owl (layer-wise rates)")

@@ -11,7 +11,9 @@ calls the same functions.
 Small clusters (the paper's code leaves clusters of 1-7 tokens in some layers) are handled by an
 explicit rule, reported per layer:
   damping  the paper's behaviour: the cluster's own Hessian, SparseGPT's damping only;
-  shrink   H_c' = (n_c·H_c + τ·H)/(n_c + τ), τ in tokens, H the layer's full Hessian;
+  shrink   H_c' = (n_c·H_c + τ·H)/(n_c + τ), τ in tokens (None: the layer's input dimension d,
+           the cluster's own estimate weighted n_c/(n_c + d), by how far it is from full rank),
+           H the layer's full Hessian;
   merge    clusters under `min_cluster_tokens` are dropped from the router and their tokens
            re-routed to the nearest remaining centroid.
 A cluster that receives no calibration token at all is pruned with the layer's full Hessian.
@@ -62,11 +64,18 @@ def fit_group_router(x: torch.Tensor, clusters: int, pca_factor: int, seed: int,
     return fit, handling
 
 
-def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float,
+def shrink_tau(tau: float | None, columns: int) -> float:
+    """The shrink rule's τ in tokens: as given, or (None) the layer's input dimension."""
+    return float(columns) if tau is None else tau
+
+
+def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float | None,
                    total: int | None = None) -> torch.Tensor:
     """The Hessians the experts are pruned with: empty clusters take the layer's H; with the
-    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ). H_c and counts
-    may be a chunk of the clusters; `total` is then the layer's token count (default: Σ counts)."""
+    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ) (`shrink_tau`).
+    H_c and counts may be a chunk of the clusters; `total` is then the layer's token count
+    (default: Σ counts)."""
+    tau = shrink_tau(tau, H_c.shape[-1])
     H_solve = H_c.clone()
     total = int(counts.sum()) if total is None else total
     for c, n in enumerate(counts.tolist()):

@@ -113,6 +113,8 @@ def test_shrink_rule_is_the_token_weighted_mean_with_the_layer_hessian():
     assert torch.equal(got[1], H_full[0])  # an empty cluster takes the layer's Hessian
     damping = solve_hessians(H_c, counts, H_full, "damping", tau)
     assert torch.equal(damping[0], H_c[0]) and torch.equal(damping[1], H_full[0])
+    rank_aware = solve_hessians(H_c, counts, H_full, "shrink", None)  # tau = the input dimension
+    torch.testing.assert_close(rank_aware[0], (10 * H_c[0] + 5 * H_full[0]) / (10 + 5))
 
 
 def test_routing_is_the_nearest_centroid_of_the_pca_projection():

@@ -131,7 +131,8 @@ def prune_reference(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Spar
                 if n == 0:
                     H = H_full
                 elif o.small_clusters == "shrink" and n < n_total:
-                    H = (n * H + o.shrink_tokens * H_full) / (n + o.shrink_tokens)
+                    tau = H.shape[0] if o.shrink_tokens is None else o.shrink_tokens
+                    H = (n * H + tau * H_full) / (n + tau)
         with clock("inverse"):
             f = solvers.inverse_hessian_factor(H[None], o.percdamp)
         with clock("obs"):

@@ -35,7 +35,8 @@ class ExpansionOptions(SparseGPTOptions):
     kmeans_backend: str = field(default="auto", metadata={"help": "auto, torch or cuml"})
     small_clusters: str = field(default="shrink",
                                 metadata={"help": "damping (paper), shrink (toward the layer Hessian) or merge"})
-    shrink_tokens: float = field(default=512.0, metadata={"help": "tau of --small-clusters shrink, in tokens"})
+    shrink_tokens: float | None = field(default=512.0, metadata={
+        "help": "tau of --small-clusters shrink, in tokens (None: the layer's input dimension)"})
     min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
     max_cluster_tokens: int = field(default=262144, metadata={
         "help": "PCA and k-means fit on a seeded sample of at most this many tokens per layer"})
@@ -52,7 +53,7 @@ class ExpansionOptions(SparseGPTOptions):
         if self.small_clusters not in stages.SMALL_CLUSTER_RULES:
             raise UsageError(f"--small-clusters {self.small_clusters!r}: use one of "
                              f"{', '.join(stages.SMALL_CLUSTER_RULES)}")
-        if self.shrink_tokens < 0 or self.min_cluster_tokens < 0:
+        if (self.shrink_tokens or 0) < 0 or self.min_cluster_tokens < 0:
             raise UsageError("--shrink-tokens and --min-cluster-tokens must not be negative")
         if self.max_cluster_tokens < self.clusters:
             raise UsageError(f"--max-cluster-tokens {self.max_cluster_tokens}: k-means needs at least as many "
@@ -211,7 +212,7 @@ class ExpansionMethod(Method):
         o, fit, counts, H_full = self.options, stats.fit, stats.counts, stats.H_full
         router, handling = fit.router, dict(stats.handling)
         if o.small_clusters == "shrink":
-            handling["shrink_tokens"] = o.shrink_tokens
+            handling["shrink_tokens"] = stages.shrink_tau(o.shrink_tokens, H_full.shape[-1])
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         solved = _gathered(stats.solved)
         reports = []
