@@ -72,21 +72,34 @@ def hessian(k, gpu, d: int) -> dict:
     return t
 
 
-def obs(k, gpu, rows: int, columns: int, launch_us: float) -> dict:
+def obs(k, kt, gpu, rows: int, columns: int, launch_us: float) -> dict:
     """SparseGPT on 16 experts [rows, columns] (unstructured): the Triton column loop per 128-column
-    block, the lazy trailing update (fp32 batched GEMM on SIMT cores) and the block's mask choice in
-    torch; against the torch reference looped per expert and batched, launch-bound (2 ops a column,
-    ~6 per 32-column sub-block, ~10 per block) plus the same trailing GEMM."""
+    block (`k`), the lazy trailing update (`kt`, the Triton GEMM: tf32x3 on tensor cores, three
+    TF32 products at half the bf16 rate, or ieee on the FMA units, as compiled) and the block's
+    mask choice in torch; against the torch reference looped per expert and batched, launch-bound
+    (2 ops a column, ~6 per 32-column sub-block, ~10 per block) plus its trailing update, an fp32
+    baddbmm on the FMA units (at 80% of their peak, or W's trailing columns read and written at
+    the bandwidth, whichever is longer)."""
     blocks = math.ceil(columns / 128)
+    # per column: the column loop (innermost), plus a 32nd of the sub-block loop around it (its
+    # load, store and the tensor-core dot that carries the sub-block's errors to the block)
+    per_column = k["inner_loop_instructions"] + (k["loop_instructions"] - k["inner_loop_instructions"]) / 32
+    k = dict(k, loop_instructions=per_column, instructions=k["instructions"] - k["loop_instructions"] + per_column)
     loop = kernel_time(k, gpu, EXPERTS * math.ceil(rows / 16), 128, hbm_bytes=EXPERTS * rows * 128 * 4 * 2)
-    trailing_flops = EXPERTS * rows * columns * (columns - 128)
-    gemm = trailing_flops / (gpu["fp32"] * 0.8)
-    kernel = blocks * (loop["seconds"] + 10 * launch_us * 1e-6) + gemm
+    widths = [columns - 128 * (b + 1) for b in range(blocks - 1)]  # the columns after each block
+    trailing_flops = EXPERTS * rows * 2 * 128 * sum(widths)
+    trailing_bytes = EXPERTS * rows * 4 * 2 * sum(widths)
+    gemm = max(trailing_flops / (gpu["fp32"] * 0.8), trailing_bytes / gpu["bw"])
+    tensor_flops = 0.0 if kt["precision"] == "ieee" else 6 * trailing_flops  # at the bf16 rate
+    programs = EXPERTS * math.ceil(rows / 64) * sum(math.ceil(w / 128) for w in widths)
+    trailing = kernel_time(kt, gpu, programs, 128 / 32, tensor_flops, trailing_bytes)["seconds"]
+    kernel = blocks * (loop["seconds"] + 10 * launch_us * 1e-6) + trailing
     launches = 2 * columns + 6 * columns / 32 + 10 * blocks
     looped = EXPERTS * launches * launch_us * 1e-6 + gemm
     batched = launches * launch_us * 1e-6 + gemm
-    return {"seconds": kernel, "bound": f"{loop['bound']} (column loop)", "column_loop": blocks * loop["seconds"],
-            "trailing_gemm": gemm, "reference_looped": looped, "reference_batched": batched,
+    bound = f"{loop['bound']} (column loop)" if blocks * loop["seconds"] > trailing else "trailing update"
+    return {"seconds": kernel, "bound": bound, "column_loop": blocks * loop["seconds"], "trailing_update": trailing,
+            "trailing_gemm_torch": gemm, "reference_looped": looped, "reference_batched": batched,
             "vs_looped": looped / kernel, "vs_batched": batched / kernel, "ctas_per_sm": loop["ctas_per_sm"]}
 
 
@@ -128,7 +141,7 @@ def model(compiled: dict, args) -> list[dict]:
                 rows.append(dict(gpu=gname, shape=sname, kernel=f"Hessian, 16 clusters, d={inputs}", **h,
                                  target=">= 60% of bf16 peak", value=f"{h['fraction_of_peak']:.0%}",
                                  met=h["fraction_of_peak"] >= 0.6))
-            o = obs(ks["obs[0:1,quant=False]"], gpu, ffn, d, args.launch_us)
+            o = obs(ks["obs[0:1,quant=False]"], ks["obs_trailing"], gpu, ffn, d, args.launch_us)
             rows.append(dict(gpu=gname, shape=sname, kernel=f"OBS, 16 experts {ffn}x{d}", **o,
                              target=">= 10x looped, >= 3x batched",
                              value=f"{o['vs_looped']:.1f}x, {o['vs_batched']:.1f}x",

@@ -32,8 +32,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from ._triton_utils import fp32_dot_precision
 from .hessian import _hessian_blocks, _hessian_tile_kernel
-from .obs import _obs_block_kernel
+from .obs import TRAILING_BLOCKS, _obs_block_kernel, _trailing_kernel, obs_sub_block
 from .routed_matmul import _routed_kernel, gpu_configs
 
 _TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -71,10 +72,12 @@ def _jit(kernel) -> JITFunction:
     return kernel
 
 
-def variants(dtype: str = "bf16") -> list[Variant]:
-    """Every kernel variant the wrappers launch on a GPU, with `dtype` activations/weights."""
+def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
+    """Every kernel variant the wrappers launch on a GPU of compute capability `cc`, with `dtype`
+    activations/weights (OBS's weights are fp32 whatever the model's dtype)."""
     t = _TY[dtype]
-    prec = "tf32x3" if t == "fp32" else "tf32"  # dot_precision's choice with TF32 off
+    fp32 = fp32_dot_precision(cc)  # dot_precision's choice with TF32 off
+    prec = fp32 if t == "fp32" else "tf32"
     out = []
     hsig = {"X": f"*{t}", "PERM": "*i32", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
             "PAIR_J": "*i32", "H": "*fp32", "SCALE": "*fp32", "ALPHA": "*fp32", "d": "i32",
@@ -91,11 +94,20 @@ def variants(dtype: str = "bf16") -> list[Variant]:
             "stride_we": "i64", "stride_wr": "i32", "stride_pe": "i64", "stride_pr": "i32",
             "stride_ee": "i64", "stride_er": "i32", "PRUNE_N": "constexpr",
             "PRUNE_M": "constexpr", "QUANT": "constexpr", "BLOCK_R": "constexpr",
-            "BLOCK_C": "constexpr"}
+            "BLOCK_C": "constexpr", "SUB": "constexpr", "PREC": "constexpr"}
     for n, m, quant in ((0, 1, False), (2, 4, False), (0, 1, True), (2, 4, True)):
         out.append(Variant(f"obs[{n}:{m},quant={quant}]", _obs_block_kernel, osig,
-                           dict(PRUNE_N=n, PRUNE_M=m, QUANT=quant, BLOCK_R=16, BLOCK_C=128),
+                           dict(PRUNE_N=n, PRUNE_M=m, QUANT=quant, BLOCK_R=16, BLOCK_C=128,
+                                SUB=obs_sub_block(128, m), PREC=fp32),
                            dict(num_warps=4), free=("count",)))
+    tsig = {"W": "*fp32", "ERR": "*fp32", "HINV": "*fp32", "R": "i32", "C": "i32", "i1": "i32", "count": "i32",
+            "i2": "i32", "stride_we": "i64", "stride_wr": "i32", "stride_ee": "i64", "stride_er": "i32",
+            "stride_he": "i64", "stride_hr": "i32", "stride_hc": "i32",
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
+    tblocks = dict(TRAILING_BLOCKS)
+    out.append(Variant("obs_trailing", _trailing_kernel, tsig,
+                       dict(PREC=fp32, **{k: tblocks.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
+                       tblocks, unit=("stride_hc",), free=("i2",)))
     rsig = {"X": f"*{t}", "W": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}",
             "SORTED_IDS": "*i32", "BLOCK_EXPERT": "*i32", "T": "i32", "N": "i32", "K": "i32",
             "stride_xt": "i32", "stride_xk": "i32", "stride_we": "i64", "stride_wn": "i32",
@@ -148,7 +160,9 @@ _BACK = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 def main_loop(cubin: bytes) -> dict:
     """The SASS of the kernel's main loop (its longest backward branch, nvdisasm): instructions
-    per iteration per warp, of which tensor-core (HMMA/HGMMA) and fp32 FMA, and the kernel's total."""
+    per iteration per warp, of which tensor-core (HMMA/HGMMA) and fp32 FMA, and the kernel's total;
+    and of its innermost loop (the longest loop holding no other, e.g. OBS's column loop inside
+    its sub-block loop; the main loop itself when it holds none)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -161,11 +175,15 @@ def main_loop(cubin: bytes) -> dict:
             code.append(m.group(1))
     loops = [(labels[m.group(1)], i) for i, text in enumerate(code)
              if (m := _BACK.search(text)) and labels.get(m.group(1), len(code)) < i]
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0], default=(0, -1))
-    body = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in code[start:end + 1]]
+    longest = max(loops, key=lambda loop: loop[1] - loop[0], default=(0, -1))
+    innermost = [(a, b) for a, b in loops if not any(a <= c < d <= b and (c, d) != (a, b) for c, d in loops)]
+    inner = max(innermost, key=lambda loop: loop[1] - loop[0], default=(0, -1))
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in code]
+    body, inner_body = ops[longest[0]:longest[1] + 1], ops[inner[0]:inner[1] + 1]
     return {"instructions": len(code), "loop_instructions": len(body),
             "loop_tensor_core": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
-            "loop_ffma": sum(op.startswith("FFMA") for op in body)}
+            "loop_ffma": sum(op.startswith("FFMA") for op in body),
+            "inner_loop_instructions": len(inner_body), "inner_loop_ffma": sum(op.startswith("FFMA") for op in inner_body)}
 
 
 def compile_all(cc: int, dtype: str = "bf16") -> dict[str, dict]:
@@ -173,16 +191,18 @@ def compile_all(cc: int, dtype: str = "bf16") -> dict[str, dict]:
 
     Returns {variant: {"stages", "shared" (bytes), "registers", "spill_stores", "spill_loads",
     "tensor_core" (mma instructions in the PTX), "instructions", "loop_instructions",
-    "loop_tensor_core", "loop_ffma" (SASS, `main_loop`), "num_warps", "dot" (the kernel calls
-    tl.dot), "error"}}.
+    "loop_tensor_core", "loop_ffma", "inner_loop_instructions", "inner_loop_ffma" (SASS,
+    `main_loop`), "num_warps", "dot" (the kernel calls tl.dot), "precision" (its tl.dot input
+    precision; "ieee" runs on the FMA units), "error"}}.
     """
     out = {}
-    for v in variants(dtype):
+    for v in variants(dtype, cc):
         try:
             k = compile_variant(v, cc)
             out[v.name] = {"stages": list(k.asm.keys()), "shared": k.metadata.shared, **resources(k.asm["ptx"], cc),
                            **main_loop(k.asm["cubin"]), "num_warps": k.metadata.num_warps,
-                           "dot": "tl.dot(" in _jit(v.kernel).src, "error": None}
+                           "dot": "tl.dot(" in _jit(v.kernel).src, "precision": v.constexprs.get("PREC"),
+                           "error": None}
         except Exception as e:  # reported, the caller decides
             out[v.name] = {"stages": [], "shared": 0, "error": f"{type(e).__name__}: {e}"}
     return out

@@ -32,13 +32,27 @@ def check_interpreted_dot(kernel, *operands: torch.Tensor) -> None:
                            "it float16 or float32 inputs under TRITON_INTERPRET")
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision for operands of `dtype`. fp32 follows torch's matmul TF32 flag: off
-    (the default) gives "tf32x3", three TF32 tensor-core products per dot that recover fp32's
-    24-bit mantissa (within fp32 rounding of torch's fp32 results; "ieee" would run the dot on
-    the FMA units, ~1/8 the speed); on gives plain "tf32". 16-bit types ignore it."""
+IEEE_FP32_ARCHS = (86, 89)  # GeForce Ampere/Ada: TF32 tensor cores run at the FMA units' fp32 rate
+
+
+def fp32_dot_precision(capability: int) -> str:
+    """How an fp32 `tl.dot` keeps fp32 accuracy on a GPU of compute capability `capability` (e.g.
+    90): "tf32x3", three TF32 tensor-core products that recover fp32's 24-bit mantissa (within
+    fp32 rounding of torch's fp32 results), where TF32 runs at 8x (A100) to 7x (H100/H200) the
+    fp32 FMA rate; "ieee" (the FMA units) on sm_86/89, whose TF32 rate equals the FMA rate, so
+    that three products would take 3x as long."""
+    return "ieee" if capability in IEEE_FP32_ARCHS else "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """`tl.dot` input precision for operands of `dtype` on `device`. fp32 follows torch's matmul
+    TF32 flag: off (the default) keeps fp32 accuracy (`fp32_dot_precision`), on gives plain
+    "tf32". 16-bit types ignore it; so does the interpreter."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
+        if device is None or device.type != "cuda":
+            return "tf32x3"
+        major, minor = torch.cuda.get_device_capability(device)
+        return fp32_dot_precision(10 * major + minor)
     return "tf32"
 
 

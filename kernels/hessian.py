@@ -9,7 +9,7 @@ half the traffic of writing both triangles on every call).
 Triton version: one launch for all clusters. Tokens are sorted by label in torch (a permutation,
 the rows are gathered inside the kernel); the grid is (upper-triangle tile pair, non-empty
 cluster). Each program computes one d×d tile Σ_t x_t[i-tile] x_t[j-tile]ᵀ over its cluster's
-tokens with tensor-core dots (fp32 accumulation; fp32 inputs as tf32x3, see dot_precision),
+tokens with tensor-core dots (fp32 accumulation; fp32 inputs as tf32x3 or ieee, see dot_precision),
 applies the running-average rescale and writes the tile.
 """
 import functools
@@ -168,7 +168,7 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
     grid = (pi.numel(), cids.numel())
     _hessian_tile_kernel[grid](
         x, perm, offs, cids, pi, pj, H, scale, alpha, d, x.stride(0), x.stride(1),
-        HAS_PERM=labels is not None, PREC=dot_precision(x.dtype), **cfg)
+        HAS_PERM=labels is not None, PREC=dot_precision(x.dtype, x.device), **cfg)
     counts.add_(added.to(counts.device, counts.dtype))
 
 

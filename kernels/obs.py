@@ -9,9 +9,11 @@ block's accumulated error to all later columns with one batched matrix product.
 
 Triton version (`obs_prune_triton`): per 128-column block, the unstructured mask is chosen in
 torch exactly as the reference does; then one launch over (row tile, matrix) runs the column
-loop with the row tile × block of W held in registers (rows are independent once the mask is
-known; N:M masks are chosen inside the loop), writes the pruned/quantized block in place and
-the error block; the lazy update of the trailing columns is one torch.baddbmm.
+loop in sub-blocks of 32 columns held in registers (rows are independent once the mask is
+known; N:M masks are chosen inside the loop), each sub-block's errors reaching the rest of the
+block through a tensor-core dot, writes the pruned/quantized block in place and the error
+block; the lazy update of the trailing columns is one tensor-core Triton GEMM (`_trailing_kernel`;
+fp32 as tf32x3 where that beats the FMA units torch's fp32 baddbmm runs on, see dot_precision).
 """
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_launch, interpreted, next_pow2
+from ._triton_utils import check_launch, dot_precision, interpreted, next_pow2
 from .backend import use_triton
 
 
@@ -142,69 +144,143 @@ def _obs_block_kernel(W, PRUNED, HINV, ERR, SCALE, ZERO,
                       R, C, i1, count, maxq,
                       stride_we, stride_wr, stride_pe, stride_pr, stride_ee, stride_er,
                       PRUNE_N: tl.constexpr, PRUNE_M: tl.constexpr, QUANT: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
     """Column loop of one block (columns i1:i1+count) for one row tile of one matrix.
 
     W [E, R, C] fp32 (columns contiguous) is read and overwritten with the block's result Q;
     PRUNED [E, R, C] uint8 (1 = pruned) is read (unstructured) or written (N:M, PRUNE_N > 0);
     HINV [E, C, C] fp32 contiguous; ERR [E, R, ≥count] fp32 receives the scaled errors;
     SCALE/ZERO [E, R] fp32 the per-row quantization grid when QUANT.
+
+    The block runs as sub-blocks of SUB columns: the column loop updates only its sub-block (held
+    in registers), and the sub-block's errors reach the rest of the block through one tensor-core
+    dot, Err[BLOCK_R, SUB] @ Hinv[SUB, BLOCK_C], as the torch reference does. The block's
+    working copy lives in W itself between sub-blocks (the program's own rows, in L1/L2).
     """
     pid_r = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
     rmask = rows < R
-    cmask = cols < count
-    tmask = rmask[:, None] & cmask[None, :]
-
-    w_ptrs = W + e * stride_we + rows[:, None] * stride_wr + (i1 + cols)[None, :]
-    p_ptrs = PRUNED + e * stride_pe + rows[:, None] * stride_pr + (i1 + cols)[None, :]
-    Wt = tl.load(w_ptrs, mask=tmask, other=0.0)
+    sub = tl.arange(0, SUB)
+    block = tl.arange(0, BLOCK_C)
     hblk = HINV + e * C * C + i1 * C + i1  # Hinv1[a, b] = hblk[a * C + b]
-    diag = tl.load(hblk + cols * (C + 1), mask=cmask, other=1.0)
-    if PRUNE_N == 0:
-        P = tl.load(p_ptrs, mask=tmask, other=0) != 0
-    else:
-        P = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int1)
-    Err = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    w_row = W + e * stride_we + rows[:, None] * stride_wr + i1
     if QUANT:
         scale = tl.load(SCALE + e * R + rows, mask=rmask, other=1.0)
         zero = tl.load(ZERO + e * R + rows, mask=rmask, other=0.0)
 
-    for i in range(count):
-        sel = cols[None, :] == i
+    for s in range(0, count, SUB):
+        cols = s + sub  # this sub-block's columns, relative to the block
+        cmask = cols < count
+        tmask = rmask[:, None] & cmask[None, :]
+        p_ptrs = PRUNED + e * stride_pe + rows[:, None] * stride_pr + (i1 + cols)[None, :]
+        Wt = tl.load(w_row + cols[None, :], mask=tmask, other=0.0)
+        diag = tl.load(hblk + cols * (C + 1), mask=cmask, other=1.0)
+        if PRUNE_N == 0:
+            P = tl.load(p_ptrs, mask=tmask, other=0) != 0
+        else:
+            P = tl.zeros((BLOCK_R, SUB), dtype=tl.int1)
+        Err = tl.zeros((BLOCK_R, SUB), dtype=tl.float32)
+        for i in range(tl.minimum(SUB, count - s)):
+            sel = sub[None, :] == i
+            if PRUNE_N > 0:
+                if i % PRUNE_M == 0:
+                    # prune the PRUNE_N lowest w²/d² of columns i..i+PRUNE_M-1 (ties: lower column)
+                    S = tl.math.div_rn(Wt * Wt, (diag * diag)[None, :])
+                    rank = tl.zeros((BLOCK_R, SUB), dtype=tl.int32)
+                    for k in tl.static_range(PRUNE_M):
+                        sk = tl.sum(tl.where(sub[None, :] == i + k, S, 0.0), axis=1)
+                        before = (sk[:, None] < S) | ((sk[:, None] == S) & (i + k < sub[None, :]))
+                        rank += tl.where(before & (s + i + k < count), 1, 0)
+                    group = (sub >= i) & (sub < i + PRUNE_M) & cmask
+                    P = P | (group[None, :] & (rank < PRUNE_N))
+            w = tl.sum(tl.where(sel, Wt, 0.0), axis=1)
+            pruned = tl.sum(tl.where(sel & P, 1, 0), axis=1) > 0
+            q = tl.where(pruned, 0.0, w)
+            if QUANT:
+                # torch.round (half to even) without libdevice: adding 1.5·2^23 to |v| < 2^22
+                # leaves no fraction bits (larger |v| are clamped to the grid's ends anyway)
+                v = tl.math.div_rn(q, scale)
+                v = tl.where(tl.abs(v) < 4194304.0, (v + 12582912.0) - 12582912.0, v)
+                qi = tl.minimum(tl.maximum(v + zero, 0.0), maxq)
+                q = scale * (qi - zero)
+            d = tl.load(hblk + (s + i) * (C + 1))
+            err = tl.math.div_rn(w - q, d)  # IEEE division, as torch
+            h = tl.load(hblk + (s + i) * C + cols, mask=(sub > i) & cmask, other=0.0)
+            Wt = tl.where(sel, q[:, None], Wt - err[:, None] * h[None, :])
+            Err = tl.where(sel, err[:, None], Err)
+        tl.store(w_row + cols[None, :], Wt, mask=tmask)
+        tl.store(ERR + e * stride_ee + rows[:, None] * stride_er + cols[None, :], Err, mask=tmask)
         if PRUNE_N > 0:
-            if i % PRUNE_M == 0:
-                # prune the PRUNE_N lowest w²/d² of columns i..i+PRUNE_M-1 (ties: lower column)
-                S = tl.math.div_rn(Wt * Wt, (diag * diag)[None, :])
-                rank = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
-                for k in tl.static_range(PRUNE_M):
-                    sk = tl.sum(tl.where(cols[None, :] == i + k, S, 0.0), axis=1)
-                    before = (sk[:, None] < S) | ((sk[:, None] == S) & (i + k < cols[None, :]))
-                    rank += tl.where(before & (i + k < count), 1, 0)
-                group = (cols >= i) & (cols < i + PRUNE_M) & cmask
-                P = P | (group[None, :] & (rank < PRUNE_N))
-        w = tl.sum(tl.where(sel, Wt, 0.0), axis=1)
-        pruned = tl.sum(tl.where(sel & P, 1, 0), axis=1) > 0
-        q = tl.where(pruned, 0.0, w)
-        if QUANT:
-            # torch.round (half to even) without libdevice: adding 1.5·2^23 to |v| < 2^22
-            # leaves no fraction bits (larger |v| are clamped to the grid's ends anyway)
-            v = tl.math.div_rn(q, scale)
-            v = tl.where(tl.abs(v) < 4194304.0, (v + 12582912.0) - 12582912.0, v)
-            qi = tl.minimum(tl.maximum(v + zero, 0.0), maxq)
-            q = scale * (qi - zero)
-        d = tl.load(hblk + i * (C + 1))
-        err = tl.math.div_rn(w - q, d)  # IEEE division, as torch
-        h = tl.load(hblk + i * C + cols, mask=(cols > i) & cmask, other=0.0)
-        Wt = tl.where(sel, q[:, None], Wt - err[:, None] * h[None, :])
-        Err = tl.where(sel, err[:, None], Err)
+            tl.store(p_ptrs, P.to(tl.uint8), mask=tmask)
+        if s + SUB < count:  # the sub-block's errors reach the block's later columns: one dot
+            later = (block >= s + SUB) & (block < count)
+            Hs = tl.load(hblk + cols[:, None] * C + block[None, :], mask=cmask[:, None] & later[None, :], other=0.0)
+            lmask = rmask[:, None] & later[None, :]
+            Wl = tl.load(w_row + block[None, :], mask=lmask, other=0.0)
+            tl.store(w_row + block[None, :], Wl - tl.dot(Err, Hs, input_precision=PREC), mask=lmask)
+        tl.debug_barrier()  # the next sub-block's loads read what other threads stored
 
-    tl.store(w_ptrs, Wt, mask=tmask)
-    tl.store(ERR + e * stride_ee + rows[:, None] * stride_er + cols[None, :], Err, mask=tmask)
-    if PRUNE_N > 0:
-        tl.store(p_ptrs, P.to(tl.uint8), mask=tmask)
+
+@triton.jit
+def _trailing_kernel(W, ERR, HINV, R, C, i1, count, i2,
+                     stride_we, stride_wr, stride_ee, stride_er, stride_he, stride_hr, stride_hc,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """W[e, :, i2:] −= ERR[e, :, :count] @ HINV[e, i1:i1+count, i2:] for one [BLOCK_M, BLOCK_N]
+    tile of one matrix e (program (m, n, e)), accumulated in fp32 on tensor cores."""
+    e = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = i2 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rmask, cmask = rows < R, cols < C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, count, BLOCK_K):
+        k = k0 + rk
+        kmask = k < count
+        a = tl.load(ERR + e * stride_ee + rows[:, None] * stride_er + k[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(HINV + e * stride_he + (i1 + k)[:, None] * stride_hr + cols[None, :] * stride_hc,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    ptrs = W + e * stride_we + rows[:, None] * stride_wr + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) - acc, mask=mask)
+
+
+TRAILING_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)  # on a GPU (fp32)
+
+
+def trailing_update_reference(W: torch.Tensor, err: torch.Tensor, Hinv: torch.Tensor, i1: int, count: int) -> None:
+    """The lazy update of the columns after a block, in place: W[:, :, i1+count:] −=
+    err[:, :, :count] @ Hinv[:, i1:i1+count, i1+count:] (W, err [E, R, ≥count], Hinv [E, C, C] fp32)."""
+    i2 = i1 + count
+    W[:, :, i2:].baddbmm_(err[:, :, :count], Hinv[:, i1:i2, i2:], alpha=-1.0)
+
+
+def trailing_update_triton(W: torch.Tensor, err: torch.Tensor, Hinv: torch.Tensor, i1: int, count: int) -> None:
+    """Triton version of `trailing_update_reference` (W and err contiguous in their last dim)."""
+    E, R, C = W.shape
+    i2 = i1 + count
+    if i2 >= C or R == 0 or E == 0:
+        return
+    check_launch(_trailing_kernel, W, err, Hinv)
+    if W.stride(2) != 1 or err.stride(2) != 1:
+        raise ValueError("W and err must be contiguous in their last dimension")
+    if interpreted(_trailing_kernel):  # the interpreter pays per program and K step: few, large blocks
+        cfg = dict(BLOCK_M=next_pow2(R, 16, 128), BLOCK_N=128, BLOCK_K=next_pow2(count, 16, 128), num_warps=4,
+                   num_stages=1)
+    else:
+        cfg = TRAILING_BLOCKS
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]), triton.cdiv(C - i2, cfg["BLOCK_N"]), E)
+    _trailing_kernel[grid](W, err, Hinv, R, C, i1, count, i2, W.stride(0), W.stride(1), err.stride(0), err.stride(1),
+                           *Hinv.stride(), PREC=dot_precision(W.dtype, W.device), **cfg)
+
+
+def obs_sub_block(block_c: int, prune_m: int) -> int:
+    """Columns per sub-block of the kernel's column loop: UPDATE_COLUMNS, unless an N:M group
+    would straddle two sub-blocks (M does not divide it): then the whole block."""
+    sub = min(UPDATE_COLUMNS, block_c)
+    return sub if prune_m <= 1 or sub % prune_m == 0 else block_c
 
 
 def _obs_rows_per_program(R: int, interpret: bool) -> int:
@@ -243,6 +319,7 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
         maxq = 0.0
     BLOCK_C = next_pow2(min(blocksize, C), 16)
     BLOCK_R = _obs_rows_per_program(R, interpreted(_obs_block_kernel))
+    SUB = obs_sub_block(BLOCK_C, prune_m)
     err = torch.empty(E, R, min(blocksize, C), dtype=torch.float32, device=W.device)
     launch = (triton.cdiv(R, BLOCK_R), E)
     for i1 in range(0, C, blocksize):
@@ -256,9 +333,8 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
             W.stride(0), W.stride(1), pruned_u8.stride(0), pruned_u8.stride(1),
             err.stride(0), err.stride(1),
             PRUNE_N=prune_n, PRUNE_M=max(prune_m, 1), QUANT=quant,
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4)
-        if i2 < C:
-            W[:, :, i2:].baddbmm_(err[:, :, :count], Hinv[:, i1:i2, i2:], alpha=-1.0)
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, SUB=SUB, PREC=dot_precision(W.dtype, W.device), num_warps=4)
+        trailing_update_triton(W, err, Hinv, i1, count)
     return W, ~pruned
 
 

@@ -197,13 +197,15 @@ def gpu_configs(sparse24: bool, element_size: int) -> dict[str, RoutedConfig]:
     tiles fp32 prefill needs 196-295 KB of shared memory, over every target's limit, and at
     128 rows it spills on sm_80/86 (tf32x3 holds every operand twice)."""
     k = 2 if element_size >= 4 else 1
+    fp32_24 = k == 2 and sparse24  # on sm_86's FMA units (dot_precision) it spills at the larger tiles
+    n = 64 if fp32_24 else 128
     return {
-        "prefill": RoutedConfig(128 // k, 128, 64 // k, 1, 8, 4),  # >= 128 tokens per expert
+        "prefill": RoutedConfig(128 // k, n, 64 // k, 1, 8, 4),  # >= 128 tokens per expert
         # 8 warps: with 4, sm_90's compiler aborts on the 2:4 path (LLVM "Illegal shared layout")
         # and sm_80 needs 255 registers
-        "prefill,m64": RoutedConfig(64, 128, 64 // k, 1, 8, 4),  # fewer tokens per expert
+        "prefill,m64": RoutedConfig(64, n, 64 // k, 1, 8, 4),  # fewer tokens per expert
         # decode: memory bound, the weight stream spread over many programs (split-K added below)
-        "decode": RoutedConfig(16, 32, (256 if sparse24 else 128) // k, 1, 4, 4),
+        "decode": RoutedConfig(16, 32, 64 if fp32_24 else (256 if sparse24 else 128) // k, 1, 4, 4),
     }
 
 
@@ -280,7 +282,7 @@ def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
         bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
         SPARSE24=sparse24, HAS_BIAS=bias is not None, SPLIT_K=cfg.SPLIT_K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREC=dot_precision(x.dtype, x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x.dtype)
 
 
