@@ -133,7 +133,8 @@ def _path_like(ref: str) -> bool:
 
 
 def load_config(ref: str):
-    """The model's transformers config, without loading any weights."""
+    """The model's transformers config, without loading any weights (an embedded model is converted
+    to its cached folder first, once)."""
     check_model_ref(ref)
     kwargs = {}
     if ref in EMBEDDED:

@@ -31,7 +31,7 @@ BAD_PRUNE = {
     "bits_high": (["--bits", "9"], "2 to 8 bits"),
     "seqlen_beyond_context": (["--seqlen", "100000"], "exceeds the model's context of 8192"),
     "unknown_method": (["--method", "obc"], "unknown method 'obc'"),
-    "unknown_source": (["--calib", "no-such-corpus"], "neither one of wiki, wikitext2, c4"),
+    "unknown_source": (["--calib", "no-such-corpus"], "neither one of wiki, sotu, wikitext2, c4"),
     "bad_targets": (["--targets", "mlp"], "use ffn or all"),
     "zero_samples": (["--nsamples", "0"], "must be at least 1"),
     "zero_cluster_tokens": (["--method", "sparse-expansion", "--max-cluster-tokens", "0"],
