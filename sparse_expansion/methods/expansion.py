@@ -35,7 +35,7 @@ class ExpansionOptions(SparseGPTOptions):
     kmeans_backend: str = field(default="auto", metadata={"help": "auto, torch or cuml"})
     small_clusters: str = field(default="shrink",
                                 metadata={"help": "damping (paper), shrink (toward the layer Hessian) or merge"})
-    shrink_tokens: float | None = field(default=512.0, metadata={
+    shrink_tokens: float | None = field(default=None, metadata={
         "help": "tau of --small-clusters shrink, in tokens (None: the layer's input dimension)"})
     min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
     max_cluster_tokens: int = field(default=262144, metadata={
