@@ -38,7 +38,6 @@ from .obs import TRAILING_BLOCKS, _obs_block_kernel, _trailing_kernel, obs_sub_b
 from .routed_matmul import _routed_kernel, gpu_configs
 
 _TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROUTED_UNIT = ("stride_xk", "stride_wk", "stride_yn")  # contiguous activations, weights, outputs
 
@@ -118,7 +117,7 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
     split_sig = dict(rsig, Y="*fp32")
     for sparse24 in (False, True):  # the configurations routed_matmul.default_config picks on a GPU
         tag = "24" if sparse24 else "dense"
-        configs = gpu_configs(sparse24, ELEMENT_SIZE[t])
+        configs = gpu_configs(sparse24, TORCH_DTYPE[t].itemsize)
         configs["decode,split"] = replace(configs["decode"], SPLIT_K=4)  # split-K: fp32 partial sums
         for name, c in configs.items():
             out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, split_sig if c.SPLIT_K > 1 else rsig,
