@@ -38,7 +38,7 @@ def accumulate_hessian_reference(H: torch.Tensor, counts: torch.Tensor, x: torch
     for c in torch.nonzero(added).flatten().tolist():
         xc = x[labels == c]
         n_old, n_new = int(counts[c]), int(counts[c]) + xc.shape[0]
-        add_gram(H[c], xc, n_old / n_new, 2.0 / n_new, mirror=False)
+        add_gram(H[c], xc, n_old / n_new, 2.0 / n_new)
     counts.add_(added)
 
 
@@ -54,15 +54,13 @@ def complete_hessian(H: torch.Tensor) -> torch.Tensor:
 GRAM_BLOCK = 256
 
 
-def add_gram(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, mirror: bool = True) -> None:
-    """H ← beta·H + alpha·xᵀx, computing only the block rows' upper part (half the products; on a
-    2-core CPU 2.4x faster than one full addmm at d = 1536), then mirroring it (H exactly
-    symmetric) unless `mirror` is False (then the strict lower triangle is unspecified)."""
+def add_gram(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    """H ← beta·H + alpha·xᵀx on the upper triangle: only the block rows' upper part is computed
+    (half the products; on a 2-core CPU 2.4x faster than one full addmm at d = 1536), so the
+    strict lower triangle is unspecified until `complete_hessian`."""
     d = H.shape[0]
     for i in range(0, d, GRAM_BLOCK):
         H[i:i + GRAM_BLOCK, i:].addmm_(x[:, i:i + GRAM_BLOCK].t(), x[:, i:], beta=beta, alpha=alpha)
-    if mirror:
-        complete_hessian(H)
 
 
 @triton.jit

@@ -79,7 +79,7 @@ def fit_pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tenso
     cov = torch.zeros(d, d, dtype=torch.float32, device=x.device)
     for rows in x.split(ROWS_PER_CHUNK):
         centered = rows.float() - mean
-        add_gram(cov, centered, 1.0, 1.0, mirror=False)
+        add_gram(cov, centered, 1.0, 1.0)
     complete_hessian(cov)
     _, vecs = torch.linalg.eigh(cov.double() / n)  # ascending eigenvalues
     basis = vecs[:, -components:].flip(1)
