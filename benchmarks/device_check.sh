@@ -216,7 +216,7 @@ else
   log "benchmarks done: $(ls "$OUT/results")"
 fi
 # ---------------------------------------------------------------- one 7B block, pruned on the GPU
-if [ -d "$CARRY/site" ] && [ "$TRITON_INTERPRET" = 0 ]; then
+if [ -d "$CARRY/site" ] && [ "$TRITON_INTERPRET" = 0 ] && [ -z "${SKIP_BLOCK:-}" ]; then
   FULL="$WORK/full/sparse_expansion"
   mkdir -p "$FULL"
   for f in "$REPO"/sparse_expansion/*; do
@@ -234,7 +234,7 @@ if [ -d "$CARRY/site" ] && [ "$TRITON_INTERPRET" = 0 ]; then
     [ "$rc" -eq 0 ] || { log "block $method FAILED (rc=$rc) — see block.log"; status=1; }
   done
 else
-  log "block: skipped (no GPU, or no .devcarry: run --prepare here and carry .devcarry)"
+  log "block: skipped (no GPU, SKIP_BLOCK set, or no .devcarry: run --prepare here and carry it)"
 fi
 log "finished, status=$status"
 exit $status

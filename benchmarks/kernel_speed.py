@@ -16,7 +16,8 @@ pass/fail columns for the targets (never asserted):
   decode   routed dense experts (1 and 16 tokens) within 1.1× of a dense GEMV's bandwidth;
            routed 2:4 ≥ 1.6× faster than routed dense
 Every GPU row also checks the kernel's result against its torch reference (column `err`: the
-largest error relative to the largest reference value; OBS: also the share of equal masks).
+largest error relative to the largest reference value; OBS: the Frobenius-norm relative error
+and the share of equal masks).
 CPU: only the torch references (and dense torch ops) run, at shapes scaled down by 16, so the
 table shows reference costs, not kernel speed. Results: a table on stdout and JSON in --out.
 """
@@ -195,7 +196,10 @@ def bench_obs(timer, dev, peaks, name, dims, scale):
             batched = r["torch_ms"] / r["triton_ms"]
             r["pass"] = r["ratio"] >= 10 and batched >= 3
             (W_ref, keep_ref), (W_tri, keep_tri) = out["ref"], out["tri"]
-            r["err"] = _rel_err(W_tri, W_ref)
+            # Frobenius, not the largest error: a near-tie that rounding decides differently
+            # flips a mask entry and moves the rest of that row (the GPU and CPU references
+            # differ the same way, benchmarks/results/obs_diagnose_h200.json)
+            r["err"] = float((W_tri - W_ref).norm() / W_ref.norm())
             r["note"] += (f"; {batched:.1f}x batched ref; masks equal "
                           f"{float((keep_ref == keep_tri).float().mean()):.4f}")
             del out, W_ref, W_tri

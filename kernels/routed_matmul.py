@@ -218,12 +218,26 @@ def default_config(T: int, E: int, N: int, K: int, sparse24: bool,
     configs = gpu_configs(sparse24, element_size)
     if T <= 64:
         cfg = configs["decode"]
-        programs = min(T, E) * triton.cdiv(N, cfg.BLOCK_N)
+        programs = (T if T <= DECODE_TOKENS else min(T, E)) * triton.cdiv(N, cfg.BLOCK_N)
         split = 1
         while programs * split < 2 * num_sms(device) and K // (cfg.BLOCK_K * split * 2) >= 4:
             split *= 2
         return replace(cfg, SPLIT_K=split)
     return configs["prefill" if T / max(1, min(E, T)) >= 128 else "prefill,m64"]
+
+
+DECODE_TOKENS = 16  # up to this many tokens, one row block per token (token_blocks), no sorting
+
+
+def token_blocks(expert: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """align_tokens' outputs for decoding: one row block per token, token t first in block t (the
+    rest padding), block_expert = expert. Each program reads its own token's expert directly;
+    tokens that share an expert read its weights once each (at most DECODE_TOKENS times), which
+    costs less than the ~15 small launches of sorting when a step is a few microseconds."""
+    T = expert.numel()
+    ids = torch.full((T, block_m), T, dtype=torch.int32, device=expert.device)
+    ids[:, 0] = torch.arange(T, dtype=torch.int32, device=expert.device)
+    return ids.view(-1), expert.to(torch.int32)
 
 
 def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +283,10 @@ def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
     cfg = config or default_config(T, E, N, d_in, sparse24, x.device, interpreted(_routed_kernel), x.element_size())
     if sparse24 and cfg.BLOCK_K % 8:
         raise ValueError("2:4 weights need BLOCK_K divisible by 8")
-    sorted_ids, block_expert = align_tokens(expert, E, cfg.BLOCK_M)
+    if T <= DECODE_TOKENS:
+        sorted_ids, block_expert = token_blocks(expert, cfg.BLOCK_M)
+    else:
+        sorted_ids, block_expert = align_tokens(expert, E, cfg.BLOCK_M)
     if cfg.SPLIT_K > 1:
         y = torch.zeros(T, N, dtype=torch.float32, device=x.device)
     else:

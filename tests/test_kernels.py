@@ -170,6 +170,7 @@ def _make_24(W):
 ROUTED_CASES = [  # T, E, d_out, d_in, dtype, bias, config
     (50, 5, 70, 96, torch.float32, True, None),      # an empty expert (1), fp32
     (1, 3, 40, 36, torch.float16, False, None),      # a single token (decode)
+    (9, 3, 40, 36, torch.float16, True, None),       # decode, tokens sharing experts
     (33, 4, 45, 100, torch.float16, True, RoutedConfig(16, 32, 32, SPLIT_K=2)),  # split-K
     (40, 6, 24, 64, torch.float16, True, RoutedConfig(32, 16, 64)),  # all tokens on one expert
     pytest.param(300, 4, 130, 200, torch.bfloat16, True, None, marks=GPU_ONLY),    # bf16 prefill
@@ -285,6 +286,12 @@ def test_align_tokens_groups_by_expert():
         seen += tok
     assert sorted(seen) == list(range(T))
     assert block_expert.tolist()[:4] == [0, 1, 3, 3]
+
+
+def test_token_blocks_put_each_token_in_its_own_block():
+    ids, block_expert = rm.token_blocks(torch.tensor([2, 0, 2]), block_m=4)
+    assert ids.tolist() == [0, 3, 3, 3, 1, 3, 3, 3, 2, 3, 3, 3]
+    assert block_expert.tolist() == [2, 0, 2] and block_expert.dtype == torch.int32
 
 
 def test_compress_24_round_trip_and_format():
