@@ -158,6 +158,32 @@ def test_obs_rejects_bad_shapes():
         obs_prune_triton(W.to(DEV), Hinv.to(DEV), 0.0, 5, 4)
 
 
+def test_bracket_kth_value_is_kthvalue(monkeypatch):
+    """The GPU's unstructured threshold: exactly torch.kthvalue, by a sampled bracket (random
+    rows, ties, NaNs), and by kthvalue itself when the sample misleads the bracket."""
+    g = _gen(5)
+    rows = {"random": torch.randn(3, 1000, generator=g) ** 2,
+            "ties": torch.randint(0, 5, (2, 1001), generator=g).float(),
+            "nan": torch.randn(2, 999, generator=g)}
+    rows["nan"][0, :50] = float("nan")
+    misleading = torch.full((2, 1024), 7.0)
+    misleading[:, ::16] = 0.0  # the strided sample sees only zeros
+    rows["misleading"] = misleading
+    calls = []
+    kthvalue = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda *a, **kw: calls.append(1) or kthvalue(*a, **kw))
+    fell_back = {}
+    for name, score in rows.items():
+        for k in (1, 7, score.shape[1] // 2, score.shape[1]):
+            calls.clear()
+            got = obs.bracket_kth_value(score, k, sample=64)
+            fell_back[name, k] = bool(calls)
+            want = kthvalue(score, k, dim=1, keepdim=True).values
+            torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    assert not any(v for (name, _), v in fell_back.items() if name == "random")  # the bracket found it
+    assert fell_back["misleading", 512]
+
+
 # ----------------------------------------------------------------------------- routed matmul
 
 def _make_24(W):
