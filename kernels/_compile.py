@@ -78,16 +78,13 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
     fp32 = fp32_dot_precision(cc)  # dot_precision's choice with TF32 off
     prec = fp32 if t == "fp32" else "tf32"
     out = []
-    hsig = {"X": f"*{t}", "PERM": "*i32", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
+    hsig = {"X": f"*{t}", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
             "PAIR_J": "*i32", "H": "*fp32", "SCALE": "*fp32", "ALPHA": "*fp32", "d": "i32",
-            "stride_xn": "i32", "stride_xd": "i32", "HAS_PERM": "constexpr",
-            "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
+            "stride_xn": "i32", "stride_xd": "i32", "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     blocks = _hessian_blocks(4096, TORCH_DTYPE[t], interpret=False)  # the blocks of a d = 4096 launch
     warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
-    for has_perm in (False, True):
-        out.append(Variant(f"hessian[perm={has_perm}]", _hessian_tile_kernel, hsig,
-                           dict(HAS_PERM=has_perm, PREC=prec, **blocks), dict(num_warps=warps, num_stages=stages),
-                           unit=("stride_xd",)))
+    out.append(Variant("hessian", _hessian_tile_kernel, hsig, dict(PREC=prec, **blocks),
+                       dict(num_warps=warps, num_stages=stages), unit=("stride_xd",)))
     osig = {"W": "*fp32", "PRUNED": "*u8", "HINV": "*fp32", "ERR": "*fp32", "SCALE": "*fp32",
             "ZERO": "*fp32", "R": "i32", "C": "i32", "i1": "i32", "count": "i32", "maxq": "fp32",
             "stride_we": "i64", "stride_wr": "i32", "stride_pe": "i64", "stride_pr": "i32",
@@ -117,7 +114,7 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
     split_sig = dict(rsig, Y="*fp32")
     for sparse24 in (False, True):  # the configurations routed_matmul.default_config picks on a GPU
         tag = "24" if sparse24 else "dense"
-        configs = gpu_configs(sparse24, TORCH_DTYPE[t].itemsize)
+        configs = gpu_configs(sparse24, TORCH_DTYPE[t].itemsize, cc)
         configs["decode,split"] = replace(configs["decode"], SPLIT_K=4)  # split-K: fp32 partial sums
         for name, c in configs.items():
             out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, split_sig if c.SPLIT_K > 1 else rsig,

@@ -51,8 +51,7 @@ def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         if device is None or device.type != "cuda":
             return "tf32x3"
-        major, minor = torch.cuda.get_device_capability(device)
-        return fp32_dot_precision(10 * major + minor)
+        return fp32_dot_precision(capability(device))
     return "tf32"
 
 
@@ -62,6 +61,15 @@ def next_pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
 
 
 @functools.lru_cache(maxsize=16)
+def capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one number (90 for sm_90); 80 elsewhere, the
+    oldest target the kernels are tuned for (off a GPU, only tests ask)."""
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

@@ -6,11 +6,13 @@ upper triangle (j ≥ i) of each H[c] only; the strict lower triangle is unspeci
 `complete_hessian` mirrors the upper one, once, when accumulation ends (half the products and
 half the traffic of writing both triangles on every call).
 
-Triton version: one launch for all clusters. Tokens are sorted by label in torch (a permutation,
-the rows are gathered inside the kernel); the grid is (upper-triangle tile pair, non-empty
-cluster). Each program computes one d×d tile Σ_t x_t[i-tile] x_t[j-tile]ᵀ over its cluster's
-tokens with tensor-core dots (fp32 accumulation; fp32 inputs as tf32x3 or ieee, see dot_precision),
-applies the running-average rescale and writes the tile.
+Triton version: one launch for all clusters. The rows are sorted by label once in torch (one
+copy of the batch; on an H200 the kernel reading contiguous rows ran 1.4-1.5x faster than the
+same kernel gathering them through the permutation, benchmarks/results/tile_sweep_h200.json,
+for a copy of 3-8% of its time). The grid is (upper-triangle tile pair, non-empty cluster). Each
+program computes one d×d tile Σ_t x_t[i-tile] x_t[j-tile]ᵀ over its cluster's tokens with
+tensor-core dots (fp32 accumulation; fp32 inputs as tf32x3 or ieee, see dot_precision), applies
+the running-average rescale and writes the tile.
 """
 import functools
 
@@ -64,14 +66,13 @@ def add_gram(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> Non
 
 
 @triton.jit
-def _hessian_tile_kernel(X, PERM, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
+def _hessian_tile_kernel(X, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
                          d, stride_xn, stride_xd,
-                         HAS_PERM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PREC: tl.constexpr):
+                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """H[c][I, J] ← H[c][I, J]·SCALE[c] + ALPHA[c]·Σ_{t in c} x_t[I] x_t[J]ᵀ (the upper tiles only).
 
     Program (p, q): tile pair p = (PAIR_I[p], PAIR_J[p]) with PAIR_J ≥ PAIR_I, cluster CIDS[q].
-    Cluster c owns the sorted token positions OFFS[c]:OFFS[c+1] (rows PERM[pos] of X).
+    Cluster c owns the rows OFFS[c]:OFFS[c+1] of X (sorted by cluster).
     """
     pair = tl.program_id(0)
     c = tl.load(CIDS + tl.program_id(1))
@@ -89,10 +90,7 @@ def _hessian_tile_kernel(X, PERM, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
     for k0 in range(start, end, BLOCK_K):
         pos = k0 + rk
         mk = pos < end
-        if HAS_PERM:
-            rows = tl.load(PERM + pos, mask=mk, other=0).to(tl.int64)
-        else:
-            rows = pos.to(tl.int64)
+        rows = pos.to(tl.int64)
         a = tl.load(X + rows[:, None] * stride_xn + ri[None, :] * stride_xd,
                     mask=mk[:, None] & mi[None, :], other=0.0)  # [BLOCK_K, BLOCK]
         b = tl.load(X + rows[:, None] * stride_xn + rj[None, :] * stride_xd,
@@ -118,6 +116,7 @@ def _hessian_blocks(d: int, dtype: torch.dtype, interpret: bool) -> dict:
         return dict(BLOCK=next_pow2(d, 16, 128), BLOCK_K=128, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # tf32x3 splits every operand in two: half the K tile keeps 0 spills
         return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=16, num_warps=8, num_stages=3)
+    # 4 warps ran 1.4x faster on an H200 (tile_sweep_h200.json) but spill on every target: 8 do not
     return dict(BLOCK=128 if d > 64 else 64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -143,7 +142,6 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
         added[0] = N
         offs = torch.tensor([0, N], dtype=torch.int32, device=dev)
         cids = torch.zeros(1, dtype=torch.int32, device=dev)
-        perm = offs  # unused (HAS_PERM=False)
     else:
         labels = labels.reshape(-1).to(device=dev, dtype=torch.int64)
         if labels.numel() != N:
@@ -151,7 +149,7 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
         added = torch.bincount(labels, minlength=K)
         if added.numel() > K:
             raise ValueError(f"labels must lie in [0, {K})")
-        perm = torch.argsort(labels, stable=True).to(torch.int32)
+        x = x[torch.argsort(labels, stable=True)]
         offs = torch.zeros(K + 1, dtype=torch.int32, device=dev)
         offs[1:] = torch.cumsum(added, 0)
         cids = torch.nonzero(added).flatten().to(torch.int32)
@@ -165,8 +163,8 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
     pi, pj = _tile_pairs(triton.cdiv(d, cfg["BLOCK"]), dev)
     grid = (pi.numel(), cids.numel())
     _hessian_tile_kernel[grid](
-        x, perm, offs, cids, pi, pj, H, scale, alpha, d, x.stride(0), x.stride(1),
-        HAS_PERM=labels is not None, PREC=dot_precision(x.dtype, x.device), **cfg)
+        x, offs, cids, pi, pj, H, scale, alpha, d, x.stride(0), x.stride(1),
+        PREC=dot_precision(x.dtype, x.device), **cfg)
     counts.add_(added.to(counts.device, counts.dtype))
 
 
