@@ -12,6 +12,7 @@ tokenizer gives other windows).
 
     python benchmarks/quality.py --runs dense,sparsegpt,se4,se16
     python benchmarks/quality.py --runs se16 --small-clusters merge --tag merge
+    python benchmarks/quality.py --runs sparsegpt --percdamp 0.1 --tag damp0.1
     python benchmarks/quality.py --model gemma3 --runs dense,sparsegpt,se16
 
 Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
@@ -62,8 +63,11 @@ def config_for(run: str, args) -> PruneConfig:
     if name.startswith("se"):
         options = ExpansionOptions(clusters=int(name[2:]), pca_factor=args.pca_factor, kmeans_restarts=args.restarts,
                                    small_clusters=args.small_clusters, shrink_tokens=args.shrink_tokens,
-                                   min_cluster_tokens=args.min_cluster_tokens)
+                                   min_cluster_tokens=args.min_cluster_tokens, expert_damping=args.expert_damping,
+                                   percdamp=args.percdamp)
         return PruneConfig("sparse-expansion", options=options, **common)
+    if name == "sparsegpt":
+        return PruneConfig(name, options={"percdamp": args.percdamp}, **common)
     return PruneConfig(name, **common)
 
 
@@ -126,6 +130,8 @@ def main() -> None:
     p.add_argument("--small-clusters", default=ExpansionOptions.small_clusters)
     p.add_argument("--shrink-tokens", type=lambda v: None if v == "d" else float(v),
                    default=ExpansionOptions.shrink_tokens, help="tau in tokens, or d (the layer's input dimension)")
+    p.add_argument("--expert-damping", type=float, default=ExpansionOptions.expert_damping)
+    p.add_argument("--percdamp", type=float, default=ExpansionOptions.percdamp, help="SparseGPT's damping")
     p.add_argument("--min-cluster-tokens", type=int, default=ExpansionOptions.min_cluster_tokens)
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--allocation", default="uniform", help="uniform or owl (layer-wise rates)")

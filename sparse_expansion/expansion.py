@@ -10,6 +10,11 @@ calls the same functions.
 
 Small clusters (the paper's code leaves clusters of 1-7 tokens in some layers) are handled by an
 explicit rule, reported per layer:
+  pooled   (default) H_c' = (n_c·H_c + τ·T_c)/(n_c + τ) with T_c = B + 2·μ_cμ_cᵀ: the cluster's
+           own mean μ_c kept exactly, its spread around the mean shrunk toward the layer's pooled
+           within-cluster one (B = H − 2·Σ_c n_c/N·μ_cμ_cᵀ, `within_cluster_hessian`); τ in
+           tokens (None: d/4, d the layer's input dimension); the experts factored with damping
+           0.1 of the mean diagonal (`expert_damping`) instead of SparseGPT's 0.01;
   damping  the paper's behaviour: the cluster's own Hessian, SparseGPT's damping only;
   shrink   H_c' = (n_c·H_c + τ·H)/(n_c + τ), τ in tokens (None: the layer's input dimension d,
            the cluster's own estimate weighted n_c/(n_c + d), by how far it is from full rank),
@@ -26,7 +31,8 @@ from . import solvers
 from .router import Router, RouterFit, fit_router, nearest_centroid
 from .sparsity import Sparsity
 
-SMALL_CLUSTER_RULES = ("damping", "shrink", "merge")
+SMALL_CLUSTER_RULES = ("pooled", "shrink", "damping", "merge")
+POOLED_DAMPING = 0.1  # the pooled rule's damping of the experts' Hessians (fraction of the mean diagonal)
 
 
 def token_sample(tokens: int, bound: int, seed: int) -> torch.Tensor | None:
@@ -64,25 +70,65 @@ def fit_group_router(x: torch.Tensor, clusters: int, pca_factor: int, seed: int,
     return fit, handling
 
 
-def shrink_tau(tau: float | None, columns: int) -> float:
-    """The shrink rule's τ in tokens: as given, or (None) the layer's input dimension."""
-    return float(columns) if tau is None else tau
+def shrink_tau(tau: float | None, columns: int, rule: str = "shrink") -> float:
+    """τ in tokens of the shrink and pooled rules: as given, or (None) the rule's default: the
+    layer's input dimension d (shrink), d/4 (pooled)."""
+    if tau is not None:
+        return float(tau)
+    return columns / 4 if rule == "pooled" else float(columns)
+
+
+def expert_damping(rule: str, damping: float | None, percdamp: float, clusters: int) -> float:
+    """The damping the experts' Hessians are factored with: SparseGPT's `percdamp` for a single
+    cluster (the layer's Hessian: exactly SparseGPT), else as given, or (None) the rule's default:
+    POOLED_DAMPING for pooled, `percdamp` for the other rules."""
+    if clusters == 1:
+        return percdamp
+    if damping is not None:
+        return damping
+    return POOLED_DAMPING if rule == "pooled" else percdamp
+
+
+def add_cluster_sums(sums: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, rows: int = 4096) -> None:
+    """Add the rows of x [N, d] to their clusters' sums [k, d] (fp64) in place, in fp32 within
+    blocks of `rows` (the transient copy of a bf16 batch stays small)."""
+    for xb, lb in zip(x.split(rows), labels.split(rows)):
+        sums += torch.zeros(sums.shape, device=x.device).index_add_(0, lb, xb.float()).double()
+
+
+def cluster_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean input [k, d] (fp64) of every cluster from its sum of rows; 0 for an empty cluster."""
+    return sums.double() / counts.clamp(min=1).to(torch.float64)[:, None]
+
+
+def within_cluster_hessian(H_full: torch.Tensor, means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The layer's pooled within-cluster Hessian B = H − 2·Σ_c n_c/N·μ_cμ_cᵀ [d, d] (fp32; the
+    Hessians are 2/N·XᵀX), from all clusters' means [k, d] and counts."""
+    w = ((counts.to(torch.float64) / counts.sum()).sqrt()[:, None] * means).to(H_full.device, torch.float32)
+    return torch.addmm(H_full[0], w.T, w, alpha=-2.0)
 
 
 def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor, rule: str, tau: float | None,
-                   total: int | None = None) -> torch.Tensor:
+                   total: int | None = None, means: torch.Tensor | None = None,
+                   within: torch.Tensor | None = None) -> torch.Tensor:
     """The Hessians the experts are pruned with: empty clusters take the layer's H; with the
-    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ) (`shrink_tau`).
-    H_c and counts may be a chunk of the clusters; `total` is then the layer's token count
-    (default: Σ counts)."""
-    tau = shrink_tau(tau, H_c.shape[-1])
+    `shrink` rule every other partial cluster becomes (n_c·H_c + τ·H)/(n_c + τ), with `pooled`
+    (n_c·H_c + τ·T_c)/(n_c + τ), T_c = B + 2·μ_cμ_cᵀ (`means` of these clusters [k, d], `within`
+    = B from `within_cluster_hessian`); τ from `shrink_tau`. H_c, counts and means may be a
+    chunk of the clusters; `total` is then the layer's token count (default: Σ counts)."""
+    tau = shrink_tau(tau, H_c.shape[-1], rule)
+    if rule == "pooled" and (means is None or within is None):
+        raise ValueError("the pooled rule needs the clusters' means and the within-cluster Hessian")
     H_solve = H_c.clone()
     total = int(counts.sum()) if total is None else total
     for c, n in enumerate(counts.tolist()):
         if n == 0:
             H_solve[c] = H_full[0]
-        elif rule == "shrink" and n < total:
-            H_solve[c].mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))
+        elif rule in ("shrink", "pooled") and n < total:
+            H_solve[c].mul_(n / (n + tau)).add_(H_full[0] if rule == "shrink" else within, alpha=tau / (n + tau))
+            if rule == "pooled":
+                mu = means[c].to(H_c.device, torch.float32)
+                H_solve[c].addr_(mu, mu, alpha=2 * tau / (n + tau))
     return H_solve
 
 

@@ -216,7 +216,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             pca = (2 * chunk * columns * 4 + columns * columns * (4 + 3 * 8)
                    + sample * 4 * (columns // max(o.pca_factor, 1) + 3 * o.kmeans_restarts * clusters))
             stage(f"router fit {name}", base + later + samples[i] + pca)
-            fixed = base + later + samples[i] + columns * columns * 4 + solved
+            layer_hessians = 2 if o.small_clusters == "pooled" else 1  # H, and the pooled rule's within-cluster B
+            fixed = base + later + samples[i] + layer_hessians * columns * columns * 4 + solved
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
             cost = cluster_cost(columns, rows)
             budget = config.max_memory

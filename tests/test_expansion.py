@@ -12,7 +12,9 @@ from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
 from sparse_expansion.experts import SparseExpertLinear, compress, concat_compressed, convert_experts, decompress
+from sparse_expansion import expansion as stages
 from sparse_expansion.expansion import cluster_cost, merge_small_clusters
+from sparse_expansion.kernels.hessian import accumulate_hessian_reference, complete_hessian
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
 from sparse_expansion.router import Router, fit_router, kmeans_torch
 from sparse_expansion.outputs import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
@@ -151,20 +153,55 @@ def test_merge_rule_leaves_no_small_cluster_and_reroutes():
     assert torch.equal(router.assign(x), labels)
 
 
-@pytest.mark.parametrize("rule", ["damping", "shrink", "merge"])
+@pytest.mark.parametrize("rule", ["pooled", "damping", "shrink", "merge"])
 def test_small_cluster_rules_are_reported(rule):
     model = tiny_model("llama")
     reports = prune_model(model, random_tokens(2, 32), se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
                           progress=False).layers
     for r in (r.extras for r in reports):
         assert r["small_clusters"]["rule"] == rule
+        assert r["small_clusters"]["expert_damping"] == (0.1 if rule == "pooled" else 0.01)
         assert sum(r["cluster_sizes"]) == 64
         if rule == "merge":
             assert min(r["cluster_sizes"]) >= 10 and r["clusters"] == 8 - len(r["small_clusters"]["merged_clusters"])
 
 
+def test_pooled_rule_matches_its_definition():
+    """pooled: (n_c·H_c + τ·T_c)/(n_c + τ), T_c = 2·(pooled within-cluster scatter/N + μ_cμ_cᵀ),
+    against a direct fp64 computation from the centred rows; the means kept exactly."""
+    gen = torch.Generator().manual_seed(3)
+    k, d = 3, 6
+    labels = torch.tensor([0] * 40 + [1] * 7 + [2] * 13)
+    x = torch.randn(60, d, generator=gen) + 3 * torch.randn(k, d, generator=gen)[labels]
+    H_c = torch.zeros(k, d, d)
+    counts = torch.zeros(k, dtype=torch.long)
+    accumulate_hessian_reference(H_c, counts, x, labels)
+    H_full = torch.zeros(1, d, d)
+    accumulate_hessian_reference(H_full, torch.zeros(1, dtype=torch.long), x)
+    complete_hessian(H_c), complete_hessian(H_full)
+    sums = torch.zeros(k, d, dtype=torch.float64)
+    stages.add_cluster_sums(sums, x, labels, rows=16)  # several row blocks
+    means = stages.cluster_means(sums, counts)
+    within = stages.within_cluster_hessian(H_full, means, counts)
+    xd = x.double()
+    mu = torch.stack([xd[labels == c].mean(0) for c in range(k)])
+    scatter = sum((xd[labels == c] - mu[c]).T @ (xd[labels == c] - mu[c]) for c in range(k))
+    torch.testing.assert_close(means, mu)
+    torch.testing.assert_close(within.double(), 2 * scatter / 60, atol=1e-5, rtol=1e-5)
+    tau = 5.0
+    got = stages.solve_hessians(H_c, counts, H_full, "pooled", tau, means=means, within=within)
+    for c in range(k):
+        n = int(counts[c])
+        own = 2 * xd[labels == c].T @ xd[labels == c] / n
+        want = (n * own + tau * (2 * scatter / 60 + 2 * torch.outer(mu[c], mu[c]))) / (n + tau)
+        torch.testing.assert_close(got[c].double(), want, atol=1e-4, rtol=1e-5)
+    assert stages.shrink_tau(None, d, "pooled") == d / 4 and stages.shrink_tau(None, d, "shrink") == d
+    with pytest.raises(ValueError):
+        stages.solve_hessians(H_c, counts, H_full, "pooled", tau)
+
+
 def test_bad_expansion_options():
-    for kw in (dict(clusters=0), dict(pca_factor=-1), dict(small_clusters="drop")):
+    for kw in (dict(clusters=0), dict(pca_factor=-1), dict(small_clusters="drop"), dict(expert_damping=1.5)):
         with pytest.raises(UsageError):
             se_config(**kw)
 

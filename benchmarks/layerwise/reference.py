@@ -3,9 +3,11 @@ prunes a single matrix. Deliberately hand-written, not the library's stages:
   router   PCA (textbook SVD of the centred tokens; or the covariance eigh, --reference-pca) and
            Lloyd's k-means with a Python loop over clusters for the centroid update
   hessian  per cluster, SparseGPT's add_batch running average over the same batches (the small-
-           cluster rule: shrink toward the layer's Hessian, or none for damping; an empty cluster
-           takes the layer's Hessian)
-  inverse  per cluster, solvers.inverse_hessian_factor on that single matrix
+           cluster rule: pooled, toward the cluster's mean outer product plus the pooled within-
+           cluster scatter (computed from the centred tokens in fp64); shrink, toward the layer's
+           Hessian; or none for damping; an empty cluster takes the layer's Hessian)
+  inverse  per cluster, solvers.inverse_hessian_factor on that single matrix (the rule's damping:
+           the library's `expert_damping` policy)
   obs      per cluster, the torch reference kernels.obs.obs_prune_reference
 It fits on every calibration token (no max_cluster_tokens sample) and knows no `merge` rule.
 """
@@ -16,6 +18,7 @@ import time
 
 import torch
 
+from sparse_expansion import expansion as stages
 from sparse_expansion import solvers
 from sparse_expansion.kernels.obs import obs_prune_reference
 from sparse_expansion.router import Router
@@ -80,6 +83,20 @@ def reference_kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
     return best
 
 
+def pooled_within(batches: list[torch.Tensor], labels: list[torch.Tensor], clusters: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2/N·Σ_c Σ_(x in c) (x − μ_c)(x − μ_c)ᵀ [C, C], means μ_c [K, C]), textbook style in fp64:
+    the pooled rule shrinks cluster c toward the first plus 2·μ_cμ_cᵀ."""
+    x, lab = torch.cat(batches).double(), torch.cat(labels)
+    means = torch.zeros(clusters, x.shape[1], dtype=torch.float64, device=x.device)
+    scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for k in lab.unique().tolist():
+        means[k] = x[lab == k].mean(0)
+        d = x[lab == k] - means[k]
+        scatter += d.t() @ d
+    return (2 * scatter / x.shape[0]).float(), means.float()
+
+
 def reference_hessian(batches: list[torch.Tensor], labels: list[torch.Tensor] | None, c: int
                       ) -> tuple[torch.Tensor, int]:
     """SparseGPT's add_batch over the tokens of cluster c (all tokens when labels is None)."""
@@ -121,7 +138,12 @@ def prune_reference(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Spar
             router = Router(centroids, mean, basis).to(dev)
             del x, z
     W_hat = torch.empty(clusters, *W.shape, dtype=torch.float32, device=dev)
-    sizes, damping = [], []
+    sizes, dampings = [], []
+    tau = stages.shrink_tau(o.shrink_tokens, C, o.small_clusters)
+    damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters)
+    if clusters > 1 and o.small_clusters == "pooled":
+        with clock("hessian"):
+            within, means = pooled_within(batches, labels, clusters)
     for c in range(clusters):
         with clock("hessian"):
             if clusters == 1:
@@ -130,11 +152,11 @@ def prune_reference(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Spar
                 H, n = reference_hessian(batches, labels, c)
                 if n == 0:
                     H = H_full
-                elif o.small_clusters == "shrink" and n < n_total:
-                    tau = H.shape[0] if o.shrink_tokens is None else o.shrink_tokens
-                    H = (n * H + tau * H_full) / (n + tau)
+                elif o.small_clusters in ("shrink", "pooled") and n < n_total:
+                    target = H_full if o.small_clusters == "shrink" else within + 2 * torch.outer(means[c], means[c])
+                    H = (n * H + tau * target) / (n + tau)
         with clock("inverse"):
-            f = solvers.inverse_hessian_factor(H[None], o.percdamp)
+            f = solvers.inverse_hessian_factor(H[None], damping)
         with clock("obs"):
             Wc = W.float().clone()[None]
             Wc[f.dead[:, None, :].expand_as(Wc)] = 0.0
@@ -142,8 +164,8 @@ def prune_reference(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Spar
                                         sparsity.n, sparsity.m, None, o.blocksize)
             W_hat[c] = Wc[0]
         sizes.append(n)
-        damping += f.damping
+        dampings += f.damping
         del H, f, Wc
     sync(dev)
     return PruneRun(W_hat, router, clock.seconds, time.perf_counter() - t0, cluster_sizes=sizes,
-                    damping=damping, kmeans_backend="reference" if clusters > 1 else None)
+                    damping=dampings, kmeans_backend="reference" if clusters > 1 else None)

@@ -98,10 +98,18 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
         with clock("hessian"):
             H_c, counts = cluster_hessians(batches, labels, fit.router.clusters)
             H_full, _ = cluster_hessians(batches, [None] * len(batches), 1)
-            H_solve = stages.solve_hessians(H_c, counts, H_full, o.small_clusters, o.shrink_tokens)
+            sums = torch.zeros(fit.router.clusters, W.shape[1], dtype=torch.float64, device=dev)
+            for xb, lb in zip(batches, labels):
+                stages.add_cluster_sums(sums, xb, lb)
+            means = stages.cluster_means(sums, counts)
+            within = stages.within_cluster_hessian(H_full, means, counts) if o.small_clusters == "pooled" else None
+            H_solve = stages.solve_hessians(H_c, counts, H_full, o.small_clusters, o.shrink_tokens, means=means,
+                                            within=within)
         del batches, labels
+    clusters = 1 if fit is None else fit.router.clusters
+    damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters)
     with clock("inverse"):
-        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, method)
+        factor = solvers.inverse_hessian_factor(H_solve, damping, method)
     del H_solve
     with clock("obs"):
         W_hat, info = stages.solve_experts(W, factor, sparsity, None, o.blocksize)

@@ -33,10 +33,15 @@ class ExpansionOptions(SparseGPTOptions):
     pca_factor: int = field(default=32, metadata={"help": "PCA to input_dim // F components; 0 = no PCA"})
     kmeans_restarts: int = field(default=10, metadata={"help": "k-means restarts (best inertia kept)"})
     kmeans_backend: str = field(default="auto", metadata={"help": "auto, torch or cuml"})
-    small_clusters: str = field(default="shrink",
-                                metadata={"help": "damping (paper), shrink (toward the layer Hessian) or merge"})
+    small_clusters: str = field(default="pooled", metadata={
+        "help": "pooled (toward the cluster's mean + the layer's within-cluster spread), shrink (toward the "
+                "layer Hessian), damping (paper) or merge"})
     shrink_tokens: float | None = field(default=None, metadata={
-        "help": "tau of --small-clusters shrink, in tokens (None: the layer's input dimension)"})
+        "help": "tau of --small-clusters pooled/shrink, in tokens (None: d/4 for pooled, d for shrink; d the "
+                "layer's input dimension)"})
+    expert_damping: float | None = field(default=None, metadata={
+        "help": "damping of the experts' Hessians, fraction of the mean diagonal (None: 0.1 for pooled, "
+                "else --percdamp)"})
     min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
     max_cluster_tokens: int = field(default=262144, metadata={
         "help": "PCA and k-means fit on a seeded sample of at most this many tokens per layer"})
@@ -53,6 +58,8 @@ class ExpansionOptions(SparseGPTOptions):
         if self.small_clusters not in stages.SMALL_CLUSTER_RULES:
             raise UsageError(f"--small-clusters {self.small_clusters!r}: use one of "
                              f"{', '.join(stages.SMALL_CLUSTER_RULES)}")
+        if self.expert_damping is not None and not 0 < self.expert_damping < 1:
+            raise UsageError(f"--expert-damping {self.expert_damping}: use a fraction in (0, 1), e.g. 0.1")
         if (self.shrink_tokens or 0) < 0 or self.min_cluster_tokens < 0:
             raise UsageError("--shrink-tokens and --min-cluster-tokens must not be negative")
         if self.max_cluster_tokens < self.clusters:
@@ -85,6 +92,7 @@ class ClusterStats:
         self.chunks: list[slice] = []
         self.current = 0  # index of the chunk being accumulated
         self.H_full = self.total = self.counts = None  # the layer's Hessian [1, C, C], its count, tokens per cluster
+        self.sums = self.means = self.within = None  # per cluster: sum and mean of its rows; the pooled rule's B
         self.H = self.chunk_counts = None  # the current chunk's cluster Hessians [k, C, C] and counts
         self.solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
         self.handling: dict = {"rule": o.small_clusters}
@@ -110,8 +118,10 @@ class ClusterStats:
                 self.H_full = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
                 self.total = torch.zeros(1, dtype=torch.long, device=x.device)
                 self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
+                self.sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
             accumulate_hessian(self.H_full, self.total, x)
             self.counts += torch.bincount(labels, minlength=k)
+            stages.add_cluster_sums(self.sums, x, labels)
         if self.H is None:
             self.H = torch.zeros(chunk.stop - chunk.start, d, d, dtype=torch.float32, device=x.device)
             self.chunk_counts = torch.zeros(chunk.stop - chunk.start, dtype=torch.long, device=x.device)
@@ -151,6 +161,9 @@ class ClusterStats:
         assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])  # every row seen once
         if self.current == 0:  # the layer's Hessian is complete after the first chunk's pass
             complete_hessian(self.H_full)
+            self.means = stages.cluster_means(self.sums, self.counts)
+            if self.options.small_clusters == "pooled":
+                self.within = stages.within_cluster_hessian(self.H_full, self.means, self.counts)
         complete_hessian(self.H)
         self.method.solve_chunk(self, self.chunks[self.current])
         self.H = self.chunk_counts = None
@@ -177,8 +190,10 @@ class ExpansionMethod(Method):
             return [mine]
         weights = [linear_weight(module) for module in layers.values()]
         rows, columns = max(W.shape[0] for W in weights), weights[0].shape[1]
+        layer_hessians = (2 if self.options.small_clusters == "pooled" else 1) * columns * columns * 4  # H, B
+        budget = solve_budget(self.config.max_memory, weights[0].device, layer_hessians)
         return [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
-            mine.stop - mine.start, columns, rows, solve_budget(self.config.max_memory, weights[0].device))]
+            mine.stop - mine.start, columns, rows, budget)]
 
     def solve_chunk(self, stats: ClusterStats, chunk: slice) -> None:
         """Solve the Hessians of `chunk`'s clusters, factor them, one batched solve per linear;
@@ -188,8 +203,9 @@ class ExpansionMethod(Method):
             return
         t1 = time.perf_counter()
         H_solve = stages.solve_hessians(stats.H, counts[chunk], stats.H_full, o.small_clusters, o.shrink_tokens,
-                                        int(counts.sum()))
-        factor = solvers.inverse_hessian_factor(H_solve, o.percdamp, stats.group, in_place=True)
+                                        int(counts.sum()), stats.means[chunk], stats.within)
+        damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, stats.fit.router.clusters)
+        factor = solvers.inverse_hessian_factor(H_solve, damping, stats.group, in_place=True)
         del H_solve
         stats.seconds_hessian += time.perf_counter() - t1
         for name, module in stats.layers.items():
@@ -211,8 +227,10 @@ class ExpansionMethod(Method):
         from every rank) sharing the group's router."""
         o, fit, counts, H_full = self.options, stats.fit, stats.counts, stats.H_full
         router, handling = fit.router, dict(stats.handling)
-        if o.small_clusters == "shrink":
-            handling["shrink_tokens"] = stages.shrink_tau(o.shrink_tokens, H_full.shape[-1])
+        if o.small_clusters in ("shrink", "pooled"):
+            handling["shrink_tokens"] = stages.shrink_tau(o.shrink_tokens, H_full.shape[-1], o.small_clusters)
+        handling["expert_damping"] = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp,
+                                                           router.clusters)
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         solved = _gathered(stats.solved)
         reports = []
@@ -250,10 +268,11 @@ def _gathered(solved: dict) -> dict:
                    "seconds": max(r[name]["seconds"] for r in ranks)} for name in solved}
 
 
-def solve_budget(max_memory: int | None, device: torch.device) -> int | None:
+def solve_budget(max_memory: int | None, device: torch.device, reserve: int = 0) -> int | None:
     """Bytes the cluster Hessians and solve may use: --max-memory, else 90% of the device's free
-    memory (a CUDA device's, or the host's MemAvailable on a CPU; None where unknown)."""
+    memory (a CUDA device's, or the host's MemAvailable on a CPU; None where unknown) less
+    `reserve`, what will be allocated beside them (the layer's Hessians)."""
     if max_memory is not None:
         return max_memory
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-    return None if free is None else int(SOLVE_SHARE * free)
+    return None if free is None else int(SOLVE_SHARE * max(0, free - reserve))
