@@ -78,6 +78,12 @@ def shrink_tau(tau: float | None, columns: int, rule: str = "shrink") -> float:
     return columns / 4 if rule == "pooled" else float(columns)
 
 
+def layer_hessians(rule: str) -> int:
+    """[d, d] fp32 matrices a group keeps beside its cluster Hessians: the layer's H, and under
+    the pooled rule its within-cluster B."""
+    return 2 if rule == "pooled" else 1
+
+
 def expert_damping(rule: str, damping: float | None, percdamp: float, clusters: int) -> float:
     """The damping the experts' Hessians are factored with: SparseGPT's `percdamp` for a single
     cluster (the layer's Hessian: exactly SparseGPT), else as given, or (None) the rule's default:

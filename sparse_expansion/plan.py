@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from . import distributed
 from .config import PruneConfig
 from .errors import UsageError
-from .expansion import cluster_cost
+from .expansion import cluster_cost, layer_hessians
 from .loading import DTYPES, meta_model, model_dtype
 from .methods.expansion import SOLVE_SHARE
 from .models import decoder_blocks, linear_weight, target_groups
@@ -216,8 +216,7 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             pca = (2 * chunk * columns * 4 + columns * columns * (4 + 3 * 8)
                    + sample * 4 * (columns // max(o.pca_factor, 1) + 3 * o.kmeans_restarts * clusters))
             stage(f"router fit {name}", base + later + samples[i] + pca)
-            layer_hessians = 2 if o.small_clusters == "pooled" else 1  # H, and the pooled rule's within-cluster B
-            fixed = base + later + samples[i] + layer_hessians * columns * columns * 4 + solved
+            fixed = base + later + samples[i] + layer_hessians(o.small_clusters) * columns * columns * 4 + solved
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
             cost = cluster_cost(columns, rows)
             budget = config.max_memory

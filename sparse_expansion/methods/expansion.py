@@ -190,8 +190,8 @@ class ExpansionMethod(Method):
             return [mine]
         weights = [linear_weight(module) for module in layers.values()]
         rows, columns = max(W.shape[0] for W in weights), weights[0].shape[1]
-        layer_hessians = (2 if self.options.small_clusters == "pooled" else 1) * columns * columns * 4  # H, B
-        budget = solve_budget(self.config.max_memory, weights[0].device, layer_hessians)
+        reserve = stages.layer_hessians(self.options.small_clusters) * columns * columns * 4
+        budget = solve_budget(self.config.max_memory, weights[0].device, reserve)
         return [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
             mine.stop - mine.start, columns, rows, budget)]
 
