@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sparse_expansion.kernels.routed_matmul import gpu_configs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GPUS = {  # published: SMs, boost clock, dense bf16 tensor-core and fp32 peaks, HBM/GDDR bandwidth
     "H200": dict(cc="sm_90", sms=132, ghz=1.98, tc=989e12, fp32=67e12, bw=4.8e12, l2=50e6,
@@ -119,12 +121,19 @@ def routed_prefill(k, gpu, tokens: int, n: int, kdim: int) -> dict:
     return t
 
 
-def routed_decode(k, gpu, n: int, kdim: int, sparse24: bool) -> dict:
-    """One token, its expert [n, kdim] (dense bf16, or 2:4 values + 1 byte of metadata per 8
-    weights), against a dense bf16 GEMV of the same weight."""
-    weight = n * kdim * (2 * 0.5 + 1 / 8 if sparse24 else 2)
-    block_k = 256 if sparse24 else 128
-    t = kernel_time(k, gpu, math.ceil(n / 32), kdim / block_k, 2 * 16 * n * kdim, weight)
+DECODE_FORMATS = {  # weight bytes per weight at 50% (bf16), the target's speed-up over a dense GEMV
+    "dense": (2.0, 1 / 1.1, "within 1.1x of dense GEMV"),
+    "2:4": (2 * 0.5 + 1 / 8, 1.6, ">= 1.6x dense GEMV"),  # values + 4 bits of positions per 4 weights
+    "bitmask": (2 * 0.5 + 1 / 8 + 4 / 64, 1.3, ">= 1.3x dense GEMV"),  # values + 1 bit + int32 per 64
+}
+
+
+def routed_decode(k, gpu, n: int, kdim: int, fmt: str) -> dict:
+    """One token, its expert [n, kdim] in format `fmt` (DECODE_FORMATS), against a dense bf16
+    GEMV of the same weight; tiles as routed_matmul.gpu_configs gives them."""
+    config = gpu_configs(fmt, 2, int(gpu["cc"][3:]))["decode"]
+    weight = n * kdim * DECODE_FORMATS[fmt][0]
+    t = kernel_time(k, gpu, math.ceil(n / config.BLOCK_N), kdim / config.BLOCK_K, 2 * 16 * n * kdim, weight)
     gemv = n * kdim * 2 / gpu["bw"]
     t.update(gemv=gemv, speed_vs_gemv=gemv / t["seconds"])
     return t
@@ -154,13 +163,10 @@ def model(compiled: dict, args) -> list[dict]:
                                       ("<= 1.2x dense linear", f"{r['vs_dense']:.2f}x", r["vs_dense"] <= 1.2))
                 rows.append(dict(gpu=gname, shape=sname, kernel=f"routed prefill, T={tokens}, {ffn}x{d}", **r,
                                  target=target, value=value, met=met))
-            for sparse24, goal in ((False, 1 / 1.1), (True, 1.6)):
-                name = "routed_24[decode]" if sparse24 else "routed_dense[decode]"
-                r = routed_decode(ks[name], gpu, ffn, d, sparse24)
-                rows.append(dict(gpu=gname, shape=sname, kernel=f"routed decode T=1, {'2:4' if sparse24 else 'dense'}"
-                                 f" {ffn}x{d}", **r, target=">= 1.6x dense GEMV" if sparse24 else
-                                 "within 1.1x of dense GEMV", value=f"{r['speed_vs_gemv']:.2f}x",
-                                 met=r["speed_vs_gemv"] >= goal))
+            for fmt, (_, goal, target) in DECODE_FORMATS.items():
+                r = routed_decode(ks[f"routed_{'24' if fmt == '2:4' else fmt}[decode]"], gpu, ffn, d, fmt)
+                rows.append(dict(gpu=gname, shape=sname, kernel=f"routed decode T=1, {fmt} {ffn}x{d}", **r,
+                                 target=target, value=f"{r['speed_vs_gemv']:.2f}x", met=r["speed_vs_gemv"] >= goal))
     return rows
 
 

@@ -104,22 +104,24 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
     out.append(Variant("obs_trailing", _trailing_kernel, tsig,
                        dict(PREC=fp32, **{k: tblocks.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
                        tblocks, unit=("stride_hc",), free=("i2",)))
-    rsig = {"X": f"*{t}", "W": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}",
+    rsig = {"X": f"*{t}", "W": f"*{t}", "META": "*u8", "TILE_OFFSETS": "*i32", "STARTS": "*i64",
+            "B": f"*{t}", "Y": f"*{t}",
             "SORTED_IDS": "*i32", "BLOCK_EXPERT": "*i32", "T": "i32", "N": "i32", "K": "i32",
             "stride_xt": "i32", "stride_xk": "i32", "stride_we": "i64", "stride_wn": "i32",
-            "stride_wk": "i32", "stride_me": "i32", "stride_mn": "i32", "stride_be": "i32",
-            "stride_yt": "i32", "stride_yn": "i32", "SPARSE24": "constexpr",
-            "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr",
+            "stride_wk": "i32", "stride_me": "i32", "stride_mn": "i32", "stride_oe": "i32", "stride_on": "i32",
+            "stride_be": "i32", "stride_yt": "i32", "stride_yn": "i32", "SPARSE24": "constexpr",
+            "BITMASK": "constexpr", "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     split_sig = dict(rsig, Y="*fp32")
-    for sparse24 in (False, True):  # the configurations routed_matmul.default_config picks on a GPU
-        tag = "24" if sparse24 else "dense"
-        configs = gpu_configs(sparse24, TORCH_DTYPE[t].itemsize, cc)
+    for fmt in ("dense", "2:4", "bitmask"):  # the configurations routed_matmul.default_config picks on a GPU
+        tag = "24" if fmt == "2:4" else fmt
+        configs = gpu_configs(fmt, TORCH_DTYPE[t].itemsize, cc)
         configs["decode,split"] = replace(configs["decode"], SPLIT_K=4)  # split-K: fp32 partial sums
         for name, c in configs.items():
             out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, split_sig if c.SPLIT_K > 1 else rsig,
-                               dict(SPARSE24=sparse24, HAS_BIAS=True, SPLIT_K=c.SPLIT_K, BLOCK_M=c.BLOCK_M,
-                                    BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, PREC=prec),
+                               dict(SPARSE24=fmt == "2:4", BITMASK=fmt == "bitmask", HAS_BIAS=True,
+                                    SPLIT_K=c.SPLIT_K, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                                    BLOCK_K=c.BLOCK_K, PREC=prec),
                                dict(num_warps=c.num_warps, num_stages=c.num_stages), unit=ROUTED_UNIT,
                                free=("T",)))
     return out

@@ -3,13 +3,17 @@
 Weights are dense [E, d_out, d_in] or 2:4-compressed (`compress_24`): for every group of 4
 consecutive inputs of a row the 2 kept values ([E, d_out, d_in/2], in column order) and their
 positions, 2 bits each, packed 4 bits per group and 2 groups per byte, low nibble first
-([E, d_out, ceil(d_in/8)] uint8; nibble = idx0 | idx1 << 2 with idx0 < idx1).
+([E, d_out, ceil(d_in/8)] uint8; nibble = idx0 | idx1 << 2 with idx0 < idx1), or bitmask
+(`bitmask_offsets`): each expert's kept values in row-major order, one after another (1-D), a
+bit per weight ([E, d_out, d_in/8] uint8, numpy.packbits' order: the first column in the highest
+bit), and where each expert's values start and, within the expert, where the values of each
+64-column tile of a row start (so that a tile decodes without reading the rest of its row).
 
 Triton version: tokens are sorted by expert and padded per expert to whole blocks of BLOCK_M
 rows in torch, without a host synchronisation (like vLLM's moe_align_block_size); one grouped
 kernel runs over (row block, output tile[, K split]) and gathers its tokens' rows, multiplies
-them by its expert's weight tile (2:4 weights are expanded to dense tiles in registers) and
-scatters the rows back to token order. Many tokens (prefill) use large tiles; few tokens
+them by its expert's weight tile (2:4 and bitmask weights are expanded to dense tiles in
+registers: a bitmask tile's kept values are gathered by the running count of its bits) and scatters the rows back to token order. Many tokens (prefill) use large tiles; few tokens
 (decode) use 16-row blocks, narrow output tiles and a K split summed with fp32 atomics so that
 enough programs stream the weights.
 """
@@ -106,12 +110,58 @@ def routed_matmul_24_reference(x: torch.Tensor, expert: torch.Tensor, values: to
     return routed_matmul_reference(x, expert, decompress_24(values, meta), bias)
 
 
+BITMASK_TILE = tl.constexpr(64)  # columns per tile offset of the bitmask layout
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+def bitmask_offsets(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offsets of a bitmask [E, d_out, d_in/8] uint8 (one bit per weight, numpy.packbits'
+    order): tile_offsets [E, d_out, ceil(d_in/64)] int32, the index among expert e's kept values
+    (row-major) of the first one at or after column 64·t of row n; starts [E+1] int64, where each
+    expert's values begin in the 1-D values."""
+    if mask.dim() != 3 or mask.dtype != torch.uint8:
+        raise ValueError(f"mask must be [E, d_out, d_in/8] uint8, got {mask.dtype} {list(mask.shape)}")
+    E, N, B = mask.shape
+    per_tile = BITMASK_TILE.value // 8
+    counts = mask.new_zeros(E, N, -(-B // per_tile) * per_tile, dtype=torch.int32)
+    for e in range(E):  # a byte table, one expert at a time: no [d_out, d_in] transient per layer
+        counts[e, :, :B] = _POPCOUNT.to(mask.device)[mask[e].int()]
+    counts = counts.view(E, -1, per_tile).sum(-1).view(E, -1)  # [E, N·tiles], row-major
+    tile_offsets = (counts.cumsum(1) - counts).view(E, N, -1).to(torch.int32)
+    starts = torch.cat([counts.new_zeros(1, dtype=torch.int64), counts.sum(1).cumsum(0)])
+    return tile_offsets, starts
+
+
+def decompress_bitmask(values: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e of a bitmask layout as a dense [d_out, d_in] matrix in values' dtype."""
+    N, B = mask.shape[1:]
+    values = values[starts[e]:starts[e + 1]]
+    if values.numel() == 0:
+        return values.new_zeros(N, 8 * B)
+    kept = ((mask[e, :, :, None] >> torch.arange(7, -1, -1, device=mask.device, dtype=torch.uint8)) & 1).reshape(-1)
+    # kept value k sits at the k-th set bit: gather by the running count of set bits (twice as
+    # fast as masked_scatter on a CPU; pruned entries may come out as -0.0)
+    position = torch.cumsum(kept, 0, dtype=torch.int32).sub_(1).clamp_(min=0)
+    return values.take(position.long()).mul_(kept).view(N, 8 * B)
+
+
+def routed_matmul_bitmask_reference(x: torch.Tensor, expert: torch.Tensor, values: torch.Tensor,
+                                    mask: torch.Tensor, tile_offsets: torch.Tensor, starts: torch.Tensor,
+                                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`routed_matmul_reference` on bitmask weights (`bitmask_offsets`; each expert decompressed
+    while its tokens are multiplied, so that E dense copies never exist)."""
+    def apply(e, xe):
+        y = xe @ decompress_bitmask(values, mask, starts, e).t()
+        return y if bias is None else y + bias[e]
+    return routed_apply(x, expert, mask.shape[0], mask.shape[1], apply)
+
+
 @triton.jit
-def _routed_kernel(X, W, META, B, Y, SORTED_IDS, BLOCK_EXPERT,
+def _routed_kernel(X, W, META, TILE_OFFSETS, STARTS, B, Y, SORTED_IDS, BLOCK_EXPERT,
                    T, N, K,
                    stride_xt, stride_xk, stride_we, stride_wn, stride_wk,
-                   stride_me, stride_mn, stride_be, stride_yt, stride_yn,
-                   SPARSE24: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                   stride_me, stride_mn, stride_oe, stride_on, stride_be, stride_yt, stride_yn,
+                   SPARSE24: tl.constexpr, BITMASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREC: tl.constexpr):
     """Y[tok] (+)= X[tok] · W[e]ᵀ (+ B[e]) for the BLOCK_M tokens of row block program_id(0).
@@ -119,7 +169,8 @@ def _routed_kernel(X, W, META, B, Y, SORTED_IDS, BLOCK_EXPERT,
     SORTED_IDS [num_blocks·BLOCK_M] token ids grouped by expert, padded with T;
     BLOCK_EXPERT [num_blocks] expert of each block, -1 for unused blocks.
     Dense: W [E, N, K]. SPARSE24: W holds the kept values [E, N, K/2] and META the packed
-    positions [E, N, ceil(K/8)] uint8. SPLIT_K > 1: program_id(2) sums every SPLIT_K-th K block
+    positions [E, N, ceil(K/8)] uint8. BITMASK: W holds the kept values (1-D), META the bits
+    [E, N, K/8], TILE_OFFSETS [E, N, ceil(K/64)] and STARTS [E+1] their offsets. SPLIT_K > 1: program_id(2) sums every SPLIT_K-th K block
     and adds into fp32 Y with atomics (Y zero-initialised by the caller).
     """
     pid_m = tl.program_id(0)
@@ -163,6 +214,17 @@ def _routed_kernel(X, W, META, B, Y, SORTED_IDS, BLOCK_EXPERT,
             d3 = tl.where(i1 == 3, v1, zero)
             # [BLOCK_N, G, 2, 2] with element [g, a, b] = d_{2a+b} → dense [BLOCK_N, BLOCK_K]
             wt = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        elif BITMASK:
+            # the tile's bits (8 columns a byte, the first in the highest bit); a kept weight's value
+            # sits at its tile's offset plus the number of kept weights before it in the tile
+            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            mb = tl.load(META + e * stride_me + offs_n[:, None] * stride_mn + offs_b[None, :],
+                         mask=nmask[:, None] & (offs_b < K // 8)[None, :], other=0).to(tl.int32)
+            kept = tl.reshape((mb[:, :, None] >> (7 - tl.arange(0, 8))[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
+            first = tl.load(TILE_OFFSETS + e * stride_oe + offs_n * stride_on + k0 // BITMASK_TILE,
+                            mask=nmask, other=0)
+            position = first[:, None] + tl.cumsum(kept, axis=1) - kept
+            wt = tl.load(W + tl.load(STARTS + e) + position, mask=kept != 0, other=0.0)
         else:
             wt = tl.load(w_rows + offs_k[None, :] * stride_wk,
                          mask=nmask[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -192,21 +254,24 @@ class RoutedConfig:
     num_stages: int = 3
 
 
-def gpu_configs(sparse24: bool, element_size: int, capability: int = 80) -> dict[str, RoutedConfig]:
-    """The configurations default_config picks on a GPU of compute `capability` (e.g. 90), by name
-    (kernels/_compile.py compiles each). 4-byte (fp32) operands take half the K tile, and 64-row
-    prefill tiles: at the 16-bit tiles fp32 prefill needs 196-295 KB of shared memory, over every
-    target's limit, and at 128 rows it spills on sm_80/86 (tf32x3 holds every operand twice)."""
+def gpu_configs(fmt: str, element_size: int, capability: int = 80) -> dict[str, RoutedConfig]:
+    """The configurations default_config picks on a GPU of compute `capability` (e.g. 90) for
+    weights of format `fmt` ('dense', '2:4' or 'bitmask'), by name (kernels/_compile.py compiles
+    each). 4-byte (fp32) operands take half the K tile, and 64-row prefill tiles: at the 16-bit
+    tiles fp32 prefill needs 196-295 KB of shared memory, over every target's limit, and at 128
+    rows it spills on sm_80/86 (tf32x3 holds every operand twice). Bitmask tiles span whole
+    64-column tile offsets."""
     k = 2 if element_size >= 4 else 1
+    sparse24 = fmt == "2:4"
     fp32_24 = k == 2 and sparse24  # on sm_86's FMA units (dot_precision) it spills at the larger tiles
     n = 64 if fp32_24 else 128
-    if capability >= 90 and k == 1 and not sparse24:
+    if capability >= 90 and k == 1 and fmt == "dense":
         # 256-column tiles, 3 stages (147 KB of shared memory, beyond sm_80/86): the best of 18
         # tiles on an H200, 1.2-1.3x faster than 128 columns at 8192 tokens (tile_sweep_h200.json)
         prefill = RoutedConfig(128, 256, 64, 1, 8, 3)
     else:
         prefill = RoutedConfig(128 // k, n, 64 // k, 1, 8, 4)
-    return {
+    configs = {
         "prefill": prefill,  # >= 128 tokens per expert
         # 8 warps: with 4, sm_90's compiler aborts on the 2:4 path (LLVM "Illegal shared layout")
         # and sm_80 needs 255 registers
@@ -214,15 +279,26 @@ def gpu_configs(sparse24: bool, element_size: int, capability: int = 80) -> dict
         # decode: memory bound, the weight stream spread over many programs (split-K added below)
         "decode": RoutedConfig(16, 32, 64 if fp32_24 else (256 if sparse24 else 128) // k, 1, 4, 4),
     }
+    if fmt == "bitmask":
+        # whole 64-column tile offsets; narrower tiles than dense: decoding a tile takes ~8x the
+        # dense path's instructions per weight, which at BLOCK_N 32 (decode) or 128 (m64) needs 255
+        # registers and spills. Of the spill-free tiles compiled, these issue the fewest SASS
+        # instructions per weight on sm_80 and sm_90 (decode 0.51, m64 0.45-0.62, prefill 0.44-0.77)
+        # (fp32: tf32x3 holds every operand twice, so 32 x 32 tiles for both prefill configurations)
+        configs = {"prefill": RoutedConfig(128, 128, 64, 1, 8, 4) if k == 1 else RoutedConfig(32, 32, 64, 1, 4, 4),
+                   "prefill,m64": RoutedConfig(64, 64, 64, 1, 4, 4) if k == 1 else RoutedConfig(32, 32, 64, 1, 4, 4),
+                   "decode": RoutedConfig(16, 16, 128 // k, 1, 2, 4)}
+    return configs
 
 
-def default_config(T: int, E: int, N: int, K: int, sparse24: bool,
+def default_config(T: int, E: int, N: int, K: int, fmt: str,
                    device: torch.device, interpret: bool, element_size: int = 2) -> RoutedConfig:
-    """Block sizes for T tokens over E experts, d_out N, d_in K, operands of `element_size` bytes
-    (no GPU tuning table yet)."""
+    """Block sizes for T tokens over E experts, d_out N, d_in K, weights of format `fmt`,
+    operands of `element_size` bytes (no GPU tuning table yet)."""
     if interpret:  # few, large programs: the interpreter pays per program and K step
-        return RoutedConfig(16, next_pow2(N, 16, 64), next_pow2(K, 32, 128), 1, 4, 1)
-    configs = gpu_configs(sparse24, element_size, capability(device))
+        lo = BITMASK_TILE.value if fmt == "bitmask" else 32
+        return RoutedConfig(16, next_pow2(N, 16, 64), next_pow2(K, lo, 128), 1, 4, 1)
+    configs = gpu_configs(fmt, element_size, capability(device))
     if T <= 64:
         cfg = configs["decode"]
         programs = (T if T <= DECODE_TOKENS else min(T, E)) * triton.cdiv(N, cfg.BLOCK_N)
@@ -274,22 +350,24 @@ def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tens
     return sorted_ids, block_expert
 
 
-def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
-    if x.dim() != 2 or x.shape[1] != d_in:
-        raise ValueError(f"x must be [T, {d_in}], got {list(x.shape)}")
-    E, N = w.shape[0], w.shape[1]
+def _routed(x, expert, fmt: str, weights: tuple, bias, E: int, N: int, K: int, config: RoutedConfig | None):
+    """Launch the kernel on the weights of format `fmt`: (W,), (values, meta) or (values, mask,
+    tile_offsets, starts)."""
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"x must be [T, {K}], got {list(x.shape)}")
     T = x.shape[0]
-    sparse24 = meta is not None
-    check_launch(_routed_kernel, x, expert, w, meta, bias)
-    check_interpreted_dot(_routed_kernel, x, w)
+    check_launch(_routed_kernel, x, expert, *weights, bias)
+    check_interpreted_dot(_routed_kernel, x, weights[0])
     if T == 0:
         return x.new_empty(0, N)
     expert = expert.reshape(-1).long()
     if expert.numel() != T:
         raise ValueError(f"{expert.numel()} expert ids for {T} tokens")
-    cfg = config or default_config(T, E, N, d_in, sparse24, x.device, interpreted(_routed_kernel), x.element_size())
-    if sparse24 and cfg.BLOCK_K % 8:
+    cfg = config or default_config(T, E, N, K, fmt, x.device, interpreted(_routed_kernel), x.element_size())
+    if fmt == "2:4" and cfg.BLOCK_K % 8:
         raise ValueError("2:4 weights need BLOCK_K divisible by 8")
+    if fmt == "bitmask" and cfg.BLOCK_K % BITMASK_TILE.value:
+        raise ValueError(f"bitmask weights need BLOCK_K divisible by {BITMASK_TILE.value}")
     if T <= DECODE_TOKENS:
         sorted_ids, block_expert = token_blocks(expert, cfg.BLOCK_M)
     else:
@@ -298,25 +376,33 @@ def _routed(x, expert, w, meta, bias, d_in, config: RoutedConfig | None):
         y = torch.zeros(T, N, dtype=torch.float32, device=x.device)
     else:
         y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    w = weights[0]
+    meta = weights[1] if fmt != "dense" else w
+    tile_offsets, starts = weights[2:] if fmt == "bitmask" else (w, w)
+    w_strides = w.stride() if fmt != "bitmask" else (0, 0, 1)
     grid = (block_expert.numel(), triton.cdiv(N, cfg.BLOCK_N), cfg.SPLIT_K)
     _routed_kernel[grid](
-        x, w, meta if sparse24 else w, bias if bias is not None else w, y, sorted_ids,
-        block_expert, T, N, d_in, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        meta.stride(0) if sparse24 else 0, meta.stride(1) if sparse24 else 0,
+        x, w, meta, tile_offsets, starts, bias if bias is not None else w, y, sorted_ids, block_expert,
+        T, N, K, x.stride(0), x.stride(1), *w_strides,
+        meta.stride(0) if fmt != "dense" else 0, meta.stride(1) if fmt != "dense" else 0,
+        tile_offsets.stride(0) if fmt == "bitmask" else 0, tile_offsets.stride(1) if fmt == "bitmask" else 0,
         bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
-        SPARSE24=sparse24, HAS_BIAS=bias is not None, SPLIT_K=cfg.SPLIT_K,
+        SPARSE24=fmt == "2:4", BITMASK=fmt == "bitmask", HAS_BIAS=bias is not None, SPLIT_K=cfg.SPLIT_K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         PREC=dot_precision(x.dtype, x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x.dtype)
+
+
+def _contiguous_bias(bias):
+    return bias.contiguous() if bias is not None and bias.stride(-1) != 1 else bias
 
 
 def routed_matmul_triton(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None = None, *,
                          config: RoutedConfig | None = None) -> torch.Tensor:
     """Triton version of `routed_matmul_reference` (same arguments; `config` for benchmarks)."""
-    if bias is not None and bias.stride(-1) != 1:
-        bias = bias.contiguous()
-    return _routed(x, expert, weight, None, bias, weight.shape[2], config)
+    E, N, K = weight.shape
+    return _routed(x, expert, "dense", (weight,), _contiguous_bias(bias), E, N, K, config)
 
 
 def routed_matmul_24_triton(x: torch.Tensor, expert: torch.Tensor, values: torch.Tensor,
@@ -327,9 +413,28 @@ def routed_matmul_24_triton(x: torch.Tensor, expert: torch.Tensor, values: torch
         values = values.contiguous()
     if meta.dtype != torch.uint8 or meta.stride(-1) != 1:
         raise ValueError("meta must be the uint8 tensor returned by compress_24")
-    if bias is not None and bias.stride(-1) != 1:
-        bias = bias.contiguous()
-    return _routed(x, expert, values, meta, bias, 2 * values.shape[2], config)
+    E, N, half = values.shape
+    return _routed(x, expert, "2:4", (values, meta), _contiguous_bias(bias), E, N, 2 * half, config)
+
+
+def routed_matmul_bitmask_triton(x: torch.Tensor, expert: torch.Tensor, values: torch.Tensor,
+                                 mask: torch.Tensor, tile_offsets: torch.Tensor, starts: torch.Tensor,
+                                 bias: torch.Tensor | None = None, *,
+                                 config: RoutedConfig | None = None) -> torch.Tensor:
+    """Triton version of `routed_matmul_bitmask_reference`: each tile's kept values gathered into
+    a dense tile in registers, so the weights are read once, compressed."""
+    E, N, B = mask.shape
+    tiles = -(-8 * B // BITMASK_TILE.value)
+    if mask.dtype != torch.uint8 or mask.stride(-1) != 1:
+        raise ValueError("mask must be a contiguous [E, d_out, d_in/8] uint8 bitmask")
+    if tile_offsets.shape != (E, N, tiles) or tile_offsets.dtype != torch.int32 or tile_offsets.stride(-1) != 1:
+        raise ValueError(f"tile_offsets must be the contiguous [{E}, {N}, {tiles}] int32 of bitmask_offsets")
+    if starts.shape != (E + 1,) or starts.dtype != torch.int64:
+        raise ValueError(f"starts must be the [{E + 1}] int64 of bitmask_offsets")
+    if values.dim() != 1 or values.stride(0) != 1:
+        raise ValueError("values must be the contiguous 1-D kept values")
+    return _routed(x, expert, "bitmask", (values, mask, tile_offsets, starts), _contiguous_bias(bias),
+                   E, N, 8 * B, config)
 
 
 def routed_matmul(x, expert, weight, bias=None):
@@ -344,3 +449,10 @@ def routed_matmul_24(x, expert, values, meta, bias=None):
     if use_triton(x):
         return routed_matmul_24_triton(x, expert, values, meta, bias)
     return routed_matmul_24_reference(x, expert, values, meta, bias)
+
+
+def routed_matmul_bitmask(x, expert, values, mask, tile_offsets, starts, bias=None):
+    """Routed matmul on bitmask weights (`bitmask_offsets`); Triton on CUDA, torch reference elsewhere."""
+    if use_triton(x):
+        return routed_matmul_bitmask_triton(x, expert, values, mask, tile_offsets, starts, bias)
+    return routed_matmul_bitmask_reference(x, expert, values, mask, tile_offsets, starts, bias)

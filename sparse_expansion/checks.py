@@ -1,6 +1,10 @@
 """Argument checks shared by the command line, the analysis and the library: each raises a
-UsageError whose message names the flag and the fix."""
+UsageError whose message names the flag and the fix (disk_shortfall only returns a warning, as
+the planner's sizes may err on the large side)."""
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -69,3 +73,16 @@ def size_bytes(text: str | None, flag: str) -> int | None:
     if value < 1:
         raise UsageError(f"{flag} {text!r}: must be a positive size")
     return int(value)
+
+
+def disk_shortfall(path: str, need: int, what: str) -> str | None:
+    """A warning when the file system that will hold `path` (it may not exist yet) has less free
+    space than `need` bytes for `what`; None when it has enough."""
+    folder = Path(path).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free >= need:
+        return None
+    return (f"{what} needs about {need / 2**30:.2f} GiB and {folder} has {free / 2**30:.2f} GiB free; "
+            f"free space or write it elsewhere before the run ends")

@@ -215,8 +215,12 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     plan = make_plan(args, config, device, device_memory(device), distributed.world_size())
     if plan.refused:
         raise UsageError(plan.fix)  # before any weight loads
-    if plan.fix and distributed.rank() == 0:  # host memory: the estimate may be pessimistic, so warn
-        print(f"sparse-expansion: warning: {plan.fix}", file=sys.stderr)
+    if distributed.rank() == 0:  # host memory and disk: the estimates may be pessimistic, so warn
+        disk = [checks.disk_shortfall(args.output, plan.output_bytes, "the output"),
+                args.checkpoint_dir and checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint")]
+        for warning in [plan.fix, *disk]:
+            if warning:
+                print(f"sparse-expansion: warning: {warning}", file=sys.stderr)
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
     if checkpoint is not None:

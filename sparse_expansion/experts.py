@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-from .kernels.routed_matmul import compress_24, decompress_24, routed_apply, routed_matmul, routed_matmul_24
+from .kernels.routed_matmul import (bitmask_offsets, compress_24, decompress_24, routed_apply, routed_matmul,
+                                    routed_matmul_24, routed_matmul_bitmask)
 from .router import Router
 
 
@@ -20,8 +21,10 @@ class SparseExpertLinear(nn.Module):
     weight: the K experts [K, out, in] (zeros where pruned), or their `compress` parts; bias:
     [K, out] or None. Routers may be shared between modules (gate_proj and up_proj of a Llama MLP
     share one). The experts are stored in one of three formats (`format`):
-      bitmask  (default) the kept values and a bitmask; the forward decompresses one expert at a
-               time, only while its tokens are multiplied, so K dense copies never exist
+      bitmask  (default) the kept values and a bitmask; on a GPU the routed Triton kernel decodes
+               them tile by tile in registers (in_features a multiple of 8, as in every LLM);
+               elsewhere the forward decompresses one expert at a time, only while its tokens
+               are multiplied, so K dense copies never exist
       2:4      `to_24()`: kept values + 2-bit indices, decoded in registers by the routed Triton
                kernel (about half the weight bytes)
       dense    `to_dense()`: [K, out, in], the routed Triton kernel's plain path
@@ -37,12 +40,25 @@ class SparseExpertLinear(nn.Module):
         self.router = router
         self.register_buffer("values", parts["values"].contiguous())
         self.register_buffer("mask", parts["mask"].to(torch.uint8).contiguous())
-        kept = [int(self._expert_mask(e).sum()) for e in range(self.experts)]
-        if sum(kept) != self.values.numel():
-            raise ValueError(f"mask keeps {sum(kept)} weights but {self.values.numel()} values are stored")
-        self.register_buffer("offsets", torch.tensor([0, *kept], dtype=torch.int64).cumsum(0), persistent=False)
+        bits = self.experts * self.out_features * self.in_features
+        if self.mask.numel() != (bits + 7) // 8:
+            raise ValueError(f"the mask has {self.mask.numel()} bytes; {self.experts} experts of "
+                             f"{self.out_features} x {self.in_features} need {(bits + 7) // 8}")
+        if self.in_features % 8 == 0:  # rows start on whole bytes: the layout the routed kernel reads
+            tile_offsets, offsets = bitmask_offsets(self._row_mask())
+            self.register_buffer("tile_offsets", tile_offsets, persistent=False)
+        else:
+            kept = [int(self._expert_mask(e).sum()) for e in range(self.experts)]
+            offsets = torch.tensor([0, *kept], dtype=torch.int64).cumsum(0)
+        if int(offsets[-1]) != self.values.numel():
+            raise ValueError(f"mask keeps {int(offsets[-1])} weights but {self.values.numel()} values are stored")
+        self.register_buffer("offsets", offsets, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.format = "bitmask"
+
+    def _row_mask(self) -> torch.Tensor:
+        """The bitmask as [K, out, in/8] bytes (in_features a multiple of 8)."""
+        return self.mask.view(self.experts, self.out_features, self.in_features // 8)
 
     def _expert_mask(self, e: int) -> torch.Tensor:
         """Kept-weight mask [out·in] (bool) of expert e, unpacked from its bytes of the bitmask."""
@@ -79,7 +95,7 @@ class SparseExpertLinear(nn.Module):
         return torch.stack([self.expert_weight(e) for e in range(self.experts)])
 
     def _store(self, fmt: str, **tensors: torch.Tensor) -> "SparseExpertLinear":
-        for name in ("weight", "values", "mask", "meta", "offsets"):
+        for name in ("weight", "values", "mask", "meta", "offsets", "tile_offsets"):
             if hasattr(self, name):
                 delattr(self, name)
         for name, t in tensors.items():
@@ -108,6 +124,9 @@ class SparseExpertLinear(nn.Module):
             y = routed_matmul(flat.to(self.weight.dtype), expert, self.weight, self.bias)
         elif self.format == "2:4":
             y = routed_matmul_24(flat.to(self.values.dtype), expert, self.values, self.meta, self.bias)
+        elif self.in_features % 8 == 0:
+            y = routed_matmul_bitmask(flat.to(self.values.dtype), expert, self.values, self._row_mask(),
+                                      self.tile_offsets, self.offsets, self.bias)
         else:
             def apply(e, xe):
                 y = xe @ self.expert_weight(e).t()

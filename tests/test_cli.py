@@ -115,6 +115,25 @@ def test_interrupt_exits_130_with_the_resume_hint_and_leaves_nothing(tmp_path, c
     assert list(tmp_path.iterdir()) == []  # no partial output (and no checkpoint before a block is done)
 
 
+def test_a_disk_too_small_for_the_output_or_checkpoint_is_warned_of_before_loading(tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    from sparse_expansion import checks
+    assert checks.disk_shortfall(str(tmp_path / "not" / "yet"), 1, "the output") is None  # walks up to tmp_path
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_model", interrupted)
+    monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
+    assert cli.main(["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o"),
+                     "--checkpoint-dir", str(tmp_path / "ckpt")]) == 130
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "the output needs about 0.5" in warnings[0]  # SmolLM2 in fp32
+    assert "the checkpoint needs" in warnings[1] and "0.00 GiB free" in warnings[1]
+
+
 def test_bad_eval_arguments(capsys, no_model_loading):
     assert cli.main(["eval", "smollm2", "--data", "nowhere.txt"]) == 2
     assert cli.main(["eval", "/no/such/folder/model.gguf"]) == 2

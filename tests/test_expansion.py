@@ -120,6 +120,19 @@ def test_sparse_expert_linear_matches_per_token_reference(dtype, shape, fmt):
     torch.testing.assert_close(y.reshape(-1, 7).float(), expected, rtol=tol, atol=tol)
 
 
+def test_bitmask_experts_run_in_the_routed_kernel(monkeypatch):
+    """The default format's forward through the Triton kernel (under the interpreter here) gives
+    the per-expert decompression's outputs; in_features 40 spans a partial 64-column tile."""
+    g = torch.Generator().manual_seed(1)
+    router = Router(torch.randn(3, 40, generator=g))
+    layer = SparseExpertLinear(router, torch.randn(3, 9, 40, generator=g) * (torch.rand(3, 9, 40, generator=g) > 0.5),
+                               torch.randn(3, 9, generator=g))
+    x = torch.randn(2, 11, 40, generator=g)
+    expected = layer(x)
+    monkeypatch.setenv("SPARSE_EXPANSION_KERNELS", "triton")
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_compress_roundtrip():
     w = torch.randn(3, 5, 17) * (torch.rand(3, 5, 17) > 0.5)
     parts = compress(w)

@@ -246,23 +246,80 @@ def test_routed_matmul_24_matches_reference(T, E, N, K, dtype, bias, config):
     torch.testing.assert_close(y.float().cpu(), ref, **_tol(dtype))
 
 
+BITMASK_CASES = [  # T, E, d_out, d_in (a multiple of 8, not of the 64-column tile), dtype, bias, config
+    (50, 5, 70, 96, torch.float32, True, None),      # an empty expert, fp32
+    (1, 3, 40, 72, torch.float16, False, None),      # decode
+    (9, 3, 40, 136, torch.float16, True, None),      # decode, tokens sharing experts
+    (33, 4, 45, 200, torch.float16, True, RoutedConfig(16, 32, 64, SPLIT_K=2)),  # split-K
+    pytest.param(300, 4, 130, 200, torch.bfloat16, True, None, marks=GPU_ONLY),   # bf16 prefill
+    pytest.param(7, 16, 200, 136, torch.bfloat16, False, None, marks=GPU_ONLY),   # bf16 decode
+]
+
+
+def _exact_bitmask(W):
+    """W [E, N, K] in the bitmask layout: (values, mask, tile_offsets, starts)."""
+    from sparse_expansion.experts import compress
+    E, N, K = W.shape
+    parts = compress(W)
+    mask = parts["mask"].view(E, N, K // 8)
+    return (parts["values"], mask, *rm.bitmask_offsets(mask))
+
+
+def _bitmask(W):
+    """W made unstructured-sparse (~60%, one all-zero row), and its bitmask layout."""
+    W = W.masked_fill(torch.rand(W.shape, generator=_gen(W.shape[-1])) < 0.6, 0)
+    W[0, 3] = 0
+    return (W, *_exact_bitmask(W))
+
+
+@pytest.mark.parametrize("T,E,N,K,dtype,bias,config", BITMASK_CASES)
+def test_routed_matmul_bitmask_matches_reference(T, E, N, K, dtype, bias, config):
+    x, expert, W, b = _routed_inputs(T, E, N, K, dtype, bias, 3 * T + E + N)
+    W, values, mask, tile_offsets, starts = _bitmask(W)
+    ref = rm.routed_matmul_bitmask_reference(x.float(), expert, values.float(), mask, tile_offsets, starts,
+                                             None if b is None else b.float())
+    torch.testing.assert_close(ref, routed_matmul_reference(x.float(), expert, W.float(),
+                                                            None if b is None else b.float()))
+    y = rm.routed_matmul_bitmask_triton(*_dev(x, expert, values, mask, tile_offsets, starts, b), config=config)
+    assert y.dtype == dtype and y.shape == (T, N)
+    torch.testing.assert_close(y.float().cpu(), ref, **_tol(dtype))
+
+
+def test_bitmask_offsets_count_the_kept_weights_before_each_tile():
+    W = torch.zeros(2, 3, 136)
+    W[0, 0, [0, 5, 63, 64, 100]] = 1.0   # row 0: 3 in tile 0, 2 in tile 1
+    W[0, 2, 130] = 2.0                   # row 1 empty; row 2: 1 in tile 2
+    W[1, 1, 7] = 3.0
+    values, mask, tile_offsets, starts = _exact_bitmask(W)
+    assert tile_offsets[0].tolist() == [[0, 3, 5], [5, 5, 5], [5, 5, 5]]
+    assert tile_offsets[1].tolist() == [[0, 0, 0], [0, 1, 1], [1, 1, 1]]
+    assert starts.tolist() == [0, 6, 7]
+    with pytest.raises(ValueError, match="tile_offsets"):
+        rm.routed_matmul_bitmask_triton(torch.zeros(1, 136), torch.zeros(1, dtype=torch.long), values, mask,
+                                        tile_offsets[:, :, :2], starts)
+
+
 @pytest.mark.parametrize("T,E,N,K,path", [
-    (1, 1, 32, 2048, "decode, automatic split-K"),  # one program: split until 2 per SM (CPU: 1 SM)
-    (65, 4, 45, 100, "prefill, BLOCK_M 64"),         # the first T past decode, ~16 tokens per expert
+    (1, 1, 16, 2048, "decode, automatic split-K"),  # one program: split until 2 per SM (CPU: 1 SM)
+    (65, 4, 45, 104, "prefill, BLOCK_M 64"),         # the first T past decode, ~16 tokens per expert
     (2048, 4, 40, 96, "prefill, BLOCK_M 128"),        # >= 128 tokens per expert
 ])
-@pytest.mark.parametrize("sparse24", [False, True])
-def test_routed_matmul_runs_the_configs_a_gpu_gets(T, E, N, K, path, sparse24):
+@pytest.mark.parametrize("fmt", ["dense", "2:4", "bitmask"])
+def test_routed_matmul_runs_the_configs_a_gpu_gets(T, E, N, K, path, fmt):
     """The configurations default_config picks off the interpreter (which otherwise always gets
     its own), run here on the shapes that select them."""
-    cfg = rm.default_config(T, E, N, K, sparse24, torch.device("cpu"), interpret=False)
+    cfg = rm.default_config(T, E, N, K, fmt, torch.device("cpu"), interpret=False)
     assert {"decode, automatic split-K": cfg.SPLIT_K > 1, "prefill, BLOCK_M 64": cfg.BLOCK_M == 64,
             "prefill, BLOCK_M 128": cfg.BLOCK_M == 128}[path], cfg
     x, expert, W, b = _routed_inputs(T, E, N, K, torch.float16, True, T)
-    if sparse24:
+    if fmt == "2:4":
         values, meta = compress_24(_make_24(W))
         ref = routed_matmul_24_reference(x.float(), expert, values.float(), meta, b.float())
         y = routed_matmul_24_triton(*_dev(x, expert, values, meta, b), config=cfg)
+    elif fmt == "bitmask":
+        W, *parts = _bitmask(W)
+        ref = routed_matmul_reference(x.float(), expert, W.float(), b.float())
+        y = rm.routed_matmul_bitmask_triton(*_dev(x, expert, *parts, b), config=cfg)
     else:
         ref = routed_matmul_reference(x.float(), expert, W.float(), b.float())
         y = routed_matmul_triton(*_dev(x, expert, W, b), config=cfg)
@@ -273,7 +330,7 @@ def test_routed_matmul_runs_the_fp32_configs_a_gpu_gets():
     """fp32 operands get half the K tile and 64-row prefill tiles (shared memory and registers,
     see gpu_configs); those configurations run here against the reference."""
     T, E, N, K = 300, 2, 40, 96
-    cfg = rm.default_config(T, E, N, K, False, torch.device("cpu"), interpret=False, element_size=4)
+    cfg = rm.default_config(T, E, N, K, "dense", torch.device("cpu"), interpret=False, element_size=4)
     assert (cfg.BLOCK_M, cfg.BLOCK_K) == (64, 32), cfg
     x, expert, W, b = _routed_inputs(T, E, N, K, torch.float32, True, T)
     y = routed_matmul_triton(*_dev(x, expert, W, b), config=cfg)
@@ -353,7 +410,8 @@ def test_dispatchers_pick_backend(monkeypatch, mode, expect):
     for mod, ref, tri in [(hessian, "accumulate_hessian_reference", "accumulate_hessian_triton"),
                           (obs, "obs_prune_reference", "obs_prune_triton"),
                           (rm, "routed_matmul_reference", "routed_matmul_triton"),
-                          (rm, "routed_matmul_24_reference", "routed_matmul_24_triton")]:
+                          (rm, "routed_matmul_24_reference", "routed_matmul_24_triton"),
+                          (rm, "routed_matmul_bitmask_reference", "routed_matmul_bitmask_triton")]:
         monkeypatch.setattr(mod, ref, spy("torch"))
         monkeypatch.setattr(mod, tri, spy("triton"))
     t = torch.zeros(2, 4, 4, device=DEV)
@@ -361,7 +419,8 @@ def test_dispatchers_pick_backend(monkeypatch, mode, expect):
     obs.obs_prune(t, t, 0.5)
     rm.routed_matmul(t[0], torch.zeros(4, dtype=torch.long, device=DEV), t)
     rm.routed_matmul_24(t[0], torch.zeros(4, dtype=torch.long, device=DEV), t, t)
-    assert calls == [expect] * 4
+    rm.routed_matmul_bitmask(t[0], torch.zeros(4, dtype=torch.long, device=DEV), t, t, t, t)
+    assert calls == [expect] * 5
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
