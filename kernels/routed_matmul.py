@@ -13,7 +13,8 @@ Triton version: tokens are sorted by expert and padded per expert to whole block
 rows in torch, without a host synchronisation (like vLLM's moe_align_block_size); one grouped
 kernel runs over (row block, output tile[, K split]) and gathers its tokens' rows, multiplies
 them by its expert's weight tile (2:4 and bitmask weights are expanded to dense tiles in
-registers: a bitmask tile's kept values are gathered by the running count of its bits) and scatters the rows back to token order. Many tokens (prefill) use large tiles; few tokens
+registers: a bitmask tile's kept values are gathered by the running count of its bits) and
+scatters the rows back to token order. Many tokens (prefill) use large tiles; few tokens
 (decode) use 16-row blocks, narrow output tiles and a K split summed with fp32 atomics so that
 enough programs stream the weights.
 """
@@ -161,7 +162,8 @@ def _routed_kernel(X, W, META, TILE_OFFSETS, STARTS, B, Y, SORTED_IDS, BLOCK_EXP
                    T, N, K,
                    stride_xt, stride_xk, stride_we, stride_wn, stride_wk,
                    stride_me, stride_mn, stride_oe, stride_on, stride_be, stride_yt, stride_yn,
-                   SPARSE24: tl.constexpr, BITMASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                   SPARSE24: tl.constexpr, BITMASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREC: tl.constexpr):
     """Y[tok] (+)= X[tok] · W[e]ᵀ (+ B[e]) for the BLOCK_M tokens of row block program_id(0).
@@ -170,8 +172,9 @@ def _routed_kernel(X, W, META, TILE_OFFSETS, STARTS, B, Y, SORTED_IDS, BLOCK_EXP
     BLOCK_EXPERT [num_blocks] expert of each block, -1 for unused blocks.
     Dense: W [E, N, K]. SPARSE24: W holds the kept values [E, N, K/2] and META the packed
     positions [E, N, ceil(K/8)] uint8. BITMASK: W holds the kept values (1-D), META the bits
-    [E, N, K/8], TILE_OFFSETS [E, N, ceil(K/64)] and STARTS [E+1] their offsets. SPLIT_K > 1: program_id(2) sums every SPLIT_K-th K block
-    and adds into fp32 Y with atomics (Y zero-initialised by the caller).
+    [E, N, K/8], TILE_OFFSETS [E, N, ceil(K/64)] and STARTS [E+1] their offsets. SPLIT_K > 1:
+    program_id(2) sums every SPLIT_K-th K block and adds into fp32 Y with atomics (Y
+    zero-initialised by the caller).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

@@ -216,9 +216,10 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     if plan.refused:
         raise UsageError(plan.fix)  # before any weight loads
     if distributed.rank() == 0:  # host memory and disk: the estimates may be pessimistic, so warn
-        disk = [checks.disk_shortfall(args.output, plan.output_bytes, "the output"),
-                args.checkpoint_dir and checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint")]
-        for warning in [plan.fix, *disk]:
+        warnings = [plan.fix, checks.disk_shortfall(args.output, plan.output_bytes, "the output")]
+        if args.checkpoint_dir:
+            warnings.append(checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint"))
+        for warning in warnings:
             if warning:
                 print(f"sparse-expansion: warning: {warning}", file=sys.stderr)
     checkpoint = open_checkpoint(args)
