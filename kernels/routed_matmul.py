@@ -123,11 +123,14 @@ def bitmask_offsets(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if mask.dim() != 3 or mask.dtype != torch.uint8:
         raise ValueError(f"mask must be [E, d_out, d_in/8] uint8, got {mask.dtype} {list(mask.shape)}")
     E, N, B = mask.shape
-    per_tile = BITMASK_TILE.value // 8
-    counts = mask.new_zeros(E, N, -(-B // per_tile) * per_tile, dtype=torch.int32)
-    for e in range(E):  # a byte table, one expert at a time: no [d_out, d_in] transient per layer
-        counts[e, :, :B] = _POPCOUNT.to(mask.device)[mask[e].int()]
-    counts = counts.view(E, -1, per_tile).sum(-1).view(E, -1)  # [E, N·tiles], row-major
+    per_tile, tiles = BITMASK_TILE.value // 8, -(-B // (BITMASK_TILE.value // 8))
+    popcount = _POPCOUNT.to(mask.device)
+    counts = mask.new_zeros(E, N, tiles, dtype=torch.int32)
+    for e in range(E):  # one expert's bytes at a time: the transient is 4 bytes per 8 weights of one expert
+        per_byte = mask.new_zeros(N, tiles * per_tile, dtype=torch.int32)
+        per_byte[:, :B] = popcount[mask[e].int()]
+        counts[e] = per_byte.view(N, tiles, per_tile).sum(-1)
+    counts = counts.view(E, -1)  # [E, N·tiles], row-major
     tile_offsets = (counts.cumsum(1) - counts).view(E, N, -1).to(torch.int32)
     starts = torch.cat([counts.new_zeros(1, dtype=torch.int64), counts.sum(1).cumsum(0)])
     return tile_offsets, starts
