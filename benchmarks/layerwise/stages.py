@@ -98,11 +98,13 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
         with clock("hessian"):
             H_c, counts = cluster_hessians(batches, labels, fit.router.clusters)
             H_full, _ = cluster_hessians(batches, [None] * len(batches), 1)
-            sums = torch.zeros(fit.router.clusters, W.shape[1], dtype=torch.float64, device=dev)
-            for xb, lb in zip(batches, labels):
-                stages.add_cluster_sums(sums, xb, lb)
-            means = stages.cluster_means(sums, counts)
-            within = stages.within_cluster_hessian(H_full, means, counts) if o.small_clusters == "pooled" else None
+            means = within = None
+            if o.small_clusters == "pooled":
+                sums = torch.zeros(fit.router.clusters, W.shape[1], dtype=torch.float64, device=dev)
+                for xb, lb in zip(batches, labels):
+                    stages.add_cluster_sums(sums, xb, lb)
+                means = stages.cluster_means(sums, counts)
+                within = stages.within_cluster_hessian(H_full, means, counts)
             H_solve = stages.solve_hessians(H_c, counts, H_full, o.small_clusters, o.shrink_tokens, means=means,
                                             within=within)
         del batches, labels

@@ -92,7 +92,7 @@ class ClusterStats:
         self.chunks: list[slice] = []
         self.current = 0  # index of the chunk being accumulated
         self.H_full = self.total = self.counts = None  # the layer's Hessian [1, C, C], its count, tokens per cluster
-        self.sums = self.means = self.within = None  # per cluster: sum and mean of its rows; the pooled rule's B
+        self.sums = self.means = self.within = None  # pooled rule: per cluster, sum and mean of its rows; B
         self.H = self.chunk_counts = None  # the current chunk's cluster Hessians [k, C, C] and counts
         self.solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
         self.handling: dict = {"rule": o.small_clusters}
@@ -118,10 +118,12 @@ class ClusterStats:
                 self.H_full = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
                 self.total = torch.zeros(1, dtype=torch.long, device=x.device)
                 self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
-                self.sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+                if self.options.small_clusters == "pooled":
+                    self.sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
             accumulate_hessian(self.H_full, self.total, x)
             self.counts += torch.bincount(labels, minlength=k)
-            stages.add_cluster_sums(self.sums, x, labels)
+            if self.sums is not None:
+                stages.add_cluster_sums(self.sums, x, labels)
         if self.H is None:
             self.H = torch.zeros(chunk.stop - chunk.start, d, d, dtype=torch.float32, device=x.device)
             self.chunk_counts = torch.zeros(chunk.stop - chunk.start, dtype=torch.long, device=x.device)
@@ -161,8 +163,8 @@ class ClusterStats:
         assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])  # every row seen once
         if self.current == 0:  # the layer's Hessian is complete after the first chunk's pass
             complete_hessian(self.H_full)
-            self.means = stages.cluster_means(self.sums, self.counts)
-            if self.options.small_clusters == "pooled":
+            if self.sums is not None:
+                self.means = stages.cluster_means(self.sums, self.counts)
                 self.within = stages.within_cluster_hessian(self.H_full, self.means, self.counts)
         complete_hessian(self.H)
         self.method.solve_chunk(self, self.chunks[self.current])
@@ -203,7 +205,8 @@ class ExpansionMethod(Method):
             return
         t1 = time.perf_counter()
         H_solve = stages.solve_hessians(stats.H, counts[chunk], stats.H_full, o.small_clusters, o.shrink_tokens,
-                                        int(counts.sum()), stats.means[chunk], stats.within)
+                                        int(counts.sum()), None if stats.means is None else stats.means[chunk],
+                                        stats.within)
         damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, stats.fit.router.clusters)
         factor = solvers.inverse_hessian_factor(H_solve, damping, stats.group, in_place=True)
         del H_solve
