@@ -52,10 +52,11 @@ def kernel_time(k: dict, gpu: dict, programs: int, iterations: float, flops: flo
     """The three bounds of one launch of `programs` CTAs looping `iterations` times."""
     per_sm = ctas_per_sm(k, gpu)
     waves = math.ceil(programs / (per_sm * gpu["sms"]))
-    instructions = per_sm * k["num_warps"] * (iterations * k["loop_instructions"]
-                                             + k["instructions"] - k["loop_instructions"])
-    issue = waves * instructions / 4 / (gpu["ghz"] * 1e9)
-    tensor = flops / gpu["tc"] * waves * per_sm * gpu["sms"] / programs if flops else 0.0
+    busiest = math.ceil(programs / gpu["sms"])  # CTAs the busiest SM runs (the scheduler spreads them)
+    instructions = busiest * k["num_warps"] * (iterations * k["loop_instructions"]
+                                               + k["instructions"] - k["loop_instructions"])
+    issue = instructions / 4 / (gpu["ghz"] * 1e9)
+    tensor = flops / gpu["tc"] * busiest * gpu["sms"] / programs if flops else 0.0
     memory = hbm_bytes / gpu["bw"]
     bound = max(("issue", issue), ("tensor", tensor), ("memory", memory), key=lambda b: b[1])
     return {"seconds": bound[1], "bound": bound[0], "issue": issue, "tensor": tensor, "memory": memory,
@@ -128,12 +129,17 @@ DECODE_FORMATS = {  # weight bytes per weight at 50% (bf16), the target's speed-
 }
 
 
-def routed_decode(k, gpu, n: int, kdim: int, fmt: str) -> dict:
+def routed_decode(ks, gpu, n: int, kdim: int, fmt: str) -> dict:
     """One token, its expert [n, kdim] in format `fmt` (DECODE_FORMATS), against a dense bf16
-    GEMV of the same weight; tiles as routed_matmul.gpu_configs gives them."""
-    config = gpu_configs(fmt, 2, int(gpu["cc"][3:]))["decode"]
+    GEMV of the same weight; the kernel and tiles routed_matmul.default_config picks for one
+    token (2:4: the FMA path, "gemv", no tensor-core work; else the 16-row dot tiles)."""
+    configs = gpu_configs(fmt, 2, int(gpu["cc"][3:]))
+    name = "gemv" if "gemv" in configs else "decode"
+    config = configs[name]
+    k = ks[f"routed_{'24' if fmt == '2:4' else fmt}[{name}]"]
     weight = n * kdim * DECODE_FORMATS[fmt][0]
-    t = kernel_time(k, gpu, math.ceil(n / config.BLOCK_N), kdim / config.BLOCK_K, 2 * 16 * n * kdim, weight)
+    flops = 0.0 if name == "gemv" else 2 * config.BLOCK_M * n * kdim
+    t = kernel_time(k, gpu, math.ceil(n / config.BLOCK_N), kdim / config.BLOCK_K, flops, weight)
     gemv = n * kdim * 2 / gpu["bw"]
     t.update(gemv=gemv, speed_vs_gemv=gemv / t["seconds"])
     return t
@@ -164,7 +170,7 @@ def model(compiled: dict, args) -> list[dict]:
                 rows.append(dict(gpu=gname, shape=sname, kernel=f"routed prefill, T={tokens}, {ffn}x{d}", **r,
                                  target=target, value=value, met=met))
             for fmt, (_, goal, target) in DECODE_FORMATS.items():
-                r = routed_decode(ks[f"routed_{'24' if fmt == '2:4' else fmt}[decode]"], gpu, ffn, d, fmt)
+                r = routed_decode(ks, gpu, ffn, d, fmt)
                 rows.append(dict(gpu=gname, shape=sname, kernel=f"routed decode T=1, {fmt} {ffn}x{d}", **r,
                                  target=target, value=f"{r['speed_vs_gemv']:.2f}x", met=r["speed_vs_gemv"] >= goal))
     return rows

@@ -35,7 +35,7 @@ from triton.runtime.jit import JITFunction
 from ._triton_utils import fp32_dot_precision
 from .hessian import _hessian_blocks, _hessian_tile_kernel
 from .obs import TRAILING_BLOCKS, _obs_block_kernel, _trailing_kernel, obs_sub_block
-from .routed_matmul import _routed_kernel, gpu_configs
+from .routed_matmul import _gemv_24_kernel, _routed_kernel, gpu_configs
 
 _TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -113,10 +113,21 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
             "BITMASK": "constexpr", "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     split_sig = dict(rsig, Y="*fp32")
+    gsig = {"X": f"*{t}", "V": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}", "EXPERT": "*i32",
+            "N": "i32", "K": "i32", "stride_xt": "i32", "stride_ve": "i64", "stride_vn": "i32",
+            "stride_me": "i32", "stride_mn": "i32", "stride_be": "i32", "stride_yt": "i32",
+            "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "EVEN": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     for fmt in ("dense", "2:4", "bitmask"):  # the configurations routed_matmul.default_config picks on a GPU
         tag = "24" if fmt == "2:4" else fmt
         configs = gpu_configs(fmt, TORCH_DTYPE[t].itemsize, cc)
         configs["decode,split"] = replace(configs["decode"], SPLIT_K=4)  # split-K: fp32 partial sums
+        if "gemv" in configs:
+            c = configs.pop("gemv")
+            for name, split, even in (("gemv", 1, True), ("gemv,split", 4, True), ("gemv,masked", 1, False)):
+                out.append(Variant(f"routed_{tag}[{name}]", _gemv_24_kernel, dict(gsig, Y="*fp32") if split > 1 else gsig,
+                                   dict(HAS_BIAS=True, SPLIT_K=split, EVEN=even, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K),
+                                   dict(num_warps=c.num_warps, num_stages=c.num_stages)))
         for name, c in configs.items():
             out.append(Variant(f"routed_{tag}[{name}]", _routed_kernel, split_sig if c.SPLIT_K > 1 else rsig,
                                dict(SPARSE24=fmt == "2:4", BITMASK=fmt == "bitmask", HAS_BIAS=True,

@@ -246,6 +246,46 @@ def test_routed_matmul_24_matches_reference(T, E, N, K, dtype, bias, config):
     torch.testing.assert_close(y.float().cpu(), ref, **_tol(dtype))
 
 
+GEMV_24_CASES = [  # T <= 16, d_in a multiple of 16: one token per program on the FMA units (BLOCK_M 1)
+    (1, 3, 40, 48, torch.float16, False, None),      # d_out, d_in not multiples of the tile: masked
+    (9, 3, 40, 80, torch.bfloat16, True, None),      # bf16 (no tl.dot: the interpreter computes it right)
+    (5, 2, 64, 256, torch.bfloat16, True, RoutedConfig(1, 32, 64, SPLIT_K=2)),  # whole tiles, split-K
+    (16, 4, 32, 128, torch.float16, True, RoutedConfig(1, 32, 128)),             # whole tiles
+]
+
+
+@pytest.mark.parametrize("T,E,N,K,dtype,bias,config", GEMV_24_CASES)
+def test_routed_matmul_24_decode_on_fma_units_matches_reference(T, E, N, K, dtype, bias, config):
+    x, expert, W, b = _routed_inputs(T, E, N, K, dtype, bias, 4 * T + E + N)
+    values, meta = compress_24(_make_24(W))
+    assert rm.gemv_24_ready(x, values, meta)
+    cfg = config or rm.default_config(T, E, N, K, "2:4", torch.device(DEV), DEV == "cpu", 2)
+    assert cfg.BLOCK_M == 1, cfg
+    ref = routed_matmul_24_reference(x.float(), expert, values.float(), meta, None if b is None else b.float())
+    y = routed_matmul_24_triton(*_dev(x, expert, values, meta, b), config=config)
+    assert y.dtype == dtype and y.shape == (T, N)
+    torch.testing.assert_close(y.float().cpu(), ref, **_tol(dtype))
+
+
+def test_routed_matmul_24_decode_falls_back_to_dense_tiles_for_operands_it_cannot_read():
+    """Rows of x that do not start on 8 bytes, fp32, or d_in not a multiple of 16 take the
+    dense-tile kernel (still correct); asking for the FMA path on them is a clear error."""
+    T, E, N, K = 3, 2, 24, 48
+    x, expert, W, b = _routed_inputs(T, E, N, K + 1, torch.float16, True, 5)
+    x, W = x[:, 1:], W[..., 1:]  # rows of K + 1 elements: every row but the first is misaligned
+    values, meta = compress_24(_make_24(W))
+    assert not rm.gemv_24_ready(x, values, meta)
+    assert not rm.gemv_24_ready(x.float(), values.float(), meta)
+    assert rm.default_config(T, E, N, K, "2:4", torch.device("cpu"), True, 2, gemv=False).BLOCK_M == 16
+    ref = routed_matmul_24_reference(x.float(), expert, values.float(), meta, b.float())
+    y = routed_matmul_24_triton(*_dev(x, expert, values, meta, b))
+    torch.testing.assert_close(y.float().cpu(), ref, **_tol(torch.float16))
+    with pytest.raises(ValueError, match="FMA decode path"):
+        routed_matmul_24_triton(*_dev(x, expert, values, meta, b), config=RoutedConfig(1, 32, 64))
+    with pytest.raises(ValueError, match="FMA decode path"):
+        routed_matmul_triton(*_dev(x.contiguous(), expert, W.contiguous(), b), config=RoutedConfig(1, 32, 64))
+
+
 BITMASK_CASES = [  # T, E, d_out, d_in (a multiple of 8, not of the 64-column tile), dtype, bias, config
     (50, 5, 70, 96, torch.float32, True, None),      # an empty expert, fp32
     (1, 3, 40, 72, torch.float16, False, None),      # decode
@@ -300,7 +340,7 @@ def test_bitmask_offsets_count_the_kept_weights_before_each_tile():
 
 
 @pytest.mark.parametrize("T,E,N,K,path", [
-    (1, 1, 16, 2048, "decode, automatic split-K"),  # one program: split until 2 per SM (CPU: 1 SM)
+    (1, 1, 16, 4096, "decode, automatic split-K"),  # one program: split until 2 per SM (CPU: 1 SM)
     (65, 4, 45, 104, "prefill, BLOCK_M 64"),         # the first T past decode, ~16 tokens per expert
     (2048, 4, 40, 96, "prefill, BLOCK_M 128"),        # >= 128 tokens per expert
 ])
