@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sparse_expansion.kernels.obs import far_width
 from sparse_expansion.kernels.routed_matmul import gpu_configs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,8 +78,8 @@ def hessian(k, gpu, d: int) -> dict:
 
 def obs(k, kt, gpu, rows: int, columns: int, launch_us: float) -> dict:
     """SparseGPT on 16 experts [rows, columns] (unstructured): the Triton column loop per 128-column
-    block (`k`), the lazy trailing update (`kt`, the Triton GEMM: tf32x3 on tensor cores, three
-    TF32 products at half the bf16 rate, or ieee on the FMA units, as compiled) and the block's
+    block (`k`), the lazy trailing update in two levels (`kt`, the Triton GEMM: tf32x3 on tensor
+    cores, three TF32 products at half the bf16 rate, or ieee on the FMA units, as compiled) and the block's
     mask choice in torch; against the torch reference looped per expert and batched, launch-bound
     (2 ops a column, ~6 per 32-column sub-block, ~10 per block) plus its trailing update, an fp32
     baddbmm on the FMA units (at 80% of their peak, or W's trailing columns read and written at
@@ -93,9 +94,18 @@ def obs(k, kt, gpu, rows: int, columns: int, launch_us: float) -> dict:
     trailing_flops = EXPERTS * rows * 2 * 128 * sum(widths)
     trailing_bytes = EXPERTS * rows * 4 * 2 * sum(widths)
     gemm = max(trailing_flops / (gpu["fp32"] * 0.8), trailing_bytes / gpu["bw"])
-    tensor_flops = 0.0 if kt["precision"] == "ieee" else 6 * trailing_flops  # at the bf16 rate
-    programs = EXPERTS * math.ceil(rows / 64) * sum(math.ceil(w / 128) for w in widths)
-    trailing = kernel_time(kt, gpu, programs, 128 / 32, tensor_flops, trailing_bytes)["seconds"]
+
+    def update(depth: int, widths: list[int]) -> float:  # one launch per width, `depth` errors deep
+        flops = EXPERTS * rows * 2 * depth * sum(widths)
+        tensor_flops = 0.0 if kt["precision"] == "ieee" else 6 * flops  # tf32x3 at the bf16 rate
+        programs = EXPERTS * math.ceil(rows / 64) * sum(math.ceil(w / 128) for w in widths)
+        return kernel_time(kt, gpu, programs, depth / 32, tensor_flops, EXPERTS * rows * 4 * 2 * sum(widths))["seconds"]
+
+    # two levels (obs_prune_triton): each block to the end of its super-block, each super-block past it
+    far = far_width(128, columns)
+    ends = [min((128 * b // far + 1) * far, columns) for b in range(blocks)]
+    near = [end - 128 * (b + 1) for b, end in enumerate(ends) if end > 128 * (b + 1)]
+    trailing = update(128, near) + update(far, [columns - end for end in sorted(set(ends)) if end < columns])
     kernel = blocks * (loop["seconds"] + 10 * launch_us * 1e-6) + trailing
     launches = 2 * columns + 6 * columns / 32 + 10 * blocks
     looped = EXPERTS * launches * launch_us * 1e-6 + gemm

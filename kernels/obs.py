@@ -12,8 +12,10 @@ torch exactly as the reference does; then one launch over (row tile, matrix) run
 loop in sub-blocks of 32 columns held in registers (rows are independent once the mask is
 known; N:M masks are chosen inside the loop), each sub-block's errors reaching the rest of the
 block through a tensor-core dot, writes the pruned/quantized block in place and the error
-block; the lazy update of the trailing columns is one tensor-core Triton GEMM (`_trailing_kernel`;
-fp32 as tf32x3 where that beats the FMA units torch's fp32 baddbmm runs on, see dot_precision).
+block; the lazy update of the trailing columns is a tensor-core Triton GEMM (`_trailing_kernel`;
+fp32 as tf32x3 where that beats the FMA units torch's fp32 baddbmm runs on, see dot_precision),
+in two levels: each block updates the rest of its super-block of up to FAR_BLOCKS blocks, and
+each super-block the columns past it, which are thus read and written a FAR_BLOCKS-th as often.
 """
 from dataclasses import dataclass
 
@@ -289,9 +291,12 @@ def trailing_update_reference(W: torch.Tensor, err: torch.Tensor, Hinv: torch.Te
     W[:, :, i2:].baddbmm_(err[:, :, :count], Hinv[:, i1:i2, i2:], alpha=-1.0)
 
 
-def trailing_update_triton(W: torch.Tensor, err: torch.Tensor, Hinv: torch.Tensor, i1: int, count: int) -> None:
-    """Triton version of `trailing_update_reference` (W and err contiguous in their last dim)."""
+def trailing_update_triton(W: torch.Tensor, err: torch.Tensor, Hinv: torch.Tensor, i1: int, count: int,
+                           end: int | None = None) -> None:
+    """Triton version of `trailing_update_reference` (W and err contiguous in their last dim);
+    `end`: update only the columns before it (default: all)."""
     E, R, C = W.shape
+    C = C if end is None else min(end, C)  # the kernel updates columns [i2, C)
     i2 = i1 + count
     if i2 >= C or R == 0 or E == 0:
         return
@@ -306,6 +311,15 @@ def trailing_update_triton(W: torch.Tensor, err: torch.Tensor, Hinv: torch.Tenso
     grid = (triton.cdiv(R, cfg["BLOCK_M"]), triton.cdiv(C - i2, cfg["BLOCK_N"]), E)
     _trailing_kernel[grid](W, err, Hinv, R, C, i1, count, i2, W.stride(0), W.stride(1), err.stride(0), err.stride(1),
                            *Hinv.stride(), PREC=dot_precision(W.dtype, W.device), **cfg)
+
+
+FAR_BLOCKS = 4  # blocks whose errors reach the columns past them in one trailing update (GPU)
+
+
+def far_width(blocksize: int, columns: int) -> int:
+    """Columns of the super-block after which the far columns are updated: up to FAR_BLOCKS
+    blocks, and at most a quarter of the columns (the error buffer is R x far_width fp32)."""
+    return blocksize * max(1, min(FAR_BLOCKS, columns // (4 * blocksize)))
 
 
 def obs_sub_block(block_c: int, prune_m: int) -> int:
@@ -352,21 +366,29 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
     BLOCK_C = next_pow2(min(blocksize, C), 16)
     BLOCK_R = _obs_rows_per_program(R, interpreted(_obs_block_kernel))
     SUB = obs_sub_block(BLOCK_C, prune_m)
-    err = torch.empty(E, R, min(blocksize, C), dtype=torch.float32, device=W.device)
+    # two levels of lazy updates: a block's errors reach the rest of its super-block at once, and
+    # a super-block's errors (FAR_BLOCKS blocks) the columns past it in one product of depth
+    # far_width, so that those columns are read and written once per super-block, not per block
+    far = far_width(blocksize, C)
+    err = torch.empty(E, R, min(far, C), dtype=torch.float32, device=W.device)
     launch = (triton.cdiv(R, BLOCK_R), E)
-    for i1 in range(0, C, blocksize):
-        i2 = min(i1 + blocksize, C)
-        count = i2 - i1
-        if not prune_n and sparsity > 0:
-            d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
-            pruned[:, :, i1:i2] = select(W[:, :, i1:i2] ** 2 / d[:, None, :] ** 2, sparsity)
-        _obs_block_kernel[launch](
-            W, pruned_u8, Hinv, err, scale, zero, R, C, i1, count, maxq,
-            W.stride(0), W.stride(1), pruned_u8.stride(0), pruned_u8.stride(1),
-            err.stride(0), err.stride(1),
-            PRUNE_N=prune_n, PRUNE_M=max(prune_m, 1), QUANT=quant,
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, SUB=SUB, PREC=dot_precision(W.dtype, W.device), num_warps=4)
-        trailing_update_triton(W, err, Hinv, i1, count)
+    for s1 in range(0, C, far):
+        s2 = min(s1 + far, C)
+        for i1 in range(s1, s2, blocksize):
+            i2 = min(i1 + blocksize, s2)
+            count = i2 - i1
+            if not prune_n and sparsity > 0:
+                d = torch.diagonal(Hinv[:, i1:i2, i1:i2], dim1=1, dim2=2)
+                pruned[:, :, i1:i2] = select(W[:, :, i1:i2] ** 2 / d[:, None, :] ** 2, sparsity)
+            block_err = err[:, :, i1 - s1:]
+            _obs_block_kernel[launch](
+                W, pruned_u8, Hinv, block_err, scale, zero, R, C, i1, count, maxq,
+                W.stride(0), W.stride(1), pruned_u8.stride(0), pruned_u8.stride(1),
+                err.stride(0), err.stride(1),
+                PRUNE_N=prune_n, PRUNE_M=max(prune_m, 1), QUANT=quant,
+                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, SUB=SUB, PREC=dot_precision(W.dtype, W.device), num_warps=4)
+            trailing_update_triton(W, block_err, Hinv, i1, count, end=s2)
+        trailing_update_triton(W, err, Hinv, s1, s2 - s1)
     return W, ~pruned
 
 

@@ -109,6 +109,8 @@ def _obs_problem(E, R, C, g, dtype=torch.float32):
     (1, 33, 150, 0.6, 0, 0, 4, 128, torch.float32),     # unstructured + 4-bit grid
     (2, 21, 64, 0.0, 2, 4, 3, 128, torch.float32),      # 2:4 + 3-bit grid
     (3, 9, 100, 0.3, 0, 0, None, 32, torch.float16),    # small blocks, fp16 weights, E=3
+    (2, 23, 200, 0.5, 0, 0, None, 16, torch.float32),   # two-level updates: super-blocks of 3 blocks, the last partial
+    (1, 17, 144, 0.0, 2, 4, 4, 16, torch.float32),      # two-level updates, 2:4 + 4-bit grid
 ])
 def test_obs_matches_reference(E, R, C, sparsity, n, m, bits, blocksize, dtype):
     g = _gen(E * 100 + R + C)
@@ -148,6 +150,11 @@ def test_trailing_update_matches_reference(E, R, C, i1, count):
     obs.trailing_update_triton(got, err.to(DEV), Hinv.to(DEV), i1, count)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
     assert torch.equal(got.cpu()[:, :, :i1 + count], W[:, :, :i1 + count])  # earlier columns untouched
+
+
+def test_far_width_groups_blocks_up_to_a_quarter_of_the_columns():
+    assert obs.far_width(128, 4096) == 512 and obs.far_width(128, 28672) == 512
+    assert obs.far_width(128, 1536) == 384 and obs.far_width(128, 576) == 128 and obs.far_width(16, 200) == 48
 
 
 def test_obs_rejects_bad_shapes():
