@@ -64,10 +64,11 @@ def config_for(run: str, args) -> PruneConfig:
         options = ExpansionOptions(clusters=int(name[2:]), pca_factor=args.pca_factor, kmeans_restarts=args.restarts,
                                    small_clusters=args.small_clusters, shrink_tokens=args.shrink_tokens,
                                    min_cluster_tokens=args.min_cluster_tokens, expert_damping=args.expert_damping,
-                                   percdamp=args.percdamp)
+                                   percdamp=args.percdamp, refine_iterations=args.refine_iterations)
         return PruneConfig("sparse-expansion", options=options, **common)
     if name == "sparsegpt":
-        return PruneConfig(name, options={"percdamp": args.percdamp}, **common)
+        return PruneConfig(name, options={"percdamp": args.percdamp, "refine_iterations": args.refine_iterations or 0},
+                           **common)
     return PruneConfig(name, **common)
 
 
@@ -133,6 +134,9 @@ def main() -> None:
     p.add_argument("--expert-damping", type=float, default=ExpansionOptions.expert_damping)
     p.add_argument("--percdamp", type=float, default=ExpansionOptions.percdamp, help="SparseGPT's damping")
     p.add_argument("--min-cluster-tokens", type=int, default=ExpansionOptions.min_cluster_tokens)
+    p.add_argument("--refine-iterations", type=int, default=None,
+                   help="conjugate-gradient steps on SparseGPT's mask (default: each method's own: sparsegpt 0, "
+                        "se 5)")
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--allocation", default="uniform", help="uniform or owl (layer-wise rates)")
     p.add_argument("--seed", type=int, default=0)

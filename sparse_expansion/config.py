@@ -64,6 +64,9 @@ class PruneConfig:
             self.options = cls.Options(**self.options)
         elif type(self.options) is not cls.Options:
             raise UsageError(f"{self.method} takes {cls.Options.__name__}, not {type(self.options).__name__}")
+        if self.bits is not None and (getattr(self.options, "refine_iterations", 0) or 0) > 0:
+            raise UsageError("--refine-iterations re-solves the kept weights off the quantization grid; "
+                             "use --refine-iterations 0 with --bits")
 
     def make_method(self) -> Method:
         return method_class(self.method)(self)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 GOLDEN = Path(__file__).with_name("golden.json")
-SE4 = ["--method", "sparse-expansion", "--clusters", "4", "--kmeans-restarts", "2"]
+SE4 = ["--method", "sparse-expansion", "--clusters", "4", "--kmeans-restarts", "2", "--refine-iterations", "0"]
 RUNS: dict[str, list[str]] = {
     "sparsegpt": ["--method", "sparsegpt"],
     "wanda": ["--method", "wanda"],
@@ -35,6 +35,8 @@ RUNS: dict[str, list[str]] = {
     "sparsegpt-sequential-blocks": ["--method", "sparsegpt", "--sequential", "--blocks", "1:2"],
     "sparse-expansion-4-merge-sampled": [*SE4, "--small-clusters", "merge", "--min-cluster-tokens", "40",
                                          "--max-cluster-tokens", "100"],
+    "sparsegpt-refined": ["--method", "sparsegpt", "--refine-iterations", "5"],
+    "sparse-expansion-4-refined": SE4[:-2],  # the default re-solve on the mask
 }
 RESUMED = "sparse-expansion-4-sampled-resumed"  # killed after block 0, then resumed
 RESUMED_ARGS = [*SE4, "--max-cluster-tokens", "100"]

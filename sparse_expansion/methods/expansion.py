@@ -43,6 +43,9 @@ class ExpansionOptions(SparseGPTOptions):
         "help": "damping of the experts' Hessians, fraction of the mean diagonal (None: 0.1 for pooled, "
                 "else --percdamp)"})
     min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
+    refine_iterations: int | None = field(default=None, metadata={
+        "help": "conjugate-gradient steps re-solving each expert's kept weights on its mask (None: 5, or 0 "
+                "with --bits)"})
     max_cluster_tokens: int = field(default=262144, metadata={
         "help": "PCA and k-means fit on a seeded sample of at most this many tokens per layer"})
 
@@ -195,7 +198,7 @@ class ExpansionMethod(Method):
         reserve = stages.layer_hessians(self.options.small_clusters) * columns * columns * 4
         budget = solve_budget(self.config.max_memory, weights[0].device, reserve)
         return [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
-            mine.stop - mine.start, columns, rows, budget)]
+            mine.stop - mine.start, columns, rows, budget, self.options.refine_steps(self.config.bits) > 0)]
 
     def solve_chunk(self, stats: ClusterStats, chunk: slice) -> None:
         """Solve the Hessians of `chunk`'s clusters, factor them, one batched solve per linear;
@@ -209,12 +212,16 @@ class ExpansionMethod(Method):
                                         stats.within)
         damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, stats.fit.router.clusters)
         factor = solvers.inverse_hessian_factor(H_solve, damping, stats.group, in_place=True)
-        del H_solve
+        steps = o.refine_steps(cfg.bits)
+        if not steps:
+            del H_solve
         stats.seconds_hessian += time.perf_counter() - t1
         for name, module in stats.layers.items():
             t2 = time.perf_counter()
             W = linear_weight(module)
             W_hat, info = stages.solve_experts(W, factor, self.sparsity, cfg.bits, o.blocksize)
+            if steps:
+                solvers.refine_on_mask(W.detach()[None], W_hat, H_solve, info.damping, steps)
             out = stats.solved[name]
             part = compress(W_hat.to(module.weight.dtype))
             out["parts"].append(part)
