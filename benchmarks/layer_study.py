@@ -14,7 +14,8 @@ the check on text nothing was chosen on.
 
 Variant = rule[:key=value...]: rule sparsegpt, shrink, pooled or damping (expansion.py's rules);
 keys: tau (in units of the layer's input dimension d), damp (the experts' damping), k (clusters,
-default 16), pca (the PCA factor, default 32). Results: a table, and JSON in
+default 16), pca (the PCA factor, default 32), refine (conjugate-gradient steps re-solving the
+weights on the mask, solvers.refine_on_mask; default 0). Results: a table, and JSON in
 benchmarks/results/layer_study.json. Captured inputs are cached in ~/.cache/sparse_expansion.
 """
 from __future__ import annotations
@@ -85,9 +86,11 @@ def prune(variant: str, W: torch.Tensor, x: torch.Tensor, sparsity: Sparsity, se
     rule, opts = parse_variant(variant)
     d = x.shape[1]
     H_full, total = hessians(x, None, 1)
+    steps = int(opts.get("refine", 0))
     if rule == "sparsegpt":
         factor = solvers.inverse_hessian_factor(H_full, opts.get("damp", 0.01))
-        return solvers.sparsegpt(W[None], factor, sparsity)[0], None
+        W_hat, info = solvers.sparsegpt(W[None], factor, sparsity)
+        return solvers.refine_on_mask(W[None], W_hat, H_full, info.damping, steps), None
     k = int(opts.get("k", 16))
     fit = fit_router(x, k, int(opts.get("pca", 32)), seed, 10)
     H_c, counts = hessians(x, fit.labels, k)
@@ -98,7 +101,8 @@ def prune(variant: str, W: torch.Tensor, x: torch.Tensor, sparsity: Sparsity, se
     tau = opts["tau"] * d if "tau" in opts else None
     H_solve = stages.solve_hessians(H_c, counts, H_full, rule, tau, means=means, within=within)
     damping = stages.expert_damping(rule, opts.get("damp"), 0.01, k)
-    return stages.solve_experts(W, solvers.inverse_hessian_factor(H_solve, damping), sparsity, None, 128)[0], fit.router
+    W_hat, info = stages.solve_experts(W, solvers.inverse_hessian_factor(H_solve, damping), sparsity, None, 128)
+    return solvers.refine_on_mask(W[None], W_hat, H_solve, info.damping, steps), fit.router
 
 
 def error(W: torch.Tensor, W_hat: torch.Tensor, router, x: torch.Tensor) -> float:

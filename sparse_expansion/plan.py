@@ -31,6 +31,7 @@ from .loading import DTYPES, meta_model, model_dtype
 from .methods.expansion import SOLVE_SHARE
 from .models import decoder_blocks, linear_weight, target_groups
 from .router import ROWS_PER_CHUNK
+from .solvers import REFINE_BYTES_PER_WEIGHT
 
 GiB = 2 ** 30
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
@@ -218,7 +219,9 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             stage(f"router fit {name}", base + later + samples[i] + pca)
             fixed = base + later + samples[i] + layer_hessians(o.small_clusters) * columns * columns * 4 + solved
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
-            cost = cluster_cost(columns, rows, o.refine_steps(config.bits) > 0)
+            refine = o.refine_steps(config.bits) > 0
+            cost = cluster_cost(columns, rows, refine)
+            fixed += refine * REFINE_BYTES_PER_WEIGHT * rows * columns  # one expert re-solved at a time
             budget = config.max_memory
             if budget is None and device_memory is not None:  # what solve_budget will find free
                 used = fixed + group_experts if gpu else RUNTIME_HOST_BYTES + host_model + fixed - block_w + group_experts
@@ -244,8 +247,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             # the factor and the weight's copies; Wanda and magnitude: the weight's scores, sort and mask
             work = (max(2 * columns * columns, columns * columns + 4 * rows * columns)
                     if config.method == "sparsegpt" else 6 * rows * columns)
-            if config.method == "sparsegpt" and o.refine_steps(config.bits):  # the re-solve: four [R, C] transients
-                work = max(work, columns * columns + 8 * rows * columns)
+            if config.method == "sparsegpt" and o.refine_steps(config.bits):  # the re-solve's transients
+                work = max(work, columns * columns + 4 * rows * columns + REFINE_BYTES_PER_WEIGHT * rows * columns // 4)
             stage(f"solve {name}", base + hessians + 4 * work)
     pruned_block = block_w - target_w + experts_block
     stage("propagate: next block's inputs", pruned_block + 2 * activations + forward)

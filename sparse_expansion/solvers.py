@@ -137,6 +137,9 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
     return W, SolveInfo(damping=f.damping, dead_inputs=f.dead.sum(dim=1).tolist())
 
 
+REFINE_BYTES_PER_WEIGHT = 5 * 4 + 1  # refine_on_mask's transients: residual, z, direction, step, a product; the mask
+
+
 def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, damping: list[float],
                    iterations: int) -> torch.Tensor:
     """SparseGPT's weights re-solved on their own mask, in place: `iterations` steps of conjugate
@@ -147,15 +150,15 @@ def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, dampin
     mask is lower. The weights it pruned stay exactly 0.
 
     W [E or 1, R, C] the dense weights, W_hat [E, R, C] fp32 pruned, H [E, C, C]. One matrix at a
-    time: the transients are four [R, C] fp32 tensors."""
-    for e in range(W_hat.shape[0]):
+    time: the transients are five [R, C] fp32 tensors and a bool one (REFINE_BYTES_PER_WEIGHT)."""
+    for e in range(W_hat.shape[0] if iterations > 0 else 0):
         h = H[e].float()
         diag = torch.diagonal(h).clone()
         diag[diag == 0] = 1.0  # dead inputs, as the factor treats them (their weights are 0)
         lam = damping[e] * float(diag.mean())
         precond = 1.0 / (diag + lam)
         x = W_hat[e]
-        kept = (x != 0).float()
+        kept = x != 0
         delta = x - W[min(e, W.shape[0] - 1)].float()
         residual = (delta @ h).add_(delta, alpha=lam).mul_(kept).neg_()  # − the objective's gradient / 2
         del delta
@@ -165,8 +168,8 @@ def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, dampin
         for _ in range(iterations):
             step = (direction @ h).add_(direction, alpha=lam).mul_(kept)
             alpha = rz / (direction * step).sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-            x.add_(alpha * direction)
-            residual.sub_(alpha * step)
+            x.addcmul_(alpha, direction)
+            residual.addcmul_(alpha, step, value=-1.0)
             torch.mul(residual, precond, out=z)
             rz_next = (residual * z).sum(1, keepdim=True)
             direction.mul_(rz_next / rz.clamp(min=torch.finfo(torch.float32).tiny)).add_(z)

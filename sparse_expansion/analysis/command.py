@@ -108,7 +108,8 @@ def check_analyze_args(args) -> tuple[AnalysisConfig, tuple[str, ...]]:
     meta = meta_model(args.model)
     cfg = AnalysisConfig(block=resolve_block(meta, args.block), linears=resolve_linears(meta, linears),
                          sparsity=rates["--sparsity"], clusters=args.clusters, pca_factor=args.pca_factor,
-                         kmeans_restarts=args.kmeans_restarts, top_percent=args.top_percent, pairs=args.pairs,
+                         kmeans_restarts=args.kmeans_restarts, refine_iterations=args.refine_iterations,
+                         top_percent=args.top_percent, pairs=args.pairs,
                          show=args.show, cluster_counts=_int_list(args.cluster_counts, "--cluster-counts"),
                          ablation_sparsity=rates["--ablation-sparsity"], ablation_random_seeds=args.random_seeds,
                          skip_first=args.skip_first, batch_size=args.batch_size, seed=args.seed,
@@ -162,6 +163,9 @@ def add_analyze_parser(sub) -> None:
     an.add_argument("--cluster-counts", default="1,2,4,8,16", help="cluster counts of the clusters experiment")
     an.add_argument("--pca-factor", type=int, default=32)
     an.add_argument("--kmeans-restarts", type=int, default=10)
+    an.add_argument("--refine-iterations", type=int, default=0,
+                    help="re-solve steps on the mask, for the SparseGPT and Sparse Expansion variants alike "
+                         "(0: the paper's methods)")
     an.add_argument("--top-percent", type=float, default=3.0, help="Wasserstein neurons: top p%% by W1 to N(0,1)")
     an.add_argument("--pairs", type=int, default=50000, help="token pairs of the mapping difficulty")
     an.add_argument("--show", type=int, default=4, help="neurons per linear in the per-neuron figures")

@@ -41,6 +41,7 @@ class AnalysisConfig:
     clusters: int = 16                    # Sparse Expansion experts
     pca_factor: int = 32
     kmeans_restarts: int = 10
+    refine_iterations: int = 0            # re-solve on the mask, for SparseGPT and Sparse Expansion alike
     top_percent: float = 3.0              # Wasserstein neurons: top p% by distance to N(0, 1)
     pairs: int = 50_000                   # token pairs of the mapping difficulty
     show: int = 4                         # neurons per linear in the per-neuron figures
@@ -177,8 +178,10 @@ class LayerAnalysis:
         key = (method, float(rate), clusters if method == "sparse-expansion" else None)
         if key not in self._cache:
             cfg = self.config
-            options = ExpansionOptions(clusters=clusters or cfg.clusters, pca_factor=cfg.pca_factor,
-                                       kmeans_restarts=cfg.kmeans_restarts) if method == "sparse-expansion" else None
+            options = ({"refine_iterations": cfg.refine_iterations} if method == "sparsegpt" else
+                       ExpansionOptions(clusters=clusters or cfg.clusters, pca_factor=cfg.pca_factor,
+                                        kmeans_restarts=cfg.kmeans_restarts, refine_iterations=cfg.refine_iterations)
+                       if method == "sparse-expansion" else None)
             pc = PruneConfig(method=method, sparsity=Sparsity(float(rate)), seed=cfg.seed, options=options)
             holder = copy.deepcopy(decoder_blocks(self.model)[self.block])
             layers = {n: holder.get_submodule(n) for n in self.names}
