@@ -138,20 +138,26 @@ def solve_hessians(H_c: torch.Tensor, counts: torch.Tensor, H_full: torch.Tensor
     return H_solve
 
 
-def cluster_cost(columns: int, rows: int, refine: bool = False) -> int:
+def cluster_cost(columns: int, rows: int) -> int:
     """Bytes one cluster adds to a chunk (fp32, measured on the CPU): while its Hessian is factored,
     the Hessian, its solve copy and the factorisation's workspace (5·C²); while a linear's expert
-    is solved and compressed, the Hessian and the factor (2·C²; `refine`: and the solve copy, which
-    the re-solve on the mask reads) and the expert's copies (4·R·C)."""
-    return 4 * max(5 * columns * columns, (3 if refine else 2) * columns * columns + 4 * rows * columns)
+    is solved and compressed, the Hessian and the factor (2·C²) and the expert's copies (4·R·C).
+    (The re-solve on the mask works on one expert at a time: `refine_cost`, once per chunk.)"""
+    return 4 * max(5 * columns * columns, 2 * columns * columns + 4 * rows * columns)
 
 
-def cluster_chunks(clusters: int, columns: int, rows: int, budget: int | None, refine: bool = False) -> list[slice]:
+def refine_cost(columns: int, rows: int) -> int:
+    """Bytes the re-solve on the mask adds beside a chunk: one expert's solve Hessian and its
+    transients (solvers.REFINE_BYTES_PER_WEIGHT)."""
+    return 4 * columns * columns + solvers.REFINE_BYTES_PER_WEIGHT * min(rows, solvers.REFINE_ROWS) * columns
+
+
+def cluster_chunks(clusters: int, columns: int, rows: int, budget: int | None) -> list[slice]:
     """Consecutive ranges of clusters whose Hessians and solve fit `budget` bytes (None: one
     range; at least one cluster per range: the caller refuses budgets below `cluster_cost`)."""
     if budget is None:
         return [slice(0, clusters)]
-    size = max(1, min(clusters, budget // cluster_cost(columns, rows, refine)))
+    size = max(1, min(clusters, budget // cluster_cost(columns, rows)))
     return [slice(start, min(start + size, clusters)) for start in range(0, clusters, size)]
 
 

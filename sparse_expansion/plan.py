@@ -26,12 +26,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from . import distributed
 from .config import PruneConfig
 from .errors import UsageError
-from .expansion import cluster_cost, layer_hessians
+from .expansion import cluster_cost, layer_hessians, refine_cost
 from .loading import DTYPES, meta_model, model_dtype
 from .methods.expansion import SOLVE_SHARE
 from .models import decoder_blocks, linear_weight, target_groups
 from .router import ROWS_PER_CHUNK
-from .solvers import REFINE_BYTES_PER_WEIGHT
+from .solvers import REFINE_BYTES_PER_WEIGHT, REFINE_ROWS
 
 GiB = 2 ** 30
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
@@ -219,9 +219,9 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             stage(f"router fit {name}", base + later + samples[i] + pca)
             fixed = base + later + samples[i] + layer_hessians(o.small_clusters) * columns * columns * 4 + solved
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
-            refine = o.refine_steps(config.bits) > 0
-            cost = cluster_cost(columns, rows, refine)
-            fixed += refine * REFINE_BYTES_PER_WEIGHT * rows * columns  # one expert re-solved at a time
+            cost = cluster_cost(columns, rows)
+            if o.refine_steps(config.bits):
+                fixed += refine_cost(columns, rows)  # one expert re-solved at a time
             budget = config.max_memory
             if budget is None and device_memory is not None:  # what solve_budget will find free
                 used = fixed + group_experts if gpu else RUNTIME_HOST_BYTES + host_model + fixed - block_w + group_experts
@@ -248,7 +248,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
             work = (max(2 * columns * columns, columns * columns + 4 * rows * columns)
                     if config.method == "sparsegpt" else 6 * rows * columns)
             if config.method == "sparsegpt" and o.refine_steps(config.bits):  # the re-solve's transients
-                work = max(work, columns * columns + 4 * rows * columns + REFINE_BYTES_PER_WEIGHT * rows * columns // 4)
+                work = max(work, columns * columns + 4 * rows * columns
+                           + REFINE_BYTES_PER_WEIGHT * min(rows, REFINE_ROWS) * columns // 4)
             stage(f"solve {name}", base + hessians + 4 * work)
     pruned_block = block_w - target_w + experts_block
     stage("propagate: next block's inputs", pruned_block + 2 * activations + forward)

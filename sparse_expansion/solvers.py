@@ -137,7 +137,8 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
     return W, SolveInfo(damping=f.damping, dead_inputs=f.dead.sum(dim=1).tolist())
 
 
-REFINE_BYTES_PER_WEIGHT = 5 * 4 + 1  # refine_on_mask's transients: residual, z, direction, step, a product; the mask
+REFINE_BYTES_PER_WEIGHT = 5 * 4 + 1  # refine_on_mask's transients per weight of a row block: residual, z,
+REFINE_ROWS = 1024                   # direction, step, a product; the mask. Rows re-solved at a time.
 
 
 def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, damping: list[float],
@@ -149,32 +150,40 @@ def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, dampin
     reached and never revisits it once later columns are pruned; the exact minimiser on the same
     mask is lower. The weights it pruned stay exactly 0.
 
-    W [E or 1, R, C] the dense weights, W_hat [E, R, C] fp32 pruned, H [E, C, C]. One matrix at a
-    time: the transients are five [R, C] fp32 tensors and a bool one (REFINE_BYTES_PER_WEIGHT)."""
+    W [E or 1, R, C] the dense weights, W_hat [E, R, C] fp32 pruned, H [E, C, C]. One matrix and
+    REFINE_ROWS rows at a time: the transients are REFINE_BYTES_PER_WEIGHT per weight of those rows."""
+    R = W_hat.shape[1]
     for e in range(W_hat.shape[0] if iterations > 0 else 0):
         h = H[e].float()
         diag = torch.diagonal(h).clone()
         diag[diag == 0] = 1.0  # dead inputs, as the factor treats them (their weights are 0)
         lam = damping[e] * float(diag.mean())
-        precond = 1.0 / (diag + lam)
-        x = W_hat[e]
-        kept = x != 0
-        delta = x - W[min(e, W.shape[0] - 1)].float()
-        residual = (delta @ h).add_(delta, alpha=lam).mul_(kept).neg_()  # − the objective's gradient / 2
-        del delta
-        z = residual * precond
-        direction = z.clone()
-        rz = (residual * z).sum(1, keepdim=True)
-        for _ in range(iterations):
-            step = (direction @ h).add_(direction, alpha=lam).mul_(kept)
-            alpha = rz / (direction * step).sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-            x.addcmul_(alpha, direction)
-            residual.addcmul_(alpha, step, value=-1.0)
-            torch.mul(residual, precond, out=z)
-            rz_next = (residual * z).sum(1, keepdim=True)
-            direction.mul_(rz_next / rz.clamp(min=torch.finfo(torch.float32).tiny)).add_(z)
-            rz = rz_next
+        for r in range(0, R, REFINE_ROWS):  # rows are independent: bounded transients
+            rows = slice(r, min(r + REFINE_ROWS, R))
+            _refine_rows(W_hat[e, rows], W[min(e, W.shape[0] - 1), rows].float(), h, lam, 1.0 / (diag + lam),
+                         iterations)
     return W_hat
+
+
+def _refine_rows(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, lam: float, precond: torch.Tensor,
+                 iterations: int) -> None:
+    """refine_on_mask on rows x [r, C] (in place) of one matrix; w its dense rows."""
+    kept = x != 0
+    delta = x - w
+    residual = (delta @ h).add_(delta, alpha=lam).mul_(kept).neg_()  # − the objective's gradient / 2
+    del delta
+    z = residual * precond
+    direction = z.clone()
+    rz = (residual * z).sum(1, keepdim=True)
+    for _ in range(iterations):
+        step = (direction @ h).add_(direction, alpha=lam).mul_(kept)
+        alpha = rz / (direction * step).sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        x.addcmul_(alpha, direction)
+        residual.addcmul_(alpha, step, value=-1.0)
+        torch.mul(residual, precond, out=z)
+        rz_next = (residual * z).sum(1, keepdim=True)
+        direction.mul_(rz_next / rz.clamp(min=torch.finfo(torch.float32).tiny)).add_(z)
+        rz = rz_next
 
 
 def error_terms(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

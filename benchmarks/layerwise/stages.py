@@ -7,7 +7,8 @@ ExpansionMethod.prune_group call them):
   hessian  kernels.hessian.accumulate_hessian with labels batch by batch, the layer's Hessian,
            solve_hessians (the small-cluster rule)
   inverse  solvers.inverse_hessian_factor, all clusters at once
-  obs      solve_experts (batched SparseGPT over all clusters' copies of W)
+  obs      solve_experts (batched SparseGPT over all clusters' copies of W), then the re-solve on
+           each expert's mask (solvers.refine_on_mask, refine_steps of the options)
 SparseGPT: methods.HessianStats batch by batch (hessian), then the same inverse and obs.
 """
 from __future__ import annotations
@@ -112,10 +113,11 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
     damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters)
     with clock("inverse"):
         factor = solvers.inverse_hessian_factor(H_solve, damping, method)
-    del H_solve
+    steps = o.refine_steps(None) if method == "sparse-expansion" else 0  # SparseGPTMethod's default: 0
     with clock("obs"):
         W_hat, info = stages.solve_experts(W, factor, sparsity, None, o.blocksize)
-    del factor
+        solvers.refine_on_mask(W[None], W_hat, H_solve, info.damping, steps)
+    del factor, H_solve
     sync(dev)
     return PruneRun(W_hat, None if fit is None else fit.router, clock.seconds, time.perf_counter() - t0,
                     H_full=H_full, H_c=H_c, counts=counts, cluster_sizes=counts.tolist(), damping=info.damping,

@@ -198,7 +198,7 @@ class ExpansionMethod(Method):
         reserve = stages.layer_hessians(self.options.small_clusters) * columns * columns * 4
         budget = solve_budget(self.config.max_memory, weights[0].device, reserve)
         return [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
-            mine.stop - mine.start, columns, rows, budget, self.options.refine_steps(self.config.bits) > 0)]
+            mine.stop - mine.start, columns, rows, budget)]
 
     def solve_chunk(self, stats: ClusterStats, chunk: slice) -> None:
         """Solve the Hessians of `chunk`'s clusters, factor them, one batched solve per linear;
@@ -207,21 +207,22 @@ class ExpansionMethod(Method):
         if chunk.stop == chunk.start:
             return
         t1 = time.perf_counter()
-        H_solve = stages.solve_hessians(stats.H, counts[chunk], stats.H_full, o.small_clusters, o.shrink_tokens,
-                                        int(counts.sum()), None if stats.means is None else stats.means[chunk],
-                                        stats.within)
+
+        def solve_hessians(part: slice) -> torch.Tensor:  # the Hessians the experts of `part` (of the chunk) solve with
+            means = None if stats.means is None else stats.means[chunk][part]
+            return stages.solve_hessians(stats.H[part], counts[chunk][part], stats.H_full, o.small_clusters,
+                                         o.shrink_tokens, int(counts.sum()), means, stats.within)
         damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, stats.fit.router.clusters)
-        factor = solvers.inverse_hessian_factor(H_solve, damping, stats.group, in_place=True)
+        factor = solvers.inverse_hessian_factor(solve_hessians(slice(None)), damping, stats.group, in_place=True)
         steps = o.refine_steps(cfg.bits)
-        if not steps:
-            del H_solve
         stats.seconds_hessian += time.perf_counter() - t1
         for name, module in stats.layers.items():
             t2 = time.perf_counter()
             W = linear_weight(module)
             W_hat, info = stages.solve_experts(W, factor, self.sparsity, cfg.bits, o.blocksize)
-            if steps:
-                solvers.refine_on_mask(W.detach()[None], W_hat, H_solve, info.damping, steps)
+            for e in range(W_hat.shape[0] if steps else 0):  # one expert's solve Hessian at a time
+                solvers.refine_on_mask(W.detach()[None], W_hat[e:e + 1], solve_hessians(slice(e, e + 1)),
+                                       info.damping[e:e + 1], steps)
             out = stats.solved[name]
             part = compress(W_hat.to(module.weight.dtype))
             out["parts"].append(part)
