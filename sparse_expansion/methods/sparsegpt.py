@@ -11,7 +11,7 @@ from ..errors import UsageError
 from .base import HessianStats, Method, MethodOptions
 
 
-REFINE_STEPS = 5  # refine_iterations=None: most of the gain (layer study: 5 steps reach 98% of 60's)
+REFINE_STEPS = 5  # refine_iterations=None: layer study, 5 steps give ~92% of 60 steps' error reduction
 
 
 @dataclass
@@ -26,6 +26,8 @@ class SparseGPTOptions(MethodOptions):
     def validate(self) -> None:
         if self.blocksize < 1:
             raise UsageError(f"--blocksize {self.blocksize}: must be at least 1")
+        if not 0 < self.percdamp < 1:
+            raise UsageError(f"--percdamp {self.percdamp}: use a fraction in (0, 1), e.g. 0.01")
         if (self.refine_iterations or 0) < 0:
             raise UsageError(f"--refine-iterations {self.refine_iterations}: must not be negative")
 
@@ -35,8 +37,6 @@ class SparseGPTOptions(MethodOptions):
         if self.refine_iterations is not None:
             return self.refine_iterations
         return 0 if bits is not None else REFINE_STEPS
-        if not 0 < self.percdamp < 1:
-            raise UsageError(f"--percdamp {self.percdamp}: use a fraction in (0, 1), e.g. 0.01")
 
 
 class SparseGPTMethod(Method):
