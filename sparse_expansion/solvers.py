@@ -137,8 +137,10 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
     return W, SolveInfo(damping=f.damping, dead_inputs=f.dead.sum(dim=1).tolist())
 
 
-REFINE_BYTES_PER_WEIGHT = 5 * 4 + 1  # refine_on_mask's transients per weight of a row block: residual, z,
-REFINE_ROWS = 1024                   # direction, step, a product; the mask. Rows re-solved at a time.
+# refine_on_mask's transients per weight of the rows it holds (residual, z, direction, step and one
+# product in fp32; the mask), and how many rows of a matrix it re-solves at a time
+REFINE_BYTES_PER_WEIGHT = 5 * 4 + 1
+REFINE_ROWS = 1024
 
 
 def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, damping: list[float],
