@@ -160,10 +160,10 @@ def refine_on_mask(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, dampin
         diag = torch.diagonal(h).clone()
         diag[diag == 0] = 1.0  # dead inputs, as the factor treats them (their weights are 0)
         lam = damping[e] * float(diag.mean())
+        precond = 1.0 / (diag + lam)
         for r in range(0, R, REFINE_ROWS):  # rows are independent: bounded transients
             rows = slice(r, min(r + REFINE_ROWS, R))
-            _refine_rows(W_hat[e, rows], W[min(e, W.shape[0] - 1), rows].float(), h, lam, 1.0 / (diag + lam),
-                         iterations)
+            _refine_rows(W_hat[e, rows], W[min(e, W.shape[0] - 1), rows].float(), h, lam, precond, iterations)
     return W_hat
 
 
