@@ -32,7 +32,6 @@ from sparse_expansion import solvers
 from sparse_expansion.data import calibration_windows, evaluation_windows
 from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
 from sparse_expansion.loading import SMOLLM2, load_model
-from sparse_expansion.router import fit_router
 from sparse_expansion.sparsity import Sparsity
 
 LINEARS = ("gate_proj", "down_proj")
@@ -92,7 +91,8 @@ def prune(variant: str, W: torch.Tensor, x: torch.Tensor, sparsity: Sparsity, se
         W_hat, info = solvers.sparsegpt(W[None], factor, sparsity)
         return solvers.refine_on_mask(W[None], W_hat, H_full, info.damping, steps), None
     k = int(opts.get("k", 16))
-    fit = fit_router(x, k, int(opts.get("pca", 32)), seed, 10)
+    fit, _ = stages.fit_group_router(x, k, int(opts.get("pca", 32)), seed, 10, "torch", rule, 0, x.shape[0], H_full,
+                                     x.double().mean(0))
     H_c, counts = hessians(x, fit.labels, k)
     sums = torch.zeros(k, d, dtype=torch.float64)
     stages.add_cluster_sums(sums, x, fit.labels)

@@ -1,8 +1,8 @@
 """Sparse Expansion's stages as plain tensor functions (Sawmya et al., ICLR 2025).
 
-For one group of linears sharing an input: fit a router (PCA + k-means) on the group's inputs
-(`fit_group_router`), accumulate one Hessian per cluster (kernels.hessian with labels) beside the
-layer's Hessian, derive the Hessians the experts are solved with (`solve_hessians`: the
+For one group of linears sharing an input: accumulate the layer's Hessian and mean input, fit a
+router on the group's inputs (`fit_group_router`: PCA from those moments, k-means), accumulate one
+Hessian per cluster (kernels.hessian with labels), derive the Hessians the experts are solved with (`solve_hessians`: the
 small-cluster rule), factor them (solvers.inverse_hessian_factor), then prune one copy of each
 linear per cluster in one batched SparseGPT call (`solve_experts`) and measure it
 (`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise/
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import solvers
-from .router import Router, RouterFit, fit_router, nearest_centroid
+from .router import Router, RouterFit, fit_router, nearest_centroid, pca_components, pca_from_hessian
 from .sparsity import Sparsity
 
 SMALL_CLUSTER_RULES = ("pooled", "shrink", "damping", "merge")
@@ -59,10 +59,14 @@ def merge_small_clusters(router: Router, x: torch.Tensor, labels: torch.Tensor, 
 
 
 def fit_group_router(x: torch.Tensor, clusters: int, pca_factor: int, seed: int, restarts: int, backend: str,
-                     rule: str, min_cluster_tokens: int, tokens: int) -> tuple[RouterFit, dict]:
-    """The router of a group fit on x [N, d] (N of the group's `tokens` calibration rows), with the
+                     rule: str, min_cluster_tokens: int, tokens: int, H_full: torch.Tensor,
+                     mean: torch.Tensor) -> tuple[RouterFit, dict]:
+    """The router of a group fit on x [N, d] (N of the group's `tokens` calibration rows), its PCA
+    from the layer's Hessian H_full [1, d, d] and mean input [d] over all the rows, with the
     `merge` rule applied (its threshold scaled to the sample); and how small clusters are handled."""
-    fit = fit_router(x, clusters, pca_factor, seed, restarts, backend)
+    components = pca_components(x.shape[1], pca_factor)
+    pca = pca_from_hessian(H_full[0], mean, components) if components else None
+    fit = fit_router(x, clusters, pca_factor, seed, restarts, backend, pca)
     handling: dict = {"rule": rule}
     if rule == "merge":
         fit.router, fit.labels, handling["merged_clusters"] = merge_small_clusters(

@@ -4,7 +4,7 @@
 supported families have one shape) and predicts, per stage, the bytes live on the device: the
 block's weights, the calibration activations (unless offloaded), the forward pass's transient
 tensors, and the method's state: one fp32 Hessian per group for the Hessian methods; for Sparse
-Expansion the router samples of the groups still to prune, the router fit, the layer's Hessian,
+Expansion the router samples and layer Hessians of the groups still to prune, the router fit,
 one chunk of cluster Hessians with their solve (`expansion.cluster_cost`) and the compressed
 experts solved so far. The chunking is the one the run will choose: --max-memory, else 90% of
 the device memory left at the solve (a GPU), else one chunk (a CPU). The host holds the model (and
@@ -206,18 +206,19 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         stage("OWL pre-pass: dense forward", block_w + 2 * activations + forward)
     base = block_w + activations * (1 + kept) if not (gpu and offload_activations) else block_w + activations
     if expansion:
-        samples = [sample * g[0][1][1] * e for g in groups]
+        # pass 1 keeps each group's router sample and accumulates its layer Hessian (fp32)
+        samples = [sample * g[0][1][1] * e + 4 * g[0][1][1] ** 2 for g in groups]
         stage("collect: dense pass, router samples", base + forward + sum(samples))
         solved = 0
         share = math.ceil(clusters / ranks)
         for i, g in enumerate(groups):
             (name, (_, columns)), rows = g[0], max(r for _, (r, _) in g)
             later = sum(samples[i + 1:])
-            chunk = min(sample, ROWS_PER_CHUNK)  # fp32 rows at a time, covariance, eigh, projection, k-means
-            pca = (2 * chunk * columns * 4 + columns * columns * (4 + 3 * 8)
+            chunk = min(sample, ROWS_PER_CHUNK)  # fp32 rows projected at a time; covariance and eigh (fp32); k-means
+            pca = (2 * chunk * columns * 4 + columns * columns * 4 * 4
                    + sample * 4 * (columns // max(o.pca_factor, 1) + 3 * o.kmeans_restarts * clusters))
             stage(f"router fit {name}", base + later + samples[i] + pca)
-            fixed = base + later + samples[i] + layer_hessians(o.small_clusters) * columns * columns * 4 + solved
+            fixed = base + later + samples[i] + (layer_hessians(o.small_clusters) - 1) * columns * columns * 4 + solved
             group_experts = sum(expert_bytes(r, c, clusters, density, e) for _, (r, c) in g)
             cost = cluster_cost(columns, rows)
             if o.refine_steps(config.bits):

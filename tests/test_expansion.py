@@ -16,7 +16,7 @@ from sparse_expansion import expansion as stages
 from sparse_expansion.expansion import cluster_cost, merge_small_clusters
 from sparse_expansion.kernels.hessian import accumulate_hessian_reference, complete_hessian
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
-from sparse_expansion.router import Router, fit_router, kmeans_torch
+from sparse_expansion.router import Router, _cluster_sums, fit_pca, fit_router, kmeans_torch, pca_from_hessian
 from sparse_expansion.outputs import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
@@ -80,6 +80,29 @@ def test_pca_router_routes_calibration_tokens_to_their_labels_batch_by_batch():
     assert fit.router.basis.shape == (64, 8)
     routed = torch.cat([fit.router.assign(chunk) for chunk in x.split(77)])
     assert torch.equal(routed, fit.labels)
+
+
+def test_pca_from_the_layer_hessian_is_the_pca_of_the_rows():
+    """The router's PCA from the moments pass 1 accumulates (H = 2/N·XᵀX and the mean) gives
+    fit_pca's directions on the same rows, with their signs (the 4 leading ones: 6 blobs span 5
+    well separated directions, the rest is noise of equal variance)."""
+    x, _ = blobs(k=6, dim=64)
+    x = x + 3.0  # a mean far from 0: the covariance is H/2 − μμᵀ
+    H = torch.zeros(1, 64, 64)
+    accumulate_hessian_reference(H, torch.zeros(1, dtype=torch.long), x)
+    mean, basis = pca_from_hessian(complete_hessian(H)[0], x.double().mean(0), 4)
+    want_mean, want_basis = fit_pca(x, 4)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(basis, want_basis, atol=1e-4, rtol=0)
+
+
+def test_kmeans_cluster_sums_match_the_one_hot_product():
+    g = torch.Generator().manual_seed(0)
+    z, labels = torch.randn(97, 5, generator=g), torch.randint(0, 7, (3, 97), generator=g)
+    sums, counts = _cluster_sums(z, labels, 7)
+    onehot = torch.nn.functional.one_hot(labels, 7).float()
+    torch.testing.assert_close(sums, onehot.transpose(1, 2) @ z)
+    assert torch.equal(counts, onehot.sum(1).long())
 
 
 def test_driver_routing_reproduces_cluster_sizes():

@@ -158,3 +158,27 @@ def test_refine_on_mask_lowers_the_error_step_by_step(layer):
     errors = [solvers.relative_error(W, solvers.refine_on_mask(W, W_hat.clone(), H, info.damping, k), H)[0]
               for k in (0, 1, 3, 10)]
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_upper_inverse_factor_is_the_cholesky_factor_of_the_inverse(n):
+    """U = P·chol(P(H + λI)P)⁻¹·P: upper triangular and UᵀU = (H + λI)⁻¹, as the float64 factor of
+    the inverse gives it (leaf 16: the halving recursion runs on sizes that do not divide)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(4 * n + 8, n, generator=g) * torch.logspace(0, -1, n)
+    H = torch.stack([x.t() @ x / x.shape[0], torch.eye(n)])
+    damping = torch.tensor([0.01, 0.5])
+    U, info = solvers.upper_inverse_factor(H, damping)
+    assert info.tolist() == [0, 0] and torch.equal(U, U.triu())
+    H64 = H.double() + damping.double()[:, None, None] * torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(H64), upper=True)
+    torch.testing.assert_close(U.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    L = torch.linalg.cholesky(H64)
+    torch.testing.assert_close(solvers.lower_triangular_inverse(L, leaf=16), torch.linalg.inv(L))
+
+
+def test_factor_reports_an_unfactorable_matrix():
+    """A matrix that is not positive definite gives info > 0 (the damping steps then retry it)."""
+    H = torch.stack([torch.eye(5), -torch.eye(5)])
+    _, info = solvers.upper_inverse_factor(H, torch.zeros(2))
+    assert info[0] == 0 and info[1] > 0

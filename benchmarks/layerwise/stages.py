@@ -2,10 +2,10 @@
 
 Sparse Expansion (sparse_expansion/expansion.py, as methods/expansion.py's ClusterStats and
 ExpansionMethod.prune_group call them):
-  router   fit_group_router (PCA + k-means) on the calibration tokens (at most
-           max_cluster_tokens of them, token_sample), and the cluster of every token
-  hessian  kernels.hessian.accumulate_hessian with labels batch by batch, the layer's Hessian,
-           solve_hessians (the small-cluster rule)
+  hessian  the layer's Hessian and mean input (kernels.hessian.accumulate_hessian batch by batch)
+  router   fit_group_router (PCA from that Hessian and mean + k-means on the calibration tokens,
+           at most max_cluster_tokens of them, token_sample), and the cluster of every token
+  hessian  accumulate_hessian with labels batch by batch, solve_hessians (the small-cluster rule)
   inverse  solvers.inverse_hessian_factor, all clusters at once
   obs      solve_experts (batched SparseGPT over all clusters' copies of W), then the re-solve on
            each expert's mask (solvers.refine_on_mask, refine_steps of the options)
@@ -48,17 +48,22 @@ class PruneRun:
     kmeans_backend: str | None = None
 
 
-def route_tokens(batches: list[torch.Tensor], cfg: BenchConfig):
+def route_tokens(batches: list[torch.Tensor], cfg: BenchConfig, H_full: torch.Tensor):
     """(RouterFit, fp32 batches, labels per batch) as ClusterStats gets them: the router fit on a
-    seeded sample of at most max_cluster_tokens rows; when it holds every row, the Hessians are
-    accumulated from its fp32 rows and the fit's labels, otherwise from the batches as given."""
+    seeded sample of at most max_cluster_tokens rows, its PCA from the layer's Hessian H_full and
+    the mean row; when the sample holds every row, the Hessians are accumulated from its fp32 rows
+    and the fit's labels, otherwise from the batches as given."""
     o = cfg.expansion
     sizes = [xb.shape[0] for xb in batches]
     x = torch.cat(batches).float()
     keep = stages.token_sample(x.shape[0], o.max_cluster_tokens, cfg.seed)
     sample = x if keep is None else x[keep.to(x.device)]
+    row_sum = torch.zeros(1, x.shape[1], dtype=torch.float64, device=x.device)
+    for xb in batches:
+        stages.add_cluster_sums(row_sum, xb, torch.zeros(xb.shape[0], dtype=torch.long, device=xb.device))
     fit, _ = stages.fit_group_router(sample, o.clusters, o.pca_factor, cfg.seed, o.kmeans_restarts,
-                                     o.kmeans_backend, o.small_clusters, o.min_cluster_tokens, x.shape[0])
+                                     o.kmeans_backend, o.small_clusters, o.min_cluster_tokens, x.shape[0],
+                                     H_full, row_sum[0] / x.shape[0])
     if keep is None:
         return fit, list(x.split(sizes)), list(fit.labels.split(sizes))
     del x, sample
@@ -94,11 +99,12 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
         H_c = H_full = H_solve = stats.H
         counts = stats.count
     else:
+        with clock("hessian"):
+            H_full, _ = cluster_hessians(batches, [None] * len(batches), 1)
         with clock("router"):
-            fit, batches, labels = route_tokens(batches, cfg)
+            fit, batches, labels = route_tokens(batches, cfg, H_full)
         with clock("hessian"):
             H_c, counts = cluster_hessians(batches, labels, fit.router.clusters)
-            H_full, _ = cluster_hessians(batches, [None] * len(batches), 1)
             means = within = None
             if o.small_clusters == "pooled":
                 sums = torch.zeros(fit.router.clusters, W.shape[1], dtype=torch.float64, device=dev)

@@ -73,11 +73,12 @@ class ExpansionOptions(SparseGPTOptions):
 class ClusterStats:
     """What Sparse Expansion collects for one group, and its experts solved chunk by chunk.
 
-    Pass 1 keeps a seeded sample of at most `max_cluster_tokens` input rows (all of them when the
-    calibration set is smaller); at its end the router is fit on the sample and this rank's
+    Pass 1 accumulates the layer's Hessian and the sum of the rows over every row, and keeps a
+    seeded sample of at most `max_cluster_tokens` of them (all of them when the calibration set is
+    smaller); at its end the router is fit (its PCA from the Hessian and mean) and this rank's
     clusters are split into chunks sized from the memory budget (`ExpansionMethod.chunks`). Then
-    one pass per chunk: it accumulates the chunk's cluster Hessians (the first pass also the
-    layer's Hessian and every cluster's token count), and at its end the chunk's experts are
+    one pass per chunk: it accumulates the chunk's cluster Hessians (the first pass also every
+    cluster's token count), and at its end the chunk's experts are
     solved, compressed and kept (`ExpansionMethod.solve_chunk`) and its Hessians freed. When the
     sample holds every row, the stored rows are replayed instead of asking the driver for passes.
     Only one chunk's Hessians exist at a time; the experts do not depend on the chunking.
@@ -94,7 +95,8 @@ class ClusterStats:
         self.router_tokens = 0  # rows the router was fitted on
         self.chunks: list[slice] = []
         self.current = 0  # index of the chunk being accumulated
-        self.H_full = self.total = self.counts = None  # the layer's Hessian [1, C, C], its count, tokens per cluster
+        self.H_full = self.total = self.row_sum = None  # the layer's Hessian [1, C, C], its count, Σ rows (fp64)
+        self.counts = None  # tokens per cluster
         self.sums = self.means = self.within = None  # pooled rule: per cluster, sum and mean of its rows; B
         self.H = self.chunk_counts = None  # the current chunk's cluster Hessians [k, C, C] and counts
         self.solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
@@ -106,6 +108,15 @@ class ClusterStats:
         if self.fit is not None:
             self._accumulate(x, self.fit.router.assign(x))
             return
+        if self.H_full is None:
+            d = x.shape[-1]
+            self.H_full = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
+            self.total = torch.zeros(1, dtype=torch.long, device=x.device)
+            self.row_sum = torch.zeros(1, d, dtype=torch.float64, device=x.device)
+        t0 = time.perf_counter()
+        accumulate_hessian(self.H_full, self.total, x)
+        stages.add_cluster_sums(self.row_sum, x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        self.seconds_hessian += time.perf_counter() - t0
         rows = x
         if self.keep is not None:  # the sampled rows that fall in this batch
             lo, hi = torch.searchsorted(self.keep, torch.tensor([self.seen, self.seen + x.shape[0]])).tolist()
@@ -116,14 +127,11 @@ class ClusterStats:
     def _accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         t0 = time.perf_counter()
         k, d, chunk = self.fit.router.clusters, x.shape[-1], self.chunks[self.current]
-        if self.current == 0:  # the first chunk's passes also give the layer's Hessian and the counts
-            if self.H_full is None:
-                self.H_full = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
-                self.total = torch.zeros(1, dtype=torch.long, device=x.device)
+        if self.current == 0:  # the first chunk's passes also give the counts
+            if self.counts is None:
                 self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
                 if self.options.small_clusters == "pooled":
                     self.sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
-            accumulate_hessian(self.H_full, self.total, x)
             self.counts += torch.bincount(labels, minlength=k)
             if self.sums is not None:
                 stages.add_cluster_sums(self.sums, x, labels)
@@ -147,9 +155,10 @@ class ClusterStats:
         sizes = [rows.shape[0] for rows in self.sample]
         x = torch.cat(self.sample)
         self.sample = None  # the batches live on as views of x
+        complete_hessian(self.H_full)
         self.fit, self.handling = stages.fit_group_router(
             x, o.clusters, o.pca_factor, self.seed, o.kmeans_restarts, o.kmeans_backend, o.small_clusters,
-            o.min_cluster_tokens, self.tokens)
+            o.min_cluster_tokens, self.tokens, self.H_full, self.row_sum[0] / int(self.total))
         self.router_tokens = x.shape[0]
         self.seconds_router = time.perf_counter() - t0
         self.chunks = self.method.chunks(self.fit.router.clusters, self.layers)
@@ -164,8 +173,7 @@ class ClusterStats:
 
     def _solve_chunk(self) -> None:
         assert torch.equal(self.chunk_counts, self.counts[self.chunks[self.current]])  # every row seen once
-        if self.current == 0:  # the layer's Hessian is complete after the first chunk's pass
-            complete_hessian(self.H_full)
+        if self.current == 0:  # the counts are complete after the first chunk's pass
             if self.sums is not None:
                 self.means = stages.cluster_means(self.sums, self.counts)
                 self.within = stages.within_cluster_hessian(self.H_full, self.means, self.counts)
