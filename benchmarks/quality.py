@@ -87,9 +87,23 @@ def run_one(run: str, args, calib, evalw) -> dict:
             row["layers_with_cluster_under_50"] = sum(s < 50 for s in sizes)
             row["smallest_cluster"] = min(sizes)
         row["mean_relative_error"] = result.mean_relative_error
+        row["stage_seconds"] = stage_seconds(result)
     row.update(perplexity(model, evalw["wiki"], progress=not args.quiet))
     row[f"{HELD_OUT}_perplexity"] = perplexity(model, evalw[HELD_OUT], progress=not args.quiet)["perplexity"]
     return row
+
+
+def stage_seconds(result) -> dict:
+    """Where the pruning time went: every block's wall time (its passes included), every linear's
+    solve (SparseGPT's OBS; for Sparse Expansion its experts', with the re-solve on the mask also
+    given alone), and Sparse Expansion's router fits and Hessians + factors (once per group)."""
+    out = {"blocks": sum(b.seconds for b in result.blocks), "solve": sum(r.seconds_solve for r in result.layers)}
+    groups = {(r.block, r.extras["seconds_router"]): r.extras for r in result.layers if "seconds_router" in r.extras}
+    if groups:
+        out["refine"] = sum(r.extras["seconds_refine"] for r in result.layers)
+        out["router"] = sum(g["seconds_router"] for g in groups.values())
+        out["hessian_factor"] = sum(g["seconds_hessian"] for g in groups.values())
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def closed(rows: list[dict], r: dict, key: str) -> str:

@@ -1,11 +1,11 @@
 """Sparse Expansion's stages as plain tensor functions (Sawmya et al., ICLR 2025).
 
 For one group of linears sharing an input: accumulate the layer's Hessian and mean input, fit a
-router on the group's inputs (`fit_group_router`: PCA from those moments, k-means), accumulate one
-Hessian per cluster (kernels.hessian with labels), derive the Hessians the experts are solved with (`solve_hessians`: the
-small-cluster rule), factor them (solvers.inverse_hessian_factor), then prune one copy of each
-linear per cluster in one batched SparseGPT call (`solve_experts`) and measure it
-(`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise/
+router on the group's inputs (`fit_group_router`: PCA from those moments, k-means), accumulate
+one Hessian per cluster (kernels.hessian with labels), derive the Hessians the experts are solved
+with (`solve_hessians`: the small-cluster rule), factor them (solvers.inverse_hessian_factor),
+then prune one copy of each linear per cluster in one batched SparseGPT call (`solve_experts`)
+and measure it (`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise/
 calls the same functions.
 
 Small clusters (the paper's code leaves clusters of 1-7 tokens in some layers) are handled by an

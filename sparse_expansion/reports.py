@@ -11,7 +11,8 @@ class LayerReport:
     the Hessian); `damping` and `dead_inputs` hold one entry per solved matrix (one per expert for
     Sparse Expansion, absent for solvers without a Hessian factor); `extras` is the method's own.
     `seconds_collect` is the block's passes over its inputs (for Sparse Expansion it includes the
-    router fit and the chunked solves, also reported as seconds_router and seconds_solve)."""
+    router fit and the chunked solves, also reported as seconds_router and seconds_solve; its
+    seconds_refine is the part of seconds_solve spent re-solving the experts on their masks)."""
     layer: str
     shape: list[int]
     tokens: int

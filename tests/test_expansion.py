@@ -105,6 +105,15 @@ def test_kmeans_cluster_sums_match_the_one_hot_product():
     assert torch.equal(counts, onehot.sum(1).long())
 
 
+@pytest.mark.parametrize("steps", [0, 2])
+def test_reports_time_the_re_solve_within_the_solve(steps):
+    reports = prune_model(tiny_model("llama"), random_tokens(2, 16), se_config(refine_iterations=steps),
+                          progress=False).layers
+    for r in reports:
+        assert (r.extras["seconds_refine"] > 0) == (steps > 0)
+        assert r.extras["seconds_refine"] <= r.seconds_solve
+
+
 def test_driver_routing_reproduces_cluster_sizes():
     model = tiny_model("llama")
     calib = random_tokens(4, 32)

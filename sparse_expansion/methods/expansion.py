@@ -99,7 +99,8 @@ class ClusterStats:
         self.counts = None  # tokens per cluster
         self.sums = self.means = self.within = None  # pooled rule: per cluster, sum and mean of its rows; B
         self.H = self.chunk_counts = None  # the current chunk's cluster Hessians [k, C, C] and counts
-        self.solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0} for name in layers}
+        self.solved = {name: {"parts": [], "terms": [], "infos": [], "zeros": 0, "seconds": 0.0, "refine": 0.0}
+                       for name in layers}
         self.handling: dict = {"rule": o.small_clusters}
         self.seconds_router = self.seconds_hessian = 0.0
 
@@ -228,10 +229,12 @@ class ExpansionMethod(Method):
             t2 = time.perf_counter()
             W = linear_weight(module)
             W_hat, info = stages.solve_experts(W, factor, self.sparsity, cfg.bits, o.blocksize)
+            out = stats.solved[name]
+            t3 = time.perf_counter()
             for e in range(W_hat.shape[0] if steps else 0):  # one expert's solve Hessian at a time
                 solvers.refine_on_mask(W.detach()[None], W_hat[e:e + 1], solve_hessians(slice(e, e + 1)),
                                        info.damping[e:e + 1], steps)
-            out = stats.solved[name]
+            out["refine"] += time.perf_counter() - t3 if steps else 0.0
             part = compress(W_hat.to(module.weight.dtype))
             out["parts"].append(part)
             out["terms"].append(solvers.error_terms(W.detach().float()[None], W_hat, stats.H))
@@ -269,7 +272,8 @@ class ExpansionMethod(Method):
                         "cluster_relative_error": per_cluster, "small_clusters": handling,
                         "solve_chunks": len(stats.chunks), "router_tokens": stats.router_tokens,
                         "kmeans_backend": fit.backend, "kmeans_inertia": fit.inertia,
-                        "seconds_router": stats.seconds_router, "seconds_hessian": stats.seconds_hessian}))
+                        "seconds_router": stats.seconds_router, "seconds_hessian": stats.seconds_hessian,
+                        "seconds_refine": out["refine"]}))
         return reports
 
 
@@ -284,7 +288,8 @@ def _gathered(solved: dict) -> dict:
                    "terms": [t for r in ranks for t in r[name]["terms"]],
                    "infos": [i for r in ranks for i in r[name]["infos"]],
                    "zeros": sum(r[name]["zeros"] for r in ranks),
-                   "seconds": max(r[name]["seconds"] for r in ranks)} for name in solved}
+                   "seconds": max(r[name]["seconds"] for r in ranks),
+                   "refine": max(r[name]["refine"] for r in ranks)} for name in solved}
 
 
 def solve_budget(max_memory: int | None, device: torch.device, reserve: int = 0) -> int | None:
