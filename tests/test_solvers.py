@@ -171,10 +171,12 @@ def test_upper_inverse_factor_is_the_cholesky_factor_of_the_inverse(n):
     U, info = solvers.upper_inverse_factor(H, damping)
     assert info.tolist() == [0, 0] and torch.equal(U, U.triu())
     H64 = H.double() + damping.double()[:, None, None] * torch.eye(n, dtype=torch.float64)
-    want = torch.linalg.cholesky(torch.linalg.inv(H64), upper=True)
-    torch.testing.assert_close(U.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     L = torch.linalg.cholesky(H64)
-    torch.testing.assert_close(solvers.lower_triangular_inverse(L, leaf=16), torch.linalg.inv(L))
+    want = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # the factor as SparseGPT computes it
+    torch.testing.assert_close(U.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    eye = torch.eye(n, dtype=torch.float64).expand_as(L)
+    torch.testing.assert_close(solvers.lower_triangular_inverse(L, leaf=16),
+                               torch.linalg.solve_triangular(L, eye, upper=False))
 
 
 def test_factor_reports_an_unfactorable_matrix():
