@@ -80,8 +80,9 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
     out = []
     hsig = {"X": f"*{t}", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
             "PAIR_J": "*i32", "H": "*fp32", "SCALE": "*fp32", "ALPHA": "*fp32", "d": "i32",
-            "stride_xn": "i32", "stride_xd": "i32", "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
-    blocks = _hessian_blocks(4096, TORCH_DTYPE[t], interpret=False)  # the blocks of a d = 4096 launch
+            "stride_xn": "i32", "stride_xd": "i32", "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr",
+            "PRELOAD": "constexpr"}
+    blocks = _hessian_blocks(4096, TORCH_DTYPE[t], False, cc)  # the blocks of a d = 4096 launch
     warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
     out.append(Variant("hessian", _hessian_tile_kernel, hsig, dict(PREC=prec, **blocks),
                        dict(num_warps=warps, num_stages=stages), unit=("stride_xd",)))

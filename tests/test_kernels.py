@@ -65,6 +65,27 @@ def test_hessian_matches_reference(K, N, d, dtype, labelled):
     assert torch.equal(H_tri, H_tri.transpose(1, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hessian_preloaded_accumulator_matches_reference(monkeypatch, dtype):
+    """The epilogue sm_90 runs (PRELOAD: the accumulator starts from H·scale/alpha), over two
+    batches, against the reference; the interpreter's own blocks use the other epilogue."""
+    interpreter_blocks = hessian._hessian_blocks
+    monkeypatch.setattr(hessian, "_hessian_blocks",
+                        lambda *a: dict(interpreter_blocks(*a), BLOCK=32, BLOCK_K=16, PRELOAD=True))
+    g = _gen(11)
+    K, d = 3, 70  # 3 tiles a side, the last one partial
+    H_ref = _spd(K, d, g)
+    c_ref = torch.tensor([0, 5, 2])
+    H_tri, c_tri = H_ref.clone().to(DEV), c_ref.clone().to(DEV)
+    for _ in range(2):
+        x = torch.randn(45, d, generator=g).to(dtype)
+        labels = torch.randint(0, K, (45,), generator=g)
+        accumulate_hessian_reference(H_ref, c_ref, x, labels)
+        accumulate_hessian_triton(H_tri, c_tri, x.to(DEV), labels.to(DEV))
+    assert torch.equal(c_tri.cpu(), c_ref)
+    torch.testing.assert_close(complete_hessian(H_tri.cpu()), complete_hessian(H_ref), rtol=1e-5, atol=1e-5)
+
+
 def test_hessian_running_average_over_batches():
     """Several batches from zero state give 2/n·XᵀX of all tokens, per cluster."""
     g = _gen(7)
