@@ -103,7 +103,7 @@ else
   log "tests: pytest missing, built-in runner (timeout ${TEST_TIMEOUT}s)"
   mkdir -p "$WORK/shim"
   cat > "$WORK/shim/pytest.py" <<'EOF'
-"""Just enough of pytest for tests/test_kernels.py (mark.parametrize, raises, skip)."""
+"""Just enough of pytest for tests/test_kernels.py (mark.parametrize, mark.skipif, param, raises, skip)."""
 import contextlib
 import re
 
@@ -123,6 +123,30 @@ class _Mark:
             fn.__dict__.setdefault("_params", []).append((names, list(values)))
             return fn
         return deco
+
+    @staticmethod
+    def skipif(condition, reason=""):
+        def deco(fn):
+            if not condition:
+                return fn
+            def skipped(**kwargs):
+                raise Skipped(reason)
+            skipped.__dict__.update(fn.__dict__)
+            return skipped
+        deco.skip_reason = reason if condition else None
+        return deco
+
+
+class Param(tuple):
+    """pytest.param's values; `skip`: the reason of a true skipif among its marks."""
+    skip = None
+
+
+def param(*values, marks=()):
+    p = Param(values)
+    p.skip = next((m.skip_reason for m in (marks if isinstance(marks, (list, tuple)) else [marks])
+                   if getattr(m, "skip_reason", None)), None)
+    return p
 
 
 mark = _Mark()
@@ -172,8 +196,14 @@ for name, fn in list(vars(mod).items()):
     combos = [{}]
     for names, values in params:
         keys = [n.strip() for n in names.split(",")]
-        combos = [dict(c, **dict(zip(keys, v if len(keys) > 1 else (v,)))) for c in combos for v in values]
+        unpack = lambda v: v if len(keys) > 1 else (v[0] if isinstance(v, pytest.Param) else v,)
+        combos = [dict(c, **dict(zip(keys, unpack(v))), **({"_skip": v.skip} if getattr(v, "skip", None) else {}))
+                  for c in combos for v in values]
     for kw in combos:
+        if "_skip" in kw:
+            skipped += 1
+            print(f"SKIP  {kw.pop('_skip')} {name}")
+            continue
         mp = MonkeyPatch()
         if "monkeypatch" in inspect.signature(fn).parameters:
             kw = dict(kw, monkeypatch=mp)

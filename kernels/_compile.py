@@ -107,14 +107,14 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
                        tblocks, unit=("stride_hc",), free=("i2",)))
     rsig = {"X": f"*{t}", "W": f"*{t}", "META": "*u8", "TILE_OFFSETS": "*i32", "STARTS": "*i64",
             "B": f"*{t}", "Y": f"*{t}",
-            "SORTED_IDS": "*i32", "BLOCK_EXPERT": "*i32", "T": "i32", "N": "i32", "K": "i32",
+            "SORTED_IDS": "*i32", "BLOCK_EXPERT": "*i64", "T": "i32", "N": "i32", "K": "i32",
             "stride_xt": "i32", "stride_xk": "i32", "stride_we": "i64", "stride_wn": "i32",
             "stride_wk": "i32", "stride_me": "i32", "stride_mn": "i32", "stride_oe": "i32", "stride_on": "i32",
             "stride_be": "i32", "stride_yt": "i32", "stride_yn": "i32", "SPARSE24": "constexpr",
             "BITMASK": "constexpr", "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     split_sig = dict(rsig, Y="*fp32")
-    gsig = {"X": f"*{t}", "V": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}", "EXPERT": "*i32",
+    gsig = {"X": f"*{t}", "V": f"*{t}", "META": "*u8", "B": f"*{t}", "Y": f"*{t}", "EXPERT": "*i64",
             "N": "i32", "K": "i32", "stride_xt": "i32", "stride_ve": "i64", "stride_vn": "i32",
             "stride_me": "i32", "stride_mn": "i32", "stride_be": "i32", "stride_yt": "i32",
             "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "EVEN": "constexpr",

@@ -70,6 +70,7 @@ def capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=16)
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

@@ -20,6 +20,7 @@ enough programs stream the weights. Up to DECODE_TOKENS tokens on 16-bit 2:4 wei
 `_gemv_24_kernel` instead: one token per program on the FMA units, each kept value's input cut
 out of its group's 64-bit word by a shift (no dense tile, ~1/3 of the instructions).
 """
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -173,8 +174,8 @@ def _routed_kernel(X, W, META, TILE_OFFSETS, STARTS, B, Y, SORTED_IDS, BLOCK_EXP
                    PREC: tl.constexpr):
     """Y[tok] (+)= X[tok] · W[e]ᵀ (+ B[e]) for the BLOCK_M tokens of row block program_id(0).
 
-    SORTED_IDS [num_blocks·BLOCK_M] token ids grouped by expert, padded with T;
-    BLOCK_EXPERT [num_blocks] expert of each block, -1 for unused blocks.
+    SORTED_IDS [num_blocks·BLOCK_M] int32 token ids grouped by expert, padded with T;
+    BLOCK_EXPERT [num_blocks] int64 expert of each block, -1 for unused blocks.
     Dense: W [E, N, K]. SPARSE24: W holds the kept values [E, N, K/2] and META the packed
     positions [E, N, ceil(K/8)] uint8. BITMASK: W holds the kept values (1-D), META the bits
     [E, N, K/8], TILE_OFFSETS [E, N, ceil(K/64)] and STARTS [E+1] their offsets. SPLIT_K > 1:
@@ -387,11 +388,16 @@ def token_blocks(expert: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torc
     """align_tokens' outputs for decoding: one row block per token, token t first in block t (the
     rest padding), block_expert = expert. Each program reads its own token's expert directly;
     tokens that share an expert read its weights once each (at most DECODE_TOKENS times), which
-    costs less than the ~15 small launches of sorting when a step is a few microseconds."""
-    T = expert.numel()
-    ids = torch.full((T, block_m), T, dtype=torch.int32, device=expert.device)
-    ids[:, 0] = torch.arange(T, dtype=torch.int32, device=expert.device)
-    return ids.view(-1), expert.to(torch.int32)
+    costs less than the ~15 small launches of sorting when a step is a few microseconds. The
+    ids depend only on the token count, so they are made once per count: no launch at all."""
+    return _decode_ids(expert.numel(), block_m, expert.device), expert
+
+
+@functools.lru_cache(maxsize=4 * DECODE_TOKENS)
+def _decode_ids(T: int, block_m: int, device: torch.device) -> torch.Tensor:
+    ids = torch.full((T, block_m), T, dtype=torch.int32, device=device)
+    ids[:, 0] = torch.arange(T, dtype=torch.int32, device=device)
+    return ids.view(-1)
 
 
 def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +406,7 @@ def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tens
     No host synchronisation (CUDA-graph capturable): the block count is an upper bound.
 
     Returns sorted_ids [num_blocks·block_m] int32 (padding = T) and block_expert [num_blocks]
-    int32 (-1 for the unused tail), num_blocks = ceil(T/block_m) + min(E, T) (an upper bound).
+    int64 (-1 for the unused tail), num_blocks = ceil(T/block_m) + min(E, T) (an upper bound).
     """
     T = expert.numel()
     dev = expert.device
@@ -411,7 +417,7 @@ def align_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tens
     cum_nb = torch.cumsum(nb, 0)
     num_blocks = triton.cdiv(T, block_m) + min(E, T)
     be = torch.searchsorted(cum_nb, torch.arange(num_blocks, device=dev), right=True)
-    block_expert = torch.where(be < E, be, -1).to(torch.int32)
+    block_expert = torch.where(be < E, be, -1)
     order = torch.argsort(expert, stable=True)
     sorted_e = expert[order]
     tok_start = torch.cumsum(counts, 0) - counts
@@ -430,7 +436,7 @@ def _routed(x, expert, fmt: str, weights: tuple, bias, E: int, N: int, K: int, c
     check_launch(_routed_kernel, x, expert, *weights, bias)
     if T == 0:
         return x.new_empty(0, N)
-    expert = expert.reshape(-1).long()
+    expert = expert.reshape(-1).long().contiguous()
     if expert.numel() != T:
         raise ValueError(f"{expert.numel()} expert ids for {T} tokens")
     gemv = fmt == "2:4" and gemv_24_ready(x, *weights)
@@ -491,7 +497,7 @@ def _gemv_24(x, expert, values, meta, bias, N: int, K: int, cfg: RoutedConfig) -
          else torch.empty(T, N, dtype=x.dtype, device=x.device))
     grid = (T, triton.cdiv(N, cfg.BLOCK_N), cfg.SPLIT_K)
     _gemv_24_kernel[grid](
-        x, values, meta, bias if bias is not None else values, y, expert.to(torch.int32), N, K,
+        x, values, meta, bias if bias is not None else values, y, expert, N, K,
         x.stride(0), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
         bias.stride(0) if bias is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=cfg.SPLIT_K, EVEN=N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0,

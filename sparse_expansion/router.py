@@ -17,6 +17,7 @@ from .kernels.hessian import add_gram, complete_hessian
 
 KMEANS_BACKENDS = ("auto", "torch", "cuml")
 ROWS_PER_CHUNK = 16384  # rows of x turned into fp32 at a time by the PCA and the projection
+_TO_FP32_BY_PROMOTION = (torch.float16, torch.bfloat16, torch.float32)  # x - fp32 mean is fp32
 
 
 class Router(nn.Module):
@@ -41,11 +42,23 @@ class Router(nn.Module):
         x = x.reshape(-1, x.shape[-1])
         if self.basis is None:
             return x.float()
-        return torch.cat([(rows.float() - self.mean) @ self.basis for rows in x.split(ROWS_PER_CHUNK)])
+        if x.dtype not in _TO_FP32_BY_PROMOTION:
+            x = x.float()
+        # rows - mean promotes 16-bit rows to fp32 exactly as rows.float() - mean, in one op
+        parts = [(rows - self.mean) @ self.basis for rows in x.split(ROWS_PER_CHUNK)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert index [T] (int64) of every token of x [..., d]."""
-        return nearest_centroid(self.project(x), self.centroids)
+        """Expert index [T] (int64) of every token of x [..., d]. Five tensor ops for a few tokens
+        (a decoding step): the subtraction of the mean, two products, the distances and argmin."""
+        return nearest_centroid(self.project(x), self.centroids, self._centroid_norms())
+
+    def _centroid_norms(self) -> torch.Tensor:
+        """‖c‖² of every centroid, kept until the centroids change (a move or an in-place write)."""
+        key = (self.centroids.data_ptr(), self.centroids._version)
+        if getattr(self, "_norms_key", None) != key:
+            self._norms, self._norms_key = self.centroids.square().sum(1), key
+        return self._norms
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """centroids, and mean/basis when there is a PCA, on the CPU (for safetensors)."""
@@ -59,9 +72,12 @@ class Router(nn.Module):
         return f"clusters={self.clusters}, pca={'none' if self.basis is None else tuple(self.basis.shape)}"
 
 
-def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """argmin_c ‖z − c‖² for every row of z [N, k] (the ‖z‖² term does not change the argmin)."""
-    return (centroids.square().sum(1) - 2.0 * z @ centroids.t()).argmin(1)
+def nearest_centroid(z: torch.Tensor, centroids: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_c ‖z − c‖² for every row of z [N, k] (the ‖z‖² term does not change the argmin);
+    norms: ‖c‖² of the centroids, when the caller keeps them."""
+    if norms is None:
+        norms = centroids.square().sum(1)
+    return torch.sub(norms, z @ centroids.t(), alpha=2.0).argmin(1)  # ‖c‖² − 2·z·c
 
 
 def fit_pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:

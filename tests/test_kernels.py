@@ -442,7 +442,63 @@ def test_align_tokens_groups_by_expert():
 def test_token_blocks_put_each_token_in_its_own_block():
     ids, block_expert = rm.token_blocks(torch.tensor([2, 0, 2]), block_m=4)
     assert ids.tolist() == [0, 3, 3, 3, 1, 3, 3, 3, 2, 3, 3, 3]
-    assert block_expert.tolist() == [2, 0, 2] and block_expert.dtype == torch.int32
+    assert block_expert.tolist() == [2, 0, 2] and block_expert.dtype == torch.int64
+
+
+def _aten_ops(fn, skip_kernels=()):
+    """The aten ops fn() runs (a decoding step's small launches on a GPU), leaving out what the
+    @triton.jit kernels in skip_kernels do when launched (the interpreter's own copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    ops, counting = [], [True]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if counting[0] and not func.is_view:  # views launch nothing
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def quiet(launch):
+        def run(*a, **k):
+            counting[0] = False
+            try:
+                return launch(*a, **k)
+            finally:
+                counting[0] = True
+        return run
+
+    originals = [(k, k.run) for k in skip_kernels]
+    for kernel, run in originals:
+        kernel.run = quiet(run)
+    try:
+        with Count():
+            fn()
+    finally:
+        for kernel, run in originals:
+            kernel.run = run
+    return ops
+
+
+def test_a_decoding_step_issues_few_torch_ops():
+    """One token through a PCA router and the routed kernels: the router is 5 ops (the mean's
+    subtraction, two products, the distances, argmin) and the wrappers none besides the kernel
+    but the split-K output's zeroing and cast (before: ~10 for the router, 4 to build the token
+    blocks, 1 to narrow the expert ids)."""
+    from sparse_expansion.router import Router
+    g = _gen(9)
+    d, N, E = 64, 40, 3
+    router = Router(torch.randn(E, 8, generator=g), torch.randn(d, generator=g), torch.randn(d, 8, generator=g))
+    x = torch.randn(1, d, generator=g).to(DEV, torch.float16)
+    router.to(DEV).assign(x)  # the centroid norms are kept from the first call on
+    assert _aten_ops(lambda: router.assign(x)) == ["sub", "mm", "mm", "sub", "argmin"]
+    expert = router.assign(x)
+    W = torch.randn(E, N, d, generator=g).to(DEV, torch.float16)
+    values, meta = compress_24(_make_24(W))
+    kernels = (rm._routed_kernel, rm._gemv_24_kernel)
+    for call in (lambda: routed_matmul_triton(x, expert, W),
+                 lambda: routed_matmul_24_triton(x, expert, values, meta)):
+        call()  # the decode ids are made once per token count
+        ops = _aten_ops(call, kernels)
+        assert ops in (["empty"], ["zeros", "_to_copy"]), ops  # y; with split-K, y in fp32 and its cast
 
 
 def test_compress_24_round_trip_and_format():
@@ -534,3 +590,35 @@ def test_kernels_compile_as_the_jit_does_for_sm80_sm86_sm90():
             assert 0 < r["loop_instructions"] < r["instructions"], (cc, name)  # the main loop's SASS was found
             if r["dot"] and r["precision"] != "ieee":  # ... and the tensor-core instructions sit in it (HMMA / HGMMA)
                 assert r["tensor_core"] > 0 and r["loop_tensor_core"] > 0, (cc, name)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("fmt", ["bitmask", "dense", "2:4"])
+def test_a_decoding_step_replays_in_a_cuda_graph(fmt):
+    """A one-token SparseExpertLinear forward (router, routed kernel) syncs nothing with the host,
+    so a model can decode under CUDA graphs: captured once, replayed on new inputs, it gives the
+    eager results (whose experts differ from token to token)."""
+    from sparse_expansion.experts import SparseExpertLinear
+    from sparse_expansion.router import Router
+    g = _gen(12)
+    d, N, E = 256, 192, 4
+    router = Router(torch.randn(E, 16, generator=g), torch.randn(d, generator=g), torch.randn(d, 16, generator=g))
+    layer = SparseExpertLinear(router, _make_24(torch.randn(E, N, d, generator=g)).to(torch.bfloat16)).to(DEV)
+    if fmt != "bitmask":
+        layer.to_dense() if fmt == "dense" else layer.to_24()
+    x = torch.randn(1, d, generator=g).to(DEV, torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels, makes the decode ids and centroid norms
+        layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    experts = set()
+    for seed in range(6):
+        x.copy_(torch.randn(1, d, generator=_gen(100 + seed)).to(DEV, torch.bfloat16))
+        graph.replay()
+        torch.testing.assert_close(y, layer(x))
+        experts.add(int(router.assign(x)))
+    assert len(experts) > 1
