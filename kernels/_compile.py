@@ -78,8 +78,8 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
     fp32 = fp32_dot_precision(cc)  # dot_precision's choice with TF32 off
     prec = fp32 if t == "fp32" else "tf32"
     out = []
-    hsig = {"X": f"*{t}", "OFFS": "*i32", "CIDS": "*i32", "PAIR_I": "*i32",
-            "PAIR_J": "*i32", "H": "*fp32", "SCALE": "*fp32", "ALPHA": "*fp32", "d": "i32",
+    hsig = {"X": f"*{t}", "OFFS": "*i32", "COUNTS": "*i64", "PAIR_I": "*i32",
+            "PAIR_J": "*i32", "H": "*fp32", "d": "i32",
             "stride_xn": "i32", "stride_xd": "i32", "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr",
             "PRELOAD": "constexpr"}
     blocks = _hessian_blocks(4096, TORCH_DTYPE[t], False, cc)  # the blocks of a d = 4096 launch

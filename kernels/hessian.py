@@ -9,7 +9,7 @@ half the traffic of writing both triangles on every call).
 Triton version: one launch for all clusters. The rows are sorted by label once in torch (one
 copy of the batch; on an H200 the kernel reading contiguous rows ran 1.4-1.5x faster than the
 same kernel gathering them through the permutation, benchmarks/results/tile_sweep_h200.json,
-for a copy of 3-8% of its time). The grid is (upper-triangle tile pair, non-empty cluster). Each
+for a copy of 3-8% of its time). The grid is (upper-triangle tile pair, cluster). Each
 program computes one d×d tile Σ_t x_t[i-tile] x_t[j-tile]ᵀ over its cluster's tokens with
 tensor-core dots (fp32 accumulation; fp32 inputs as tf32x3 or ieee, see dot_precision), applies
 the running-average rescale and writes the tile.
@@ -66,25 +66,29 @@ def add_gram(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> Non
 
 
 @triton.jit
-def _hessian_tile_kernel(X, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
+def _hessian_tile_kernel(X, OFFS, COUNTS, PAIR_I, PAIR_J, H,
                          d, stride_xn, stride_xd,
                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
                          PRELOAD: tl.constexpr):
-    """H[c][I, J] ← H[c][I, J]·SCALE[c] + ALPHA[c]·Σ_{t in c} x_t[I] x_t[J]ᵀ (the upper tiles only).
+    """H[c][I, J] ← H[c][I, J]·n/(n+m) + 2/(n+m)·Σ_{t in c} x_t[I] x_t[J]ᵀ (the upper tiles only),
+    n = COUNTS[c] the tokens already in, m = OFFS[c+1] − OFFS[c] those of this batch.
 
-    Program (p, q): tile pair p = (PAIR_I[p], PAIR_J[p]) with PAIR_J ≥ PAIR_I, cluster CIDS[q].
-    Cluster c owns the rows OFFS[c]:OFFS[c+1] of X (sorted by cluster).
-    PRELOAD: the accumulator starts from the old tile, H·SCALE/ALPHA, and the tile is written as
-    ALPHA·acc (the same sum, rounded differently), so that no second [BLOCK, BLOCK] fp32 tile is
+    Program (p, c): tile pair p = (PAIR_I[p], PAIR_J[p]) with PAIR_J ≥ PAIR_I, cluster c; a
+    cluster with no token in the batch returns at once. Cluster c owns the rows
+    OFFS[c]:OFFS[c+1] of X (sorted by cluster).
+    PRELOAD: the accumulator starts from the old tile, H·scale/alpha, and the tile is written as
+    alpha·acc (the same sum, rounded differently), so that no second [BLOCK, BLOCK] fp32 tile is
     live beside the accumulator at the end: what lets 4 warps hold a 128x128 tile without
     spilling on sm_90. Otherwise the old tile is read after the loop.
     """
     pair = tl.program_id(0)
-    c = tl.load(CIDS + tl.program_id(1))
-    ti = tl.load(PAIR_I + pair)
-    tj = tl.load(PAIR_J + pair)
+    c = tl.program_id(1)
     start = tl.load(OFFS + c)
     end = tl.load(OFFS + c + 1)
+    if start == end:
+        return
+    ti = tl.load(PAIR_I + pair)
+    tj = tl.load(PAIR_J + pair)
 
     ri = ti * BLOCK + tl.arange(0, BLOCK)
     rj = tj * BLOCK + tl.arange(0, BLOCK)
@@ -93,9 +97,8 @@ def _hessian_tile_kernel(X, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
     rk = tl.arange(0, BLOCK_K)
     m = mi[:, None] & mj[None, :]
     p = H + c.to(tl.int64) * d * d + ri[:, None] * d + rj[None, :]
-    scale = tl.load(SCALE + c)
-    alpha = tl.load(ALPHA + c)
     if PRELOAD:
+        scale, alpha = _running_average(COUNTS, c, end - start)
         acc = tl.load(p, mask=m, other=0.0) * (scale / alpha)
     else:
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -111,8 +114,17 @@ def _hessian_tile_kernel(X, OFFS, CIDS, PAIR_I, PAIR_J, H, SCALE, ALPHA,
 
     if PRELOAD:
         tl.store(p, alpha * acc, mask=m)
-    else:
+    else:  # the factors only now: live across the loop they cost registers (fp32 on sm_80 spilled)
+        scale, alpha = _running_average(COUNTS, c, end - start)
         tl.store(p, tl.load(p, mask=m, other=0.0) * scale + alpha * acc, mask=m)
+
+
+@triton.jit
+def _running_average(COUNTS, c, added):
+    """(n/(n+m), 2/(n+m)) in fp64 rounded to fp32, as the reference's Python floats are."""
+    n_old = tl.load(COUNTS + c).to(tl.float64)
+    n_new = n_old + added.to(tl.float64)
+    return (n_old / n_new).to(tl.float32), (2.0 / n_new).to(tl.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,7 +152,13 @@ def _hessian_blocks(d: int, dtype: torch.dtype, interpret: bool, capability: int
 
 def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
                               labels: torch.Tensor | None = None) -> None:
-    """Triton version of `accumulate_hessian_reference` (same arguments, same in-place update)."""
+    """Triton version of `accumulate_hessian_reference` (same arguments, same in-place update).
+
+    Nothing here waits for the GPU: the tokens per cluster come from a scatter_add (bincount
+    sizes its output from the data, a host synchronisation), the grid covers every cluster (empty
+    ones return at once) and the running-average factors are computed in the kernel, so a call
+    is 4-8 small launches around the kernel (labels outside [0, K) make the scatter_add fail: an
+    index error on the CPU, a device-side assertion on a GPU)."""
     K, d, _ = H.shape
     if H.dtype != torch.float32 or not H.is_contiguous():
         raise ValueError("H must be a contiguous fp32 tensor [K, d, d]")
@@ -155,35 +173,25 @@ def accumulate_hessian_triton(H: torch.Tensor, counts: torch.Tensor, x: torch.Te
     dev = H.device
     check_launch(_hessian_tile_kernel, H, x)
     check_interpreted_dot(_hessian_tile_kernel, x)
+    added = torch.zeros(K, dtype=torch.int32, device=dev)  # int32 offsets: 64-bit loop indices cost registers
     if labels is None:
-        added = torch.zeros(K, dtype=torch.int64, device=dev)
-        added[0] = N
-        offs = torch.tensor([0, N], dtype=torch.int32, device=dev)
-        cids = torch.zeros(1, dtype=torch.int32, device=dev)
+        added[:1].fill_(N)  # a fill, not a copy from the host
     else:
         labels = labels.reshape(-1).to(device=dev, dtype=torch.int64)
         if labels.numel() != N:
             raise ValueError(f"{labels.numel()} labels for {N} tokens")
-        added = torch.bincount(labels, minlength=K)
-        if added.numel() > K:
-            raise ValueError(f"labels must lie in [0, {K})")
+        added.scatter_add_(0, labels, torch.ones_like(labels, dtype=torch.int32))
         x = x[torch.argsort(labels, stable=True)]
-        offs = torch.zeros(K + 1, dtype=torch.int32, device=dev)
-        offs[1:] = torch.cumsum(added, 0)
-        cids = torch.nonzero(added).flatten().to(torch.int32)
-    n_old = counts.to(device=dev, dtype=torch.float64)
-    n_new = n_old + added
-    safe = n_new.clamp(min=1)
-    scale = torch.where(n_new > 0, n_old / safe, 1.0).float()
-    alpha = (2.0 / safe).float()
+    offs = torch.zeros(K + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(added, 0, out=offs[1:])
+    n_old = counts if counts.device == dev and counts.dtype == torch.int64 else counts.to(dev, torch.int64)
 
     cfg = _hessian_blocks(d, x.dtype, interpreted(_hessian_tile_kernel), capability(dev))
     pi, pj = _tile_pairs(triton.cdiv(d, cfg["BLOCK"]), dev)
-    grid = (pi.numel(), cids.numel())
-    _hessian_tile_kernel[grid](
-        x, offs, cids, pi, pj, H, scale, alpha, d, x.stride(0), x.stride(1),
+    _hessian_tile_kernel[(pi.numel(), K)](
+        x, offs, n_old.contiguous(), pi, pj, H, d, x.stride(0), x.stride(1),
         PREC=dot_precision(x.dtype, x.device), **cfg)
-    counts.add_(added.to(counts.device, counts.dtype))
+    counts.add_(added if counts.device == dev else added.to(counts.device))
 
 
 def accumulate_hessian(H, counts, x, labels=None) -> None:

@@ -86,6 +86,26 @@ def test_hessian_preloaded_accumulator_matches_reference(monkeypatch, dtype):
     torch.testing.assert_close(complete_hessian(H_tri.cpu()), complete_hessian(H_ref), rtol=1e-5, atol=1e-5)
 
 
+SYNCING_OPS = {"nonzero", "bincount", "_local_scalar_dense", "masked_select", "unique", "_unique2",
+               "repeat_interleave"}  # ops whose output size or value the host must wait for on a GPU
+
+
+def test_hessian_accumulation_waits_for_nothing():
+    """The wrapper around the Hessian kernel issues no op that makes the host wait for the GPU
+    (before: bincount and nonzero on every call) and few ops at all; a label out of range fails."""
+    g = _gen(21)
+    K, d = 4, 40
+    H, counts = torch.zeros(K, d, d, device=DEV), torch.zeros(K, dtype=torch.int64, device=DEV)
+    x = torch.randn(50, d, generator=g).to(DEV)
+    labels = torch.randint(0, K - 1, (50,), generator=g).to(DEV)  # the last cluster stays empty
+    for lab in (labels, None):
+        accumulate_hessian_triton(H, counts, x, lab)  # the tile pairs are made once per size
+        ops = _aten_ops(lambda: accumulate_hessian_triton(H, counts, x, lab), (hessian._hessian_tile_kernel,))
+        assert not SYNCING_OPS & set(ops) and len(ops) <= 9, ops
+    with pytest.raises((RuntimeError, IndexError), match="out of bounds"):
+        accumulate_hessian_triton(H, counts, x, torch.full((50,), K, device=DEV))
+
+
 def test_hessian_running_average_over_batches():
     """Several batches from zero state give 2/n·XᵀX of all tokens, per cluster."""
     g = _gen(7)

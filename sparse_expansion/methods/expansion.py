@@ -133,7 +133,7 @@ class ClusterStats:
                 self.counts = torch.zeros(k, dtype=torch.long, device=x.device)
                 if self.options.small_clusters == "pooled":
                     self.sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
-            self.counts += torch.bincount(labels, minlength=k)
+            self.counts.scatter_add_(0, labels, torch.ones_like(labels))  # bincount would wait for a GPU
             if self.sums is not None:
                 stages.add_cluster_sums(self.sums, x, labels)
         if self.H is None:
