@@ -9,7 +9,7 @@
 #    symlinks, with a stub __init__ so the driver's own dependencies are not needed);
 # 2. runs tests/test_kernels.py on the GPU (real kernels: TRITON_INTERPRET=0), through pytest,
 #    or through a tiny built-in runner when pytest is not installed;
-# 3. runs the kernel microbenchmarks (benchmarks/kernel_speed.py), JSON into $OUT/results;
+# 3. runs the kernel microbenchmarks (benchmarks/kernel_speed.py, with the decode sweep), JSON into $OUT/results;
 # 4. prunes one Llama-2-7B-shaped block on the GPU (benchmarks/block7b.py, SparseGPT and SE16).
 #    It needs the full package's data: the wiki corpus package and SmolLM2's tokenizer, which
 #    `--prepare` copies from this machine's install into .devcarry/ (~17 MB; carry it along).
@@ -32,7 +32,7 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 OUT="${OUT:-$REPO/device_out}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-210}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-270}"
 BLOCK_TIMEOUT="${BLOCK_TIMEOUT:-90}"
 mkdir -p "$OUT/results"
 PY="${PYTHON:-python3}"
@@ -237,7 +237,7 @@ fi
 # ---------------------------------------------------------------- microbenchmarks
 log "benchmarks: benchmarks/kernel_speed.py (timeout ${BENCH_TIMEOUT}s)"
 timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/kernel_speed.py --out "$OUT/results" \
-  > "$OUT/bench.log" 2>&1
+  --only hessian,obs,routed,decode-sweep > "$OUT/bench.log" 2>&1
 rc=$?
 cat "$OUT/bench.log" | grep -vE '^\s*$' | tail -n 60
 if [ "$rc" -ne 0 ]; then

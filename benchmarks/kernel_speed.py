@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: each Triton kernel against its torch reference and a dense cuBLAS op.
 
-    python benchmarks/kernel_speed.py [--out benchmarks/results] [--only hessian,obs,routed] [--full]
+    python benchmarks/kernel_speed.py [--out benchmarks/results] [--only hessian,obs,routed,decode-sweep] [--full]
 
 GPU: median times (triton.testing.do_bench; CUDA graphs for decode, where host launch overhead
 would otherwise dominate; CUDA events for calls longer than ~50 ms) at Llama-2 FFN shapes
@@ -15,6 +15,9 @@ pass/fail columns for the targets (never asserted):
            tokens; ≥ 70% of the dense GEMM's efficiency (same FLOPs) at 2048 tokens
   decode   routed dense experts (1 and 16 tokens) within 1.1× of a dense GEMV's bandwidth;
            routed 2:4 ≥ 1.6× and routed bitmask ≥ 1.3× faster than routed dense
+  decode-sweep  (GPU only, not in the default --only) one token at the default decode
+           configuration and at BLOCK_N x SPLIT_K around it, kernel time under CUDA graphs,
+           against a dense GEMV
 Every GPU row also checks the kernel's result against its torch reference (column `err`: the
 largest error relative to the largest reference value; OBS: the Frobenius-norm relative error
 and the share of equal masks).
@@ -50,6 +53,8 @@ E_EXPERTS = 16
 class Timer:
     def __init__(self, gpu: bool):
         self.gpu = gpu
+        self.graphed = False  # whether the last call was timed under a CUDA graph
+        self.graph_error = None  # why the last capture failed
 
     def sync(self):
         if self.gpu:
@@ -64,6 +69,7 @@ class Timer:
 
     def __call__(self, fn, graph: bool = False, max_runs: int = 20) -> float:
         """Median milliseconds of fn(); the first call (compilation, caches) is not counted."""
+        self.graphed = False
         first = self.once(fn)
         if not self.gpu or first > 50:  # slow calls: a few timed runs within a time budget
             runs, budget = [], (1000 if not self.gpu else 3 * first)
@@ -73,8 +79,11 @@ class Timer:
         import triton.testing as tt
         if graph:
             try:
-                return tt.do_bench_cudagraph(fn, rep=50, return_mode="median")
-            except Exception:  # not capturable (host sync inside): plain timing below
+                t = tt.do_bench_cudagraph(fn, rep=50, return_mode="median")
+                self.graphed = True
+                return t
+            except Exception as e:  # not capturable (host sync inside): plain timing below
+                self.graph_error = f"{type(e).__name__}: {str(e)[:200]}"
                 torch.cuda.synchronize()
         return tt.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
@@ -304,6 +313,52 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
     return rows
 
 
+DECODE_SWEEP = [(n, split) for n in (16, 32, 64) for split in (1, 4)]  # BLOCK_N x SPLIT_K
+
+
+def bench_decode_sweep(timer, dev, peaks, name, dims, scale):
+    """One token through one of 16 experts: the decode kernels at the configuration
+    default_config picks and at BLOCK_N x SPLIT_K around it, timed under CUDA graphs (kernel
+    time, no host launches), against a dense GEMV (F.linear) of one expert. On an H200 the
+    default dense decode took 0.16-0.23 ms where the GEMV took 0.03-0.05 ms (decode_tokens_h200.json):
+    this says whether a tile or a split closes that. GPU only."""
+    if dev != "cuda":
+        return []
+    from dataclasses import replace
+    K, N = dims
+    E = E_EXPERTS
+    g = torch.Generator(device=dev).manual_seed(5)
+    W = (torch.randn(E, N, K, device=dev, generator=g) / math.sqrt(K)).to(torch.bfloat16)
+    weights = {"dense": (W,), "2:4": rm.compress_24(_make_24(W)), "bitmask": _bitmask(W)}
+    calls = {"dense": rm.routed_matmul_triton, "2:4": rm.routed_matmul_24_triton, "bitmask": rm.routed_matmul_bitmask_triton}
+    x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
+    expert = torch.randint(0, E, (1,), device=dev, generator=g)
+    gemv_ms = timer(lambda: F.linear(x, W[int(expert)]), graph=True)
+    rows = []
+    for fmt, w in weights.items():
+        nbytes = sum(t.numel() * t.element_size() for t in w) // E
+        gemv = fmt == "2:4" and rm.gemv_24_ready(x, *w)
+        base = rm.default_config(1, E, N, K, fmt, x.device, False, 2, gemv)
+        configs = [("default", None)] + [(f"n{n} split{k}", replace(base, BLOCK_N=n, SPLIT_K=k)) for n, k in DECODE_SWEEP]
+        reference = calls[fmt](x, expert, *w, config=base)
+        for label, cfg in configs:
+            row = _row("decode sweep", f"T=1 {fmt} {label}", f"{name} {K}->{N}", metric="GB/s", dense_ms=gemv_ms,
+                       note=f"{cfg or base}")
+            try:
+                row["triton_ms"] = timer(lambda: calls[fmt](x, expert, *w, config=cfg), graph=True)
+                if not timer.graphed:  # host launches included: say why
+                    row["note"] += f"; NOT under a CUDA graph ({timer.graph_error})"
+                row["err"] = _rel_err(calls[fmt](x, expert, *w, config=cfg), reference)
+                row["value"] = (nbytes + 2 * (K + N)) / row["triton_ms"] / 1e6
+                row["frac_peak"] = row["value"] / peaks["copy_gbps"]
+                row["ratio"] = gemv_ms / row["triton_ms"]  # > 1: faster than the dense GEMV
+                row["target"] = "ratio = GEMV time / this"
+            except Exception as e:  # a tile the kernel refuses: recorded, the sweep goes on
+                row["note"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------- output
 
 def _fmt(v, nd=3):
@@ -367,11 +422,12 @@ def main(argv=None):
                        "sections_done": done, "rows": rows, "errors": errors,
                        "created": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
 
-    benches = {"hessian": bench_hessian, "obs": bench_obs, "routed": bench_routed}
+    benches = {"hessian": bench_hessian, "obs": bench_obs, "routed": bench_routed,
+               "decode-sweep": bench_decode_sweep}
     done = []
     for key in args.only.split(","):
         sh = shapes
-        if key == "obs" and not args.full:  # the 70B OBS problems are minutes of reference time
+        if key in ("obs", "decode-sweep") and not args.full:  # 70B OBS: minutes of reference time
             sh = {k: v for k, v in shapes.items() if k.startswith("7b")}
         t0 = time.time()
         n0 = len(rows)
