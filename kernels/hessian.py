@@ -144,7 +144,7 @@ def _hessian_blocks(d: int, dtype: torch.dtype, interpret: bool, capability: int
     if capability >= 90:
         # one warpgroup per 128x128 tile: on an H200 1.38x (d=4096) and 1.31x (d=11008) faster
         # than 8 warps (tile_sweep_h200.json, k32w4s4 against k64w8s3); with the accumulator
-        # preloaded it holds the tile in 250 registers without spilling
+        # preloaded it holds the tile in 255 registers without spilling (compile_bf16.json)
         return dict(BLOCK=block, BLOCK_K=32, PRELOAD=True, num_warps=4, num_stages=4)
     # on sm_80/86 4 warps spill with either epilogue: 8 do not
     return dict(BLOCK=block, BLOCK_K=64, PRELOAD=False, num_warps=8, num_stages=3)
