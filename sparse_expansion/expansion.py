@@ -99,9 +99,13 @@ def expert_damping(rule: str, damping: float | None, percdamp: float, clusters: 
     return POOLED_DAMPING if rule == "pooled" else percdamp
 
 
-def add_cluster_sums(sums: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, rows: int = 4096) -> None:
+def add_cluster_sums(sums: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None,
+                     rows: int = 4096) -> None:
     """Add the rows of x [N, d] to their clusters' sums [k, d] (fp64) in place, in fp32 within
-    blocks of `rows` (the transient copy of a bf16 batch stays small)."""
+    blocks of `rows` (the transient copy of a bf16 batch stays small); labels None: every row in
+    cluster 0 (the sum of all rows, as pass 1 takes it for the mean input)."""
+    if labels is None:
+        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for xb, lb in zip(x.split(rows), labels.split(rows)):
         sums += torch.zeros(sums.shape, device=x.device).index_add_(0, lb, xb.float()).double()
 

@@ -60,7 +60,7 @@ def route_tokens(batches: list[torch.Tensor], cfg: BenchConfig, H_full: torch.Te
     sample = x if keep is None else x[keep.to(x.device)]
     row_sum = torch.zeros(1, x.shape[1], dtype=torch.float64, device=x.device)
     for xb in batches:
-        stages.add_cluster_sums(row_sum, xb, torch.zeros(xb.shape[0], dtype=torch.long, device=xb.device))
+        stages.add_cluster_sums(row_sum, xb)
     fit, _ = stages.fit_group_router(sample, o.clusters, o.pca_factor, cfg.seed, o.kmeans_restarts,
                                      o.kmeans_backend, o.small_clusters, o.min_cluster_tokens, x.shape[0],
                                      H_full, row_sum[0] / x.shape[0])

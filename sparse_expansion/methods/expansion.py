@@ -116,7 +116,7 @@ class ClusterStats:
             self.row_sum = torch.zeros(1, d, dtype=torch.float64, device=x.device)
         t0 = time.perf_counter()
         accumulate_hessian(self.H_full, self.total, x)
-        stages.add_cluster_sums(self.row_sum, x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        stages.add_cluster_sums(self.row_sum, x)
         self.seconds_hessian += time.perf_counter() - t0
         rows = x
         if self.keep is not None:  # the sampled rows that fall in this batch
