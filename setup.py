@@ -1,13 +1,10 @@
 from setuptools import find_packages, setup
 
-# `kernels/` lives at the repository root but installs as `sparse_expansion.kernels`:
-# the top-level name `kernels` belongs to the Hugging Face package that transformers probes for.
 setup(
     name="sparse-expansion",
     version="0.1.0",
     description="One-shot pruning of transformer LMs: Sparse Expansion, SparseGPT, Wanda, magnitude",
-    packages=[*find_packages(include=["sparse_expansion", "sparse_expansion.*"]), "sparse_expansion.kernels"],
-    package_dir={"sparse_expansion": "sparse_expansion", "sparse_expansion.kernels": "kernels"},
+    packages=find_packages(include=["sparse_expansion", "sparse_expansion.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -67,10 +67,9 @@ PKG="$WORK/pkg/sparse_expansion"
 mkdir -p "$PKG"
 for f in "$REPO"/sparse_expansion/*; do
   name="$(basename "$f")"
-  [ "$name" = "__init__.py" ] || [ "$name" = "kernels" ] || [ "$name" = "__pycache__" ] && continue
+  [ "$name" = "__init__.py" ] || [ "$name" = "__pycache__" ] && continue
   ln -s "$f" "$PKG/$name"
 done
-ln -s "$REPO/kernels" "$PKG/kernels"
 cat > "$PKG/__init__.py" <<'EOF'
 """Stub of sparse_expansion for the device check: only the kernels are needed."""
 __version__ = "device-check"
@@ -84,7 +83,7 @@ else
 fi
 export TRITON_CACHE_DIR="$WORK/triton_cache"
 export PYTHONDONTWRITEBYTECODE=1
-export PYTHONSAFEPATH=1  # the working directory's sparse_expansion/ (no kernels/ inside) must not shadow $PKG
+export PYTHONSAFEPATH=1  # the working directory's sparse_expansion/ must not shadow the stub $PKG
 if ! "$PY" -c "import sparse_expansion.kernels.routed_matmul as m; print(m.__file__)" >> "$OUT/summary.txt" 2>&1; then
   log "FAIL: cannot import sparse_expansion.kernels (see above)"
   status=1
@@ -252,7 +251,6 @@ if [ -d "$CARRY/site" ] && [ "$TRITON_INTERPRET" = 0 ] && [ -z "${SKIP_BLOCK:-}"
   for f in "$REPO"/sparse_expansion/*; do
     [ "$(basename "$f")" = "__pycache__" ] || ln -s "$f" "$FULL/$(basename "$f")"
   done
-  ln -s "$REPO/kernels" "$FULL/kernels"
   for method in sparsegpt sparse-expansion; do
     log "block: benchmarks/block7b.py --method $method --device cuda (timeout ${BLOCK_TIMEOUT}s)"
     PYTHONPATH="$WORK/full:$CARRY/site" SPARSE_EXPANSION_CACHE="$CARRY/cache" \

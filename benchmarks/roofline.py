@@ -4,7 +4,7 @@
     python benchmarks/roofline.py --compile       # recompile first (no GPU needed, ~30 s)
 
 For each kernel target of issue 13, at Llama-2-7B and -70B shapes, on an H200 and an RTX 3090:
-the compiled code (kernels/_compile.py: registers, shared memory, warps, and the SASS of the
+the compiled code (sparse_expansion/kernels/_compile.py: registers, shared memory, warps, and the SASS of the
 main loop: instructions per iteration per warp) and the shapes give three lower bounds on a
 call's time, and the prediction is the largest:
   issue   every warp-instruction the loops execute, 4 issued per SM per cycle, in waves of the
@@ -197,7 +197,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compile", action="store_true", help="recompile the kernels first (kernels/_compile.py)")
+    p.add_argument("--compile", action="store_true", help="recompile the kernels first (sparse_expansion/kernels/_compile.py)")
     p.add_argument("--launch-us", type=float, default=6.0, help="time of one eager torch op (launch-bound)")
     args = p.parse_args()
     source = RESULTS / "compile_bf16.json"

@@ -6,6 +6,7 @@ experts (through `outputs.load_pruned_model`). No code is ever executed from a m
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,11 +16,29 @@ from .errors import UsageError
 from .model_type import LOADER, MODEL_TYPE, SparseExpansionConfig
 from .outputs import load_pruned_model
 
-# from_pretrained arguments the loader accepts at these values only, besides None (what lm-eval
-# and pipelines pass by default); anything else is refused rather than ignored
-NEUTRAL = {"revision": ("main",), "trust_remote_code": (False, True), "subfolder": ("",),
-           "low_cpu_mem_usage": (True, False), "local_files_only": (True, False), "_from_auto": (True, False),
-           "use_safetensors": (True,)}
+# from_pretrained keywords that say where files come from (hub, cache, revision) or how a dense
+# checkpoint is read: a local Sparse Expansion folder has one answer to each, so they are ignored.
+# transformers, pipelines and lm-eval pass several of them on every call.
+IGNORED = frozenset({"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies",
+                     "resume_download", "_from_auto", "_from_pipeline", "_commit_hash", "code_revision",
+                     "trust_remote_code", "adapter_kwargs", "use_safetensors", "low_cpu_mem_usage",
+                     "weights_only", "user_agent", "offload_folder", "offload_state_dict", "offload_buffers"})
+# keywords that would change the loaded model in a way a folder of routed experts cannot honour:
+# refused unless left at their default
+REFUSED = frozenset({"quantization_config", "load_in_8bit", "load_in_4bit", "gguf_file", "variant", "state_dict",
+                     "from_tf", "from_flax", "tp_plan", "tp_size", "device_mesh", "max_memory",
+                     "output_loading_info", "adapter_name", "key_mapping"})
+
+
+def _check_keywords(folder: Path, kwargs: dict) -> None:
+    """Refuse the keywords in REFUSED that are set; warn about unknown ones, which are ignored."""
+    given = {k: v for k, v in kwargs.items() if v is not None and v is not False and k not in IGNORED}
+    refused = sorted(k for k in given if k in REFUSED)
+    if refused:
+        raise UsageError(f"{folder}: a Sparse Expansion model cannot be loaded with {refused}; it takes dtype, "
+                         f"device_map and attn_implementation (load the dense base model for the others)")
+    if given:
+        warnings.warn(f"{folder}: a Sparse Expansion model ignores {sorted(given)}", stacklevel=3)
 
 
 def _device(device_map) -> str:
@@ -54,16 +73,18 @@ class SparseExpansionForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
-                        device_map=None, **kwargs):
-        folder = Path(pretrained_model_name_or_path)
+                        device_map=None, attn_implementation=None, subfolder="", **kwargs):
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         if not folder.is_dir():
-            raise UsageError(f"{pretrained_model_name_or_path}: Sparse Expansion models load from a local folder")
-        refused = {k: v for k, v in kwargs.items() if v is not None and v not in NEUTRAL.get(k, ())}
-        if model_args or refused:
-            raise UsageError(f"{folder}: a Sparse Expansion model does not take {sorted(refused) or model_args}; "
-                             f"it takes dtype and device_map")
+            raise UsageError(f"{folder}: Sparse Expansion models load from a local folder")
+        if model_args:
+            raise UsageError(f"{folder}: a Sparse Expansion model takes no positional model arguments")
+        _check_keywords(folder, kwargs)
         dtype = _dtype(dtype if dtype is not None else torch_dtype)
-        model = load_pruned_model(folder, device=_device(device_map), dtype=dtype)  # the tokenizer is not ours
+        if attn_implementation is None and isinstance(config, SparseExpansionConfig):
+            attn_implementation = config._attn_implementation  # the Auto classes move it into the config
+        model = load_pruned_model(folder, device=_device(device_map), dtype=dtype,  # the tokenizer is not ours
+                                  attn_implementation=attn_implementation)
         model.config.use_cache = True  # load_pruned's models are for scoring; this one may generate
         return model
 

@@ -234,8 +234,10 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     return load_pruned_model(folder, device, dtype), AutoTokenizer.from_pretrained(folder)
 
 
-def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of a folder written by `prune`, with its routed experts rebuilt (no tokenizer)."""
+def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                      attn_implementation: str | None = None) -> nn.Module:
+    """The model of a folder written by `prune`, with its routed experts rebuilt (no tokenizer).
+    `attn_implementation` ('eager', 'sdpa', ...) is passed to transformers; None keeps its default."""
     folder = Path(folder)
     meta = read_metadata(folder)
     if meta is None or "experts" not in meta:
@@ -259,7 +261,9 @@ def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtyp
     hf_logging.set_verbosity_error()  # the expert linears are expected to be missing from the dense part
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(folder, config=base_config(folder), dtype=dtype or "auto",
-                                                              output_loading_info=True)
+                                                              output_loading_info=True,
+                                                              **({"attn_implementation": attn_implementation}
+                                                                 if attn_implementation else {}))
     except (OSError, SafetensorError, ValueError) as e:
         raise UsageError(f"{folder}: the dense part cannot be loaded ({e}); re-run prune") from None
     finally:

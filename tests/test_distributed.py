@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from sparse_expansion.errors import UsageError
 from sparse_expansion.faults import KILL_ENV
 from sparse_expansion.methods import ExpansionOptions, HessianStats, method_class
 from tiny import random_tokens, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _in_ranks(rank: int, work, world: int, folder: str, *args) -> None:
@@ -111,9 +114,11 @@ def torchrun_prune(folder, corpus, out, *extra, ranks=2, method=EXPANSION, **env
     cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), "-m", "sparse_expansion.cli", "prune",
            str(folder), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32", "--batch-size", "1", "--quiet",
            *method, "--output", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          cwd=ROOT)  # workers start with the repository root first on sys.path
 
 
+@pytest.mark.smoke
 def test_torchrun_writes_one_output_from_rank_zero(tiny_folder, small_corpus, tmp_path):
     run = torchrun_prune(tiny_folder, small_corpus, tmp_path / "out")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -289,6 +289,7 @@ def test_converted_experts_give_the_same_logits(saved_expert_model):
         convert_experts(loaded, "csr")
 
 
+@pytest.mark.smoke
 def test_transformers_auto_class_rebuilds_the_experts(saved_expert_model):
     """Importing sparse_expansion registers the folder's model type with the Auto classes."""
     model, folder = saved_expert_model
@@ -302,8 +303,33 @@ def test_transformers_auto_class_rebuilds_the_experts(saved_expert_model):
         assert loaded.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
     half = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16, device_map="cpu")
     assert half.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
-    with pytest.raises(UsageError, match="does not take"):
+    # what transformers' own from_pretrained passes besides: hub and caching keywords, ignored
+    hub = AutoModelForCausalLM.from_pretrained(folder, force_download=False, cache_dir=None, local_files_only=True,
+                                               proxies=None, token=None, low_cpu_mem_usage=True,
+                                               attn_implementation="eager")
+    assert hub.config._attn_implementation == "eager"
+    with pytest.raises(UsageError, match="quantization_config"):
         AutoModelForCausalLM.from_pretrained(folder, quantization_config={"bits": 4})
+    with pytest.raises(UsageError, match="variant"):
+        AutoModelForCausalLM.from_pretrained(folder, variant="fp16")
+    with pytest.warns(UserWarning, match="ignores .'some_future_option'"):
+        AutoModelForCausalLM.from_pretrained(folder, some_future_option=3)
+
+
+@pytest.mark.smoke
+def test_pipeline_and_lm_eval_load_an_expert_folder(saved_expert_model):
+    """The loaders users reach for, with the keywords they pass (transformers' pipeline, lm-eval's HFLM)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import pipeline
+    model, folder = saved_expert_model
+    ids = random_tokens(2, 16, vocab=model.config.vocab_size)
+    generator = pipeline("text-generation", model=str(folder), device="cpu")
+    assert isinstance(generator.model.model.layers[0].mlp.up_proj, SparseExpertLinear)
+    (out,) = generator("The river", max_new_tokens=3, do_sample=False)
+    assert out["generated_text"].startswith("The river")
+    lm = HFLM(pretrained=str(folder), device="cpu", batch_size=1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, lm.model(ids).logits)
 
 
 def test_plain_transformers_refuses_an_expert_folder(saved_expert_model):

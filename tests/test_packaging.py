@@ -1,19 +1,55 @@
-"""The installed package: kernels live in sparse_expansion.kernels, never as a top-level module."""
+"""The package as users install and start it, from the repository root as CI does: no folder or
+module of the repository may stand in for a dependency of the same name (a top-level `kernels/`
+once shadowed Hugging Face's `kernels`, which transformers >= 5.25 imports at model load)."""
+import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.smoke
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def from_root(*args, **kwargs):
+    """Run `python *args` in the repository root with the root first on sys.path, as `python -m`,
+    subprocesses and torchrun workers see it (PYTHONSAFEPATH unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_no_module_at_the_root_shadows_an_installed_distribution():
+    importable = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    owners = importlib.metadata.packages_distributions()
+    clashes = {name: owners[name] for name in importable
+               if name in owners and set(owners[name]) != {"sparse-expansion"}}
+    assert clashes == {}
+
+
+def test_kernels_from_the_root_is_not_ours():
+    run = from_root("-c", "import importlib.util; s = importlib.util.find_spec('kernels'); print(s and s.origin)",
+                    check=True)
+    origin = run.stdout.strip()
+    if origin != "None":  # Hugging Face's package (installed, perhaps in a venv inside the clone), or nothing
+        path = Path(origin).resolve()
+        assert path.is_relative_to(Path(sys.prefix).resolve()) or not path.is_relative_to(ROOT), origin
+
+
+def test_python_m_entry_points_start_from_the_root():
+    for module in ("sparse_expansion.demo", "sparse_expansion.cli"):
+        run = from_root("-m", module, "--help")
+        assert run.returncode == 0 and "usage:" in run.stdout, run.stderr[-2000:]
 
 
 def test_kernels_import_from_the_installed_namespace(tmp_path):
     # run from an empty folder so that the source tree is not on sys.path
-    code = ("import importlib.util, sparse_expansion.kernels as k, sparse_expansion.kernels.obs as o;"
-            "print(k.__file__); print(importlib.util.find_spec('kernels'))")
+    code = ("import sparse_expansion.kernels as k, sparse_expansion.kernels.obs as o; print(k.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    kernels_file, top_level = out.stdout.strip().splitlines()
-    assert Path(kernels_file).parent.name == "kernels"
-    if top_level != "None":  # another package (Hugging Face `kernels`) may own the name; we must not
-        assert "sparse_expansion" not in top_level and Path(kernels_file).parent.as_posix() not in top_level
+    assert Path(out.stdout.strip()).parent == ROOT / "sparse_expansion" / "kernels"
 
 
 def test_console_script_is_installed():
@@ -21,15 +57,14 @@ def test_console_script_is_installed():
     assert importlib.util.find_spec("sparse_expansion.cli") is not None
 
 
-def test_the_wheel_holds_every_module(tmp_path):
-    """A plain `pip install .` (not editable) gets every subpackage: methods, analysis, kernels."""
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root),
-                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
-    import zipfile
+def test_the_wheel_builds_from_the_root_and_holds_every_module(tmp_path):
+    """`pip wheel .` in the repository root (setuptools' build imports from there), without build
+    isolation as offline machines run it; the wheel gets every subpackage: methods, analysis, kernels."""
+    run = from_root("-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = {f"sparse_expansion/{p.relative_to(root / 'sparse_expansion').as_posix()}"
-               for p in (root / "sparse_expansion").rglob("*.py")}
-    sources |= {f"sparse_expansion/kernels/{p.name}" for p in (root / "kernels").glob("*.py")}
+    sources = {f"sparse_expansion/{p.relative_to(ROOT / 'sparse_expansion').as_posix()}"
+               for p in (ROOT / "sparse_expansion").rglob("*.py")}
+    assert any(n.startswith("sparse_expansion/kernels/") for n in sources)
     assert sources - names == set()

@@ -1,5 +1,7 @@
 """On the embedded SmolLM2-135M and Wikipedia corpus (a few blocks, for speed)."""
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +70,7 @@ def test_sparsegpt_perplexity_below_magnitude_on_four_blocks(smollm2):
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["magnitude"], ppl
 
 
+@pytest.mark.smoke
 def test_sparse_expansion_saved_by_cli_loads_and_generates(tmp_path):
     """The CLI prunes SmolLM2's first two blocks into 4 experts each; the saved folder reloads
     with routed experts and answers a question coherently."""
@@ -78,11 +81,17 @@ def test_sparse_expansion_saved_by_cli_loads_and_generates(tmp_path):
     from sparse_expansion.loading import load_model
 
     out = tmp_path / "se"
-    run = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "prune", "smollm2", "--method", "sparse-expansion",
+    cli = [sys.executable, "-m", "sparse_expansion.cli"]  # started in the repository root, as CI does
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([*cli, "prune", "smollm2", "--method", "sparse-expansion",
                           "--clusters", "4", "--kmeans-restarts", "2", "--nsamples", "8", "--seqlen", "128",
-                          "--blocks", "0:2", "--output", str(out), "--quiet"], capture_output=True, text=True)
+                          "--blocks", "0:2", "--output", str(out), "--quiet"], capture_output=True, text=True, cwd=root)
     assert run.returncode == 0, run.stderr
     assert "x the dense model's" in run.stdout
+    run = subprocess.run([*cli, "eval", str(out), "--seqlen", "128", "--max-windows", "2", "--json", "--quiet"],
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert 5 < json.loads(run.stdout.splitlines()[-1])["perplexity"] < 100, run.stdout  # ends with a JSON line
     model, tok = load_model(str(out))
     assert isinstance(model.model.layers[1].mlp.down_proj, SparseExpertLinear)
     assert not isinstance(model.model.layers[2].mlp.down_proj, SparseExpertLinear)

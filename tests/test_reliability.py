@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from sparse_expansion.outputs import write_atomically
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def prune_cmd(model, corpus, out, *extra):
     return [sys.executable, "-m", "sparse_expansion.cli", "prune", str(model), "--calib", str(corpus),
@@ -28,7 +31,7 @@ def prune_cmd(model, corpus, out, *extra):
 
 
 def run(cmd, **env):
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT)  # as CI starts it
 
 
 def same_model(a, b):

@@ -321,7 +321,7 @@ class RoutedConfig:
 
 def gpu_configs(fmt: str, element_size: int, capability: int = 80) -> dict[str, RoutedConfig]:
     """The configurations default_config picks on a GPU of compute `capability` (e.g. 90) for
-    weights of format `fmt` ('dense', '2:4' or 'bitmask'), by name (kernels/_compile.py compiles
+    weights of format `fmt` ('dense', '2:4' or 'bitmask'), by name (_compile.py compiles
     each). 4-byte (fp32) operands take half the K tile, and 64-row prefill tiles: at the 16-bit
     tiles fp32 prefill needs 196-295 KB of shared memory, over every target's limit, and at 128
     rows it spills on sm_80/86 (tf32x3 holds every operand twice). Bitmask tiles span whole
