@@ -1,5 +1,9 @@
 """Top-1 routed expert matmul: Y[t] = X[t] · W_{e(t)}ᵀ + b_{e(t)}.
 
+Long because the op has three weight formats, each with its torch reference, its Triton kernel and
+its decode (one-token) kernel, behind one dispatcher: splitting them would split the layouts
+documented here from the code that reads them.
+
 Weights are dense [E, d_out, d_in] or 2:4-compressed (`compress_24`): for every group of 4
 consecutive inputs of a row the 2 kept values ([E, d_out, d_in/2], in column order) and their
 positions, 2 bits each, packed 4 bits per group and 2 groups per byte, low nibble first
