@@ -23,7 +23,7 @@ from sparse_expansion.checks import size_bytes
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.data import calibration_windows
 from sparse_expansion.driver import prune_model
-from sparse_expansion.loading import load_tokenizer
+from sparse_expansion.storage.loading import load_tokenizer
 from sparse_expansion.memory import CUDA, RSS, PeakMemory, rss_bytes
 from sparse_expansion.methods import ExpansionOptions
 from sparse_expansion.models import decoder_blocks

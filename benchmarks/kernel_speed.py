@@ -233,7 +233,7 @@ def _make_24(W):
 
 def _bitmask(W):
     """W at 50% unstructured sparsity (the smaller half of each row) in the bitmask layout."""
-    from sparse_expansion.experts import pack_bits
+    from sparse_expansion.methods.expansion.experts import pack_bits
     E, N, K = W.shape
     kept = W.abs() >= W.abs().float().median(dim=-1, keepdim=True).values.to(W.dtype)
     mask = pack_bits(kept).view(E, N, K // 8)

@@ -12,7 +12,7 @@ the check on text nothing was chosen on.
     python benchmarks/layer_study.py --blocks 3,12,21,28 \\
         --variants sparsegpt:damp=0.1,shrink,pooled,pooled:tau=1:damp=0.01
 
-Variant = rule[:key=value...]: rule sparsegpt, shrink, pooled or damping (expansion.py's rules);
+Variant = rule[:key=value...]: rule sparsegpt, shrink, pooled or damping (methods/expansion/stages.py's rules);
 keys: tau (in units of the layer's input dimension d), damp (the experts' damping), k (clusters,
 default 16), pca (the PCA factor, default 32), refine (conjugate-gradient steps re-solving the
 weights on the mask, solvers.refine_on_mask; default 0). Results: a table, and JSON in
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from sparse_expansion import expansion as stages
+from sparse_expansion.methods.expansion import stages
 from sparse_expansion import solvers
 from sparse_expansion.data import calibration_windows, evaluation_windows
 from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
-from sparse_expansion.loading import SMOLLM2, load_model
+from sparse_expansion.storage.loading import SMOLLM2, load_model
 from sparse_expansion.sparsity import Sparsity
 
 LINEARS = ("gate_proj", "down_proj")

@@ -33,7 +33,7 @@ PEER = Path(__file__).resolve().parent / "peer_llmcompressor.py"
 def run_ours(method: str, calib: str, output: str) -> None:
     """In a fresh process: our `method` on the token ids in `calib`; prints one JSON line."""
     import sparse_expansion as se
-    from sparse_expansion.loading import SMOLLM2, load_model
+    from sparse_expansion.storage.loading import SMOLLM2, load_model
 
     model, tokenizer = load_model(SMOLLM2, torch.float32)
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def timed(cmd: list[str], threads: int) -> dict:
 def perplexity_of(folder: Path) -> float:
     from sparse_expansion.data import evaluation_windows
     from sparse_expansion.evaluate import perplexity
-    from sparse_expansion.loading import load_model
+    from sparse_expansion.storage.loading import load_model
 
     model, tokenizer = load_model(str(folder), torch.float32)
     return perplexity(model, evaluation_windows(tokenizer, "wiki", 512, 24), 4, progress=False)["perplexity"]
@@ -77,7 +77,7 @@ def main() -> None:
         return
 
     from sparse_expansion.data import calibration_windows
-    from sparse_expansion.loading import SMOLLM2, load_tokenizer, smollm2_folder
+    from sparse_expansion.storage.loading import SMOLLM2, load_tokenizer, smollm2_folder
 
     calib = calibration_windows(load_tokenizer(SMOLLM2), "wiki", args.nsamples, args.seqlen, seed=0)
     rows = []

@@ -30,7 +30,7 @@ from sparse_expansion.data import calibration_windows, evaluation_windows
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.evaluate import perplexity
-from sparse_expansion.loading import EMBEDDED, SMOLLM2, load_model
+from sparse_expansion.storage.loading import EMBEDDED, SMOLLM2, load_model
 from sparse_expansion.methods import ExpansionOptions
 
 CALIB_CHECKSUM = 82074762

@@ -3,7 +3,7 @@
 The same `sparse-expansion prune` command runs three times, as subprocesses:
   plain     without --checkpoint-dir
   killed    with --checkpoint-dir, SIGKILLed right after block K is committed
-            (SPARSE_EXPANSION_KILL_AT=block:K, the fault-injection hook of checkpoint.py)
+            (SPARSE_EXPANSION_KILL_AT=block:K, the fault-injection hook of storage/checkpoint.py)
   resumed   the killed command again: it resumes after block K
 and the table reports each run's wall time, the checkpoint's size, the time spent writing
 checkpoints against the time spent pruning (from the resumed output's per-block report), peak

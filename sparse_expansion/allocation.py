@@ -58,19 +58,18 @@ def owl_rates(ratios: list[float], rate: float, lam: float) -> list[float]:
 
 
 @torch.no_grad()
-def block_outlier_ratios(model: nn.Module, cached: list, groups, m: float, device, run_block, end: int,
+def block_outlier_ratios(model: nn.Module, inputs: list, groups, m: float, device, propagate, end: int,
                          progress: bool = True) -> list[float]:
     """The outlier ratios of blocks 0 to end - 1 of the dense model, the calibration inputs
-    `cached` (the first block's, consumed: each block's outputs are written over them) run through
-    them. `run_block` is the driver's (block, cached, device, hooks, keep_outputs)."""
+    `inputs` (the first block's, consumed: each block's outputs are written over them) run through
+    them. `propagate` is the driver's (block, inputs, device, hooks)."""
     ratios = []
     home = next(model.parameters()).device
     for block in tqdm(decoder_blocks(model)[:end], desc="OWL outlier ratios", unit="block", disable=not progress):
         block.to(device)
         layers = [[block.get_submodule(name) for name in g] for g in groups]
         stats = [ColumnNorms(linear_weight(g[0]).shape[1], device) for g in layers]
-        cached = run_block(block, cached, device, {g[0]: s.add_batch for g, s in zip(layers, stats)},
-                           keep_outputs=True)
+        inputs = propagate(block, inputs, device, {g[0]: s.add_batch for g, s in zip(layers, stats)})
         norms = [s.norms() for s in stats]
         ratios.append(outlier_ratio([linear_weight(lin) for g in layers for lin in g],
                                     [n for g, n in zip(layers, norms) for _ in g], m))

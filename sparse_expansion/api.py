@@ -18,8 +18,8 @@ from .config import PruneConfig
 from .data import calibration_windows, check_source
 from .driver import prune_model
 from .errors import UsageError
-from .loading import load_model, load_tokenizer, model_dtype
-from .outputs import save_pruned_model
+from .storage.loading import load_model, load_tokenizer, model_dtype
+from .storage.outputs import save_pruned_model
 from .reports import PruneResult
 
 

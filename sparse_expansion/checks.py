@@ -10,7 +10,7 @@ import torch
 
 from .errors import UsageError
 from .kernels.backend import kernel_mode
-from .loading import model_context
+from .storage.loading import model_context
 
 
 def positive(value: int | None, flag: str) -> None:

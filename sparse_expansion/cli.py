@@ -19,23 +19,23 @@ from transformers.utils import logging as hf_logging
 from . import checks, distributed
 from .version import __version__
 from .analysis.command import add_analyze_parser, cmd_analyze
-from .checkpoint import Checkpoint
+from .storage.checkpoint import Checkpoint
 from .config import ALLOCATIONS, PruneConfig
 from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .driver import check_shapes, prune_model
 from .errors import NumericalError, UsageError
 from .downstream import PERPLEXITY, WIKI_TASK, prepare_tasks, run_tasks
 from .evaluate import perplexity
-from .experts import convert_experts
-from .loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
+from .methods.expansion.experts import convert_experts
+from .storage.loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
 from .memory import available_host_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
 from .models import family_of
 from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
-from .router import choose_backend
-from .packing import FORMATS, check_format
-from .outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
+from .methods.expansion.router import choose_backend
+from .storage.packing import FORMATS, check_format
+from .storage.outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT

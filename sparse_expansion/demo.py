@@ -24,8 +24,8 @@ from .data import calibration_windows, evaluation_windows
 from .driver import prune_model
 from .downstream import WIKI_TASK, prepare_tasks, run_tasks
 from .evaluate import perplexity
-from .experts import convert_experts
-from .loading import SMOLLM2, load_model
+from .methods.expansion.experts import convert_experts
+from .storage.loading import SMOLLM2, load_model
 from .methods import METHODS
 
 def evaluate(model, tokenizer, evalw, tasks, lastword: int, progress: bool) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .data import WIKI_PACKAGE, load_split
 from .errors import UsageError
-from .packages import cache_dir, require
+from .storage.packages import cache_dir, require
 
 WIKI_TASK = "wiki_lastword"
 PERPLEXITY = "perplexity"  # not an lm-eval task: the CLI's held-out perplexity

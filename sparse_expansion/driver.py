@@ -8,12 +8,12 @@ children no target can change (the attention, with FFN targets), which the later
 instead of recomputing (`UnchangedOutputs`); the next block's inputs overwrite this block's.
 A `Method` says what a group collects and how it is pruned, so every method shares this loop.
 `--allocation owl` gives each block its own rate (allocation.py). A checkpoint, when given,
-saves every finished block and the activations after it (see checkpoint.py).
+saves every finished block and the activations after it (see storage/checkpoint.py).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocation import block_outlier_ratios, owl_rates
-from .checkpoint import Checkpoint
+from .storage.checkpoint import Checkpoint
 from .config import PruneConfig
 from .errors import NumericalError, UsageError
 from .faults import fault_point
@@ -81,8 +81,8 @@ class UnchangedOutputs:
         self.outputs: dict[nn.Module, list] = {}
 
     @contextmanager
-    def recording(self, cached: list):
-        """Keep the candidates' outputs while the block runs once over `cached`."""
+    def recording(self, inputs: list):
+        """Keep the candidates' outputs while the block runs once over its `inputs`."""
         recorded = {child: [] for child in self.candidates}
         state = {"reached": False, "store": None, "limit": 0}
 
@@ -106,7 +106,7 @@ class UnchangedOutputs:
             for h in handles:
                 h.remove()
         self.outputs = {c: outs for c, outs in recorded.items()
-                        if len(outs) == len(cached) and all(o is not None for o in outs)}
+                        if len(outs) == len(inputs) and all(o is not None for o in outs)}
 
     @contextmanager
     def replaying(self, device):
@@ -133,42 +133,61 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-def _run_block(block: nn.Module, cached: list, device, hooks: dict[nn.Module, Callable] | None = None,
-               keep_outputs: bool = False, unchanged: UnchangedOutputs | None = None, record: bool = False) -> list:
-    """Run `block` on every cached input (moved to `device`), with forward-pre-hooks calling
-    hooks[module](input). With `keep_outputs`, returns the outputs on the inputs' device, written
-    over the inputs (which are spent); without, a batch stops as soon as every hooked module has
-    seen its input. `unchanged`: record its children's outputs in this pass (`record`), or
-    replay them."""
-    hooks = hooks or {}
+def _forward_each(block: nn.Module, inputs: list, device, hooks: dict[nn.Module, Callable], stop_early: bool,
+                  on_batch: Callable[[torch.Tensor], None]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Run `block` on every (hidden, args, kwargs) of `inputs` (moved to `device`), forward-pre-hooks
+    calling hooks[module](input); yield (hidden, output). With `stop_early` a batch stops as soon
+    as every hooked module has seen its input, and its output is None."""
     seen: set[nn.Module] = set()
 
     def pre_hook(module, args):
         hooks[module](args[0])
         seen.add(module)
-        if not keep_outputs and len(seen) == len(hooks):
+        if stop_early and len(seen) == len(hooks):
             raise _StopBlock
     handles = [m.register_forward_pre_hook(pre_hook) for m in hooks]
-    outputs = []
-    with ExitStack() as stack:
-        stack.callback(lambda: [h.remove() for h in handles])
-        on_batch = lambda hidden: None  # noqa: E731
-        if unchanged is not None:
-            if record:
-                on_batch = stack.enter_context(unchanged.recording(cached))
-            else:
-                stack.enter_context(unchanged.replaying(device))
-        for hidden, args, kwargs in cached:
+    try:
+        for hidden, args, kwargs in inputs:
             seen.clear()
             on_batch(hidden)
             try:
-                out = block_output(block(hidden.to(device), *move(args, device), **move(kwargs, device)))
+                yield hidden, block_output(block(hidden.to(device), *move(args, device), **move(kwargs, device)))
             except _StopBlock:
-                continue
-            if keep_outputs:
-                if out.shape == hidden.shape and out.dtype == hidden.dtype and hidden._base is None:
-                    out = hidden.copy_(out)  # the input is spent: its storage takes the output (one copy, not two)
-                outputs.append((out.to(hidden.device), args, kwargs))
+                yield hidden, None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_inputs(block: nn.Module, inputs: list, device, hooks: dict[nn.Module, Callable],
+                   unchanged: UnchangedOutputs | None = None, record: bool = False) -> None:
+    """A collecting pass: hooks[module](input) for each hooked module of `block` and every batch of
+    the block's `inputs`; each batch runs only as far as the last hooked module. `unchanged`: its
+    children's outputs are recorded in this pass (`record`: the block's first pass) or replayed."""
+    with ExitStack() as stack:
+        on_batch = lambda hidden: None  # noqa: E731
+        if unchanged is not None and record:
+            on_batch = stack.enter_context(unchanged.recording(inputs))
+        elif unchanged is not None:
+            stack.enter_context(unchanged.replaying(device))
+        for _ in _forward_each(block, inputs, device, hooks, True, on_batch):
+            pass
+
+
+def propagate(block: nn.Module, inputs: list, device, hooks: dict[nn.Module, Callable] | None = None,
+              unchanged: UnchangedOutputs | None = None) -> list:
+    """The propagating pass: `block`'s outputs for every batch of its `inputs`, as the next block's
+    inputs (on the inputs' device, written over the spent inputs). `hooks` see their modules'
+    inputs on the way; `unchanged` replays its recorded outputs."""
+    outputs = []
+    with ExitStack() as stack:
+        if unchanged is not None:
+            stack.enter_context(unchanged.replaying(device))
+        for (hidden, args, kwargs), (_, out) in zip(inputs, _forward_each(block, inputs, device, hooks or {}, False,
+                                                                            lambda hidden: None)):
+            if out.shape == hidden.shape and out.dtype == hidden.dtype and hidden._base is None:
+                out = hidden.copy_(out)  # the input is spent: its storage takes the output (one copy, not two)
+            outputs.append((out.to(hidden.device), args, kwargs))
     return outputs
 
 
@@ -180,15 +199,15 @@ def _checked(collector, where: str) -> Callable:
     return add
 
 
-def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, method: Method,
+def _prune_block(block: nn.Module, b: int, inputs: list, device, phases: list, method: Method,
                  unchanged: UnchangedOutputs, status: Callable[[str], None] = lambda text: None) -> list[LayerReport]:
     """Collect each phase's statistics (one pass over the block's inputs for all its groups, then
     as many more as each group's collector asks for, one group at a time), then prune the phase's
     groups. `status(text)` hears what the block is doing (the progress bar shows it). Returns the
     block's layer reports."""
     where, reports = f"block{b}", []
-    tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached)
-    for hidden, _, _ in cached:
+    tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _, _ in inputs)
+    for hidden, _, _ in inputs:
         check_finite(hidden, f"{where} input")
     for phase in phases:
         layer_groups = [{name: block.get_submodule(name) for name in g} for g in phase]
@@ -196,17 +215,17 @@ def _prune_block(block: nn.Module, b: int, cached: list, device, phases: list, m
         collectors = [method.collector(layers, tokens, name) for layers, name in zip(layer_groups, names)]
         t_collect = time.perf_counter()
         status(f"block {b}: collecting")
-        _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, name)
-                                           for layers, c, name in zip(layer_groups, collectors, names)},
-                   unchanged=unchanged, record=phase is phases[0])
+        collect_inputs(block, inputs, device, {next(iter(layers.values())): _checked(c, name)
+                                               for layers, c, name in zip(layer_groups, collectors, names)},
+                       unchanged=unchanged, record=phase is phases[0])
         for layers, c, name in zip(layer_groups, collectors, names):  # further passes: one group at a time,
             passes = 1                                                  # so one group's working set is live
             status(f"{name}: after pass 1")
             while c.end_pass():
                 passes += 1
                 status(f"{name}: pass {passes}")
-                _run_block(block, cached, device, {next(iter(layers.values())): _checked(c, name)},
-                           unchanged=unchanged)
+                collect_inputs(block, inputs, device, {next(iter(layers.values())): _checked(c, name)},
+                               unchanged=unchanged)
                 status(f"{name}: after pass {passes}")
         t_collect = time.perf_counter() - t_collect
         for layers, c, name in zip(layer_groups, collectors, names):
@@ -252,20 +271,20 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     # under several ranks a method that shards the calibration runs its share of the batches
     mine = distributed.my_share(len(batches)) if method.shards_calibration else slice(0, len(batches))
     move_outside_blocks(model, device)
-    cached = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
+    inputs = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
     rates = None
     leader = distributed.rank() == 0  # with several ranks, rank 0 alone reports and checkpoints
     if config.allocation == "owl":  # on the dense model, before a checkpoint's pruned blocks are restored;
         # the ratios are over every linear of a block, as OWL's (FFN-only ratios measured worse)
         consumed = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
-        ratios = block_outlier_ratios(model, consumed, target_groups(model, "all"), config.owl_m, device, _run_block, end,
+        ratios = block_outlier_ratios(model, consumed, target_groups(model, "all"), config.owl_m, device, propagate, end,
                                       progress and leader)
         rates = dict(zip(range(start, end), owl_rates(ratios[start:], config.sparsity.rate, config.owl_lambda)))
         del consumed
     move_outside_blocks(model, home)
     result, first = PruneResult(), 0
     if checkpoint is not None:
-        first, cached, result = checkpoint.restore(model, cached, spill, range(len(batches))[mine], len(batches))
+        first, inputs, result = checkpoint.restore(model, inputs, spill, range(len(batches))[mine], len(batches))
     bar = tqdm(range(first, end), desc=f"prune {config.method}", disable=not progress or not leader, unit="block",
                initial=first, total=end)
     for b in bar:
@@ -275,10 +294,10 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             block.to(device)
             unchanged = UnchangedOutputs(block, [n for g in groups for n in g]) if b >= start else None
             method.sparsity = Sparsity(rates[b]) if rates and b >= start else config.sparsity
-            reports = (_prune_block(block, b, cached, device, phases, method, unchanged, bar.set_postfix_str)
+            reports = (_prune_block(block, b, inputs, device, phases, method, unchanged, bar.set_postfix_str)
                        if b >= start else [])
             fault_point(f"pruned:{b}")
-            cached = _run_block(block, cached, device, keep_outputs=True, unchanged=unchanged)
+            inputs = propagate(block, inputs, device, unchanged=unchanged)
             del unchanged
             block.to(home)
             trim_malloc()  # hand the block's freed working set back to the OS (glibc keeps it otherwise)
@@ -286,7 +305,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
         result.blocks.append(BlockReport(b, b >= start, time.perf_counter() - t0, **memory.peak))
         if checkpoint is not None:
             t0 = time.perf_counter()
-            hidden = [h for h, _, _ in cached]
+            hidden = [h for h, _, _ in inputs]
             if method.shards_calibration and distributed.world_size() > 1:  # every rank's share, on rank 0
                 hidden = distributed.gather_to_leader([h.cpu() for h in hidden])
             if leader:

@@ -1,6 +1,6 @@
 """Model structure: families, decoder blocks, FFN / attention linears, block-input capture.
 
-Loading a model from a reference (hub id, folder, .gguf, `smollm2`) lives in loading.py."""
+Loading a model from a reference (hub id, folder, .gguf, `smollm2`) lives in storage/loading.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -26,11 +26,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from . import distributed
 from .config import PruneConfig
 from .errors import UsageError
-from .expansion import cluster_cost, layer_hessians, refine_cost
-from .loading import DTYPES, meta_model, model_dtype
-from .methods.expansion import SOLVE_SHARE
+from .methods.expansion.stages import cluster_cost, layer_hessians, refine_cost
+from .storage.loading import DTYPES, meta_model, model_dtype
+from .methods.expansion.method import SOLVE_SHARE
 from .models import decoder_blocks, linear_weight, target_groups
-from .router import ROWS_PER_CHUNK
+from .methods.expansion.router import ROWS_PER_CHUNK
 from .solvers import REFINE_BYTES_PER_WEIGHT, REFINE_ROWS
 
 GiB = 2 ** 30

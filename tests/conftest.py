@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (fp32, CPU). Do not modify it."""
-    from sparse_expansion.loading import load_model
+    from sparse_expansion.storage.loading import load_model
     return load_model("smollm2")
 
 

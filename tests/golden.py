@@ -110,7 +110,7 @@ def _fixtures(tmp: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import tiny_model
     from sparse_expansion.data import wiki_documents
-    from sparse_expansion.loading import load_model
+    from sparse_expansion.storage.loading import load_model
     _, tokenizer = load_model("smollm2")
     folder = tmp / "model"
     tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)

@@ -19,10 +19,10 @@ PYEOF
   rm -rf $d
 }
 run "saliency w2/d" sparse_expansion/kernels/obs.py "** 2 / d[:, None, :] ** 2" "** 2 / d[:, None, :]" tests/test_maths.py
-run "shrink weights swapped" sparse_expansion/expansion.py "mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))" "mul_(tau / (n + tau)).add_(H_full[0], alpha=n / (n + tau))" tests/test_maths.py
+run "shrink weights swapped" sparse_expansion/methods/expansion/stages.py "mul_(n / (n + tau)).add_(H_full[0], alpha=tau / (n + tau))" "mul_(tau / (n + tau)).add_(H_full[0], alpha=n / (n + tau))" tests/test_maths.py
 run "2:4 check off by one" sparse_expansion/kernels/routed_matmul.py "nz.sum(-1) > 2" "nz.sum(-1) > 3" tests/test_maths.py
 run "wanda norm squared" sparse_expansion/solvers.py "clamp(min=0).sqrt()" "clamp(min=0)" tests/test_maths.py
-run "calibration left out of the identity" sparse_expansion/checkpoint.py '"calibration_sha256": hashlib' '"calibration_sha256": "" or hashlib.sha256(b"").hexdigest() or hashlib' tests/test_identity.py
+run "calibration left out of the identity" sparse_expansion/storage/checkpoint.py '"calibration_sha256": hashlib' '"calibration_sha256": "" or hashlib.sha256(b"").hexdigest() or hashlib' tests/test_identity.py
 run "overwrite deletes the new" sparse_expansion/save.py "            final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old)" "            final.rename(old)

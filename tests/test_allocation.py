@@ -10,7 +10,7 @@ from sparse_expansion.allocation import outlier_ratio, owl_rates
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
-from sparse_expansion.outputs import METADATA
+from sparse_expansion.storage.outputs import METADATA
 from tiny import random_tokens, tiny_model
 
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from sparse_expansion import analysis, cli, loading, models
+from sparse_expansion import analysis, cli, models
+from sparse_expansion.storage import loading
 from sparse_expansion.analysis import (AnalysisConfig, command, common, mapping_difficulty, run_experiments,
                                        w1_between, w1_to_gaussian)
 from sparse_expansion.errors import UsageError

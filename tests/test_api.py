@@ -6,7 +6,7 @@ import torch
 
 import sparse_expansion as se
 from sparse_expansion.errors import UsageError
-from sparse_expansion.experts import SparseExpertLinear
+from sparse_expansion.methods.expansion.experts import SparseExpertLinear
 from tiny import random_tokens, tiny_model
 
 

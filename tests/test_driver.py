@@ -121,7 +121,7 @@ def test_the_progress_bar_hears_each_pass_and_group(monkeypatch):
     """Inside a block the bar says what runs: the collecting pass, each further pass of a group
     (Sparse Expansion's chunks: one pass per cluster Hessian that fits --max-memory), the pruning."""
     from sparse_expansion import driver
-    from sparse_expansion.expansion import cluster_cost
+    from sparse_expansion.methods.expansion.stages import cluster_cost
     from sparse_expansion.methods import ExpansionOptions
     heard = []
     monkeypatch.setattr(driver, "tqdm", lambda *a, **k: _Bar(heard))
@@ -182,16 +182,16 @@ def test_attention_runs_once_per_block_and_the_result_is_unchanged(family, monke
 def test_attention_returning_its_probabilities_is_recomputed():
     """Eager attention also returns its [B, heads, L, L] probabilities: larger than the block's
     input, so it is not kept; the run still works."""
-    from sparse_expansion.driver import UnchangedOutputs, _run_block
+    from sparse_expansion.driver import UnchangedOutputs, collect_inputs
     model = tiny_model("llama")
     model.set_attn_implementation("eager")
     block = models.decoder_blocks(model)[0]
     cached = models.capture_block_inputs(model, list(random_tokens(4, 16).split(2)))
     unchanged = UnchangedOutputs(block, ["mlp.gate_proj", "mlp.down_proj"])
-    _run_block(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
+    collect_inputs(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
     assert unchanged.outputs == {}
     sdpa = tiny_model("llama")
     block = models.decoder_blocks(sdpa)[0]
     unchanged = UnchangedOutputs(block, ["mlp.gate_proj", "mlp.down_proj"])
-    _run_block(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
+    collect_inputs(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
     assert list(unchanged.outputs) == [block.self_attn] and len(unchanged.outputs[block.self_attn]) == 2

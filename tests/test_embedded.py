@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparse_expansion.errors import UsageError
-from sparse_expansion.loading import EMBEDDED, SMOLLM2, Embedded
-from sparse_expansion.packages import package_folder
+from sparse_expansion.storage.loading import EMBEDDED, SMOLLM2, Embedded
+from sparse_expansion.storage.packages import package_folder
 
 
 def test_a_missing_package_names_its_install_command():

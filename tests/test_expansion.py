@@ -7,17 +7,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sparse_expansion import loading, models
+from sparse_expansion.storage import loading
+from sparse_expansion import models
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
-from sparse_expansion.experts import SparseExpertLinear, compress, concat_compressed, convert_experts, decompress
-from sparse_expansion import expansion as stages
-from sparse_expansion.expansion import cluster_cost, merge_small_clusters
+from sparse_expansion.methods.expansion.experts import SparseExpertLinear, compress, concat_compressed, convert_experts, decompress
+from sparse_expansion.methods.expansion import stages
+from sparse_expansion.methods.expansion.stages import cluster_cost, merge_small_clusters
 from sparse_expansion.kernels.hessian import accumulate_hessian_reference, complete_hessian
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
-from sparse_expansion.router import Router, _cluster_sums, fit_pca, fit_router, kmeans_torch, pca_from_hessian
-from sparse_expansion.outputs import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
+from sparse_expansion.methods.expansion.router import Router, _cluster_sums, fit_pca, fit_router, kmeans_torch, pca_from_hessian
+from sparse_expansion.storage.outputs import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 

@@ -13,9 +13,9 @@ from sparse_expansion import cli, demo
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
-from sparse_expansion.experts import SparseExpertLinear
-from sparse_expansion.loading import load_model
-from sparse_expansion.outputs import load_pruned, write_atomically
+from sparse_expansion.methods.expansion.experts import SparseExpertLinear
+from sparse_expansion.storage.loading import load_model
+from sparse_expansion.storage.outputs import load_pruned, write_atomically
 from tiny import random_tokens, tiny_model
 
 

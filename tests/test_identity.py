@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from sparse_expansion import checkpoint, cli
+from sparse_expansion.storage import checkpoint
+from sparse_expansion import cli
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.errors import UsageError
 from sparse_expansion.reports import PruneResult

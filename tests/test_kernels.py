@@ -346,7 +346,7 @@ BITMASK_CASES = [  # T, E, d_out, d_in (a multiple of 8, not of the 64-column ti
 
 def _exact_bitmask(W):
     """W [E, N, K] in the bitmask layout: (values, mask, tile_offsets, starts)."""
-    from sparse_expansion.experts import compress
+    from sparse_expansion.methods.expansion.experts import compress
     E, N, K = W.shape
     parts = compress(W)
     mask = parts["mask"].view(E, N, K // 8)
@@ -503,7 +503,7 @@ def test_a_decoding_step_issues_few_torch_ops():
     subtraction, two products, the distances, argmin) and the wrappers none besides the kernel
     but the split-K output's zeroing and cast (before: ~10 for the router, 4 to build the token
     blocks, 1 to narrow the expert ids)."""
-    from sparse_expansion.router import Router
+    from sparse_expansion.methods.expansion.router import Router
     g = _gen(9)
     d, N, E = 64, 40, 3
     router = Router(torch.randn(E, 8, generator=g), torch.randn(d, generator=g), torch.randn(d, 8, generator=g))
@@ -618,8 +618,8 @@ def test_a_decoding_step_replays_in_a_cuda_graph(fmt):
     """A one-token SparseExpertLinear forward (router, routed kernel) syncs nothing with the host,
     so a model can decode under CUDA graphs: captured once, replayed on new inputs, it gives the
     eager results (whose experts differ from token to token)."""
-    from sparse_expansion.experts import SparseExpertLinear
-    from sparse_expansion.router import Router
+    from sparse_expansion.methods.expansion.experts import SparseExpertLinear
+    from sparse_expansion.methods.expansion.router import Router
     g = _gen(12)
     d, N, E = 256, 192, 4
     router = Router(torch.randn(E, 16, generator=g), torch.randn(d, generator=g), torch.randn(d, 16, generator=g))

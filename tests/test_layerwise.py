@@ -13,7 +13,7 @@ from torch import nn
 
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions, SparseGPTMethod, SparseGPTOptions, collect
-from sparse_expansion.router import fit_pca
+from sparse_expansion.methods.expansion.router import fit_pca
 from sparse_expansion.sparsity import Sparsity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import torch
 
 from sparse_expansion import solvers
 from sparse_expansion.evaluate import perplexity
-from sparse_expansion.expansion import solve_hessians
+from sparse_expansion.methods.expansion.stages import solve_hessians
 from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
 from sparse_expansion.kernels.routed_matmul import compress_24
-from sparse_expansion.router import Router
+from sparse_expansion.methods.expansion.router import Router
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 

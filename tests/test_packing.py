@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import sparse_expansion as se
 from sparse_expansion import cli
-from sparse_expansion.packing import loading_options
+from sparse_expansion.storage.packing import loading_options
 from tiny import random_tokens, tiny_model
 
 FFN = ("gate_proj", "up_proj", "down_proj")

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from sparse_expansion import cli
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
-from sparse_expansion.expansion import cluster_cost
+from sparse_expansion.methods.expansion.stages import cluster_cost
 from sparse_expansion.memory import RSS, PeakMemory, rss_high_water_bytes
 from sparse_expansion.methods import ExpansionOptions
 from sparse_expansion.models import decoder_blocks

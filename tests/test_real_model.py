@@ -77,8 +77,8 @@ def test_sparse_expansion_saved_by_cli_loads_and_generates(tmp_path):
     import subprocess
     import sys
 
-    from sparse_expansion.experts import SparseExpertLinear
-    from sparse_expansion.loading import load_model
+    from sparse_expansion.methods.expansion.experts import SparseExpertLinear
+    from sparse_expansion.storage.loading import load_model
 
     out = tmp_path / "se"
     cli = [sys.executable, "-m", "sparse_expansion.cli"]  # started in the repository root, as CI does

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from sparse_expansion import cli
-from sparse_expansion.checkpoint import Checkpoint
+from sparse_expansion.storage.checkpoint import Checkpoint
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import NumericalError
 from sparse_expansion.faults import KILL_ENV
 from sparse_expansion.methods import ExpansionOptions, Method
 from sparse_expansion.reports import PruneResult
-from sparse_expansion.outputs import write_atomically
+from sparse_expansion.storage.outputs import write_atomically
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_expansion import solvers
-from sparse_expansion.experts import SparseExpertLinear
+from sparse_expansion.methods.expansion.experts import SparseExpertLinear
 from sparse_expansion.sparsity import Sparsity
 
 from .config import BenchConfig

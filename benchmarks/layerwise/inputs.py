@@ -84,7 +84,7 @@ def smollm2_layers(cfg: BenchConfig) -> list[LayerInputs]:
     """Inputs of model.model.layers[cfg.layer].mlp.{gate_proj, down_proj} of the embedded SmolLM2:
     calibration windows from the Wikipedia train split, held-out windows from its test split."""
     from sparse_expansion.data import calibration_windows, evaluation_windows
-    from sparse_expansion.loading import load_model
+    from sparse_expansion.storage.loading import load_model
     model, tok = load_model("smollm2", dtype=cfg.torch_dtype, device=cfg.device)
     calib_ids = calibration_windows(tok, "wiki", cfg.nsamples, cfg.seqlen, cfg.seed)
     test_ids = evaluation_windows(tok, "wiki", cfg.seqlen, max_windows=math.ceil(cfg.heldout_tokens / cfg.seqlen))

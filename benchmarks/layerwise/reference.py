@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from sparse_expansion import expansion as stages
+from sparse_expansion.methods.expansion import stages
 from sparse_expansion import solvers
 from sparse_expansion.kernels.obs import obs_prune_reference
-from sparse_expansion.router import Router
+from sparse_expansion.methods.expansion.router import Router
 from sparse_expansion.sparsity import Sparsity
 
 from .config import BenchConfig

@@ -1,6 +1,6 @@
 """The library pipeline: the driver's stage functions called in order with a timer around each.
 
-Sparse Expansion (sparse_expansion/expansion.py, as methods/expansion.py's ClusterStats and
+Sparse Expansion (methods/expansion/stages.py, as method.py's ClusterStats and
 ExpansionMethod.prune_group call them):
   hessian  the layer's Hessian and mean input (kernels.hessian.accumulate_hessian batch by batch)
   router   fit_group_router (PCA from that Hessian and mean + k-means on the calibration tokens,
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_expansion import expansion as stages
+from sparse_expansion.methods.expansion import stages
 from sparse_expansion import solvers
 from sparse_expansion.kernels.hessian import accumulate_hessian, complete_hessian
 from sparse_expansion.methods import HessianStats
-from sparse_expansion.router import Router
+from sparse_expansion.methods.expansion.router import Router
 from sparse_expansion.sparsity import Sparsity
 
 from .config import BenchConfig

@@ -12,7 +12,7 @@ from torch import nn
 from .. import checks
 from ..data import calibration_windows, check_source, evaluation_windows
 from ..errors import UsageError
-from ..loading import check_model_ref, load_model, meta_model
+from ..storage.loading import check_model_ref, load_model, meta_model
 from ..sparsity import Sparsity
 from .ablation import experiment_ablation
 from .clusters import experiment_clusters

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..driver import _run_block
+from ..driver import collect_inputs, propagate
 from ..errors import UsageError
 from ..methods import ExpansionOptions, collect
 from ..models import capture_block_inputs, decoder_blocks, family_of, linear_weight
@@ -101,7 +101,7 @@ def capture_linear_inputs(model: nn.Module, ids: torch.Tensor, modules: list[nn.
 
     As the driver does: the first block's inputs for each batch of `batch_size` windows
     (`capture_block_inputs`), then every block up to the last one holding a module runs on them
-    (`_run_block`), a forward pre-hook on each module recording its input (fp32, [B·L', d] per
+    (`propagate`, `collect_inputs` for the last), a forward pre-hook on each module recording its input (fp32, [B·L', d] per
     batch, only the positions where `keep_positions` [L] is True); later blocks are not run.
     Returns one list of per-batch tensors per module.
     """
@@ -121,7 +121,10 @@ def capture_linear_inputs(model: nn.Module, ids: torch.Tensor, modules: list[nn.
     last = max(owners, default=-1)
     for b in range(last + 1):
         hooks = {m: record(k) for k, m in enumerate(modules) if owners[k] == b}
-        cached = _run_block(blocks[b], cached, device, hooks, keep_outputs=b < last)
+        if b < last:
+            cached = propagate(blocks[b], cached, device, hooks)
+        else:
+            collect_inputs(blocks[b], cached, device, hooks)
     return store
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..kernels.hessian import accumulate_hessian, complete_hessian
 from ..kernels.obs import find_quant_grid
 from ..models import linear_weight, set_linear_weight
-from ..packing import forget_grid, remember_grid
+from ..storage.packing import forget_grid, remember_grid
 from ..reports import LayerReport
 from .. import distributed, solvers
 

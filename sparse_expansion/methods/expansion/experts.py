@@ -1,7 +1,7 @@
 """`SparseExpertLinear`: a drop-in replacement of an nn.Linear (or GPT-2 Conv1D) that routes
 every token to one of K sparse experts; and the compressed form experts are stored in (kept
 values + bitmask), by module (`state_tensors` / `from_state`) and by model (`pack_experts` /
-`unpack_experts`, which store each shared router once). outputs.py and checkpoint.py only write
+`unpack_experts`, which store each shared router once). storage/outputs.py and storage/checkpoint.py only write
 and read what these return."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .kernels.routed_matmul import (bitmask_offsets, compress_24, decompress_24, routed_apply, routed_matmul,
+from ...kernels.routed_matmul import (bitmask_offsets, compress_24, decompress_24, routed_apply, routed_matmul,
                                     routed_matmul_24, routed_matmul_bitmask)
 from .router import Router
 

@@ -27,14 +27,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .version import __version__
-from .config import PruneConfig
-from .errors import UsageError
-from .experts import SparseExpertLinear, compress, decompress, pack_experts, unpack_experts
-from .faults import fault_point
-from .models import decoder_blocks
+from ..version import __version__
+from ..config import PruneConfig
+from ..errors import UsageError
+from ..methods.expansion.experts import SparseExpertLinear, compress, decompress, pack_experts, unpack_experts
+from ..faults import fault_point
+from ..models import decoder_blocks
 from .packing import GRID, remember_grid
-from .reports import PruneResult
+from ..reports import PruneResult
 
 FORMAT = "sparse-expansion-checkpoint-v3"
 STATE = "checkpoint.json"

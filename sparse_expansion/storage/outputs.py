@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .card import model_card
-from .errors import UsageError
-from .experts import SparseExpertLinear, pack_experts, unpack_experts
-from .faults import fault_point
+from ..errors import UsageError
+from ..methods.expansion.experts import SparseExpertLinear, pack_experts, unpack_experts
+from ..faults import fault_point
 from .model_type import base_config, wrap_config
 from .packing import FORMATS, add_quantization_config, compressed_state, quantized_linears
 

@@ -5,7 +5,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def cache_dir() -> Path:

@@ -2,7 +2,7 @@
 load it, from the run's metadata (sparse_expansion.json holds the full record)."""
 from __future__ import annotations
 
-from .version import __version__
+from ..version import __version__
 
 
 def model_card(meta: dict, experts: bool) -> str:

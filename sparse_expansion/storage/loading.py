@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import UsageError
+from ..errors import UsageError
 from .model_type import SparseExpansionConfig
 from .packages import cache_dir, package_folder, require
 from .outputs import check_files, is_expert_folder, load_pruned

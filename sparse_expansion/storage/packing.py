@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 GRID = "quant_grid"  # the attribute a quantized linear carries: (scale [R, 1], zero [R, 1], bits)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .kernels.hessian import add_gram, complete_hessian
+from ...errors import UsageError
+from ...kernels.hessian import add_gram, complete_hessian
 
 KMEANS_BACKENDS = ("auto", "torch", "cuml")
 ROWS_PER_CHUNK = 16384  # rows of x turned into fp32 at a time by the PCA and the projection

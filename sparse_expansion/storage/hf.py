@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .errors import UsageError
+from ..errors import UsageError
 from .model_type import LOADER, MODEL_TYPE, SparseExpansionConfig
 from .outputs import load_pruned_model
 

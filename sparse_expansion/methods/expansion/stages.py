@@ -5,7 +5,7 @@ router on the group's inputs (`fit_group_router`: PCA from those moments, k-mean
 one Hessian per cluster (kernels.hessian with labels), derive the Hessians the experts are solved
 with (`solve_hessians`: the small-cluster rule), factor them (solvers.inverse_hessian_factor),
 then prune one copy of each linear per cluster in one batched SparseGPT call (`solve_experts`)
-and measure it (`expert_errors`). methods/expansion.py calls them from the driver; benchmarks/layerwise/
+and measure it (`expert_errors`). method.py calls them from the driver; benchmarks/layerwise/
 calls the same functions.
 
 Small clusters (the paper's code leaves clusters of 1-7 tokens in some layers) are handled by an
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from . import solvers
+from ... import solvers
 from .router import Router, RouterFit, fit_router, nearest_centroid, pca_components, pca_from_hessian
-from .sparsity import Sparsity
+from ...sparsity import Sparsity
 
 SMALL_CLUSTER_RULES = ("pooled", "shrink", "damping", "merge")
 POOLED_DAMPING = 0.1  # the pooled rule's damping of the experts' Hessians (fraction of the mean diagonal)

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .errors import UsageError
+from ..errors import UsageError
 
 MODEL_TYPE = "sparse_expansion"
 LOADER = "SparseExpansionForCausalLM"  # hf.py's class: what the Auto classes build for this type

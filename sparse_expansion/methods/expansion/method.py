@@ -1,6 +1,6 @@
 """The `sparse-expansion` method: one SparseGPT expert per input cluster, routed per token.
 
-The stages are the functions of sparse_expansion/expansion.py; this module collects what they
+The stages are the functions of stages.py beside it; this module collects what they
 need from the driver's passes (`ClusterStats`) and swaps in `SparseExpertLinear` modules that
 share the group's router.
 """
@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import expansion as stages
-from .. import distributed, solvers
-from ..errors import UsageError
-from ..experts import SparseExpertLinear, compress, concat_compressed
-from ..kernels.hessian import accumulate_hessian, complete_hessian
-from ..memory import available_host_bytes
-from ..models import linear_weight
-from ..reports import LayerReport
-from ..router import KMEANS_BACKENDS
-from .sparsegpt import SparseGPTOptions
-from .base import Method
+from . import stages
+from ... import distributed, solvers
+from ...errors import UsageError
+from .experts import SparseExpertLinear, compress, concat_compressed
+from ...kernels.hessian import accumulate_hessian, complete_hessian
+from ...memory import available_host_bytes
+from ...models import linear_weight
+from ...reports import LayerReport
+from .router import KMEANS_BACKENDS
+from ..sparsegpt import SparseGPTOptions
+from ..base import Method
 
 SOLVE_SHARE = 0.9  # the part of the free memory a chunked solve may take (solve_budget)
 
