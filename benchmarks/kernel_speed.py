@@ -330,7 +330,8 @@ def bench_decode_sweep(timer, dev, peaks, name, dims, scale):
     g = torch.Generator(device=dev).manual_seed(5)
     W = (torch.randn(E, N, K, device=dev, generator=g) / math.sqrt(K)).to(torch.bfloat16)
     weights = {"dense": (W,), "2:4": rm.compress_24(_make_24(W)), "bitmask": _bitmask(W)}
-    calls = {"dense": rm.routed_matmul_triton, "2:4": rm.routed_matmul_24_triton, "bitmask": rm.routed_matmul_bitmask_triton}
+    calls = {"dense": rm.routed_matmul_triton, "2:4": rm.routed_matmul_24_triton,
+             "bitmask": rm.routed_matmul_bitmask_triton}
     x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
     expert = torch.randint(0, E, (1,), device=dev, generator=g)
     gemv_ms = timer(lambda: F.linear(x, W[int(expert)]), graph=True)
@@ -339,7 +340,8 @@ def bench_decode_sweep(timer, dev, peaks, name, dims, scale):
         nbytes = sum(t.numel() * t.element_size() for t in w) // E
         gemv = fmt == "2:4" and rm.gemv_24_ready(x, *w)
         base = rm.default_config(1, E, N, K, fmt, x.device, False, 2, gemv)
-        configs = [("default", None)] + [(f"n{n} split{k}", replace(base, BLOCK_N=n, SPLIT_K=k)) for n, k in DECODE_SWEEP]
+        configs = [("default", None)] + [(f"n{n} split{k}", replace(base, BLOCK_N=n, SPLIT_K=k))
+                                         for n, k in DECODE_SWEEP]
         reference = calls[fmt](x, expert, *w, config=base)
         for label, cfg in configs:
             row = _row("decode sweep", f"T=1 {fmt} {label}", f"{name} {K}->{N}", metric="GB/s", dense_ms=gemv_ms,

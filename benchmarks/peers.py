@@ -102,7 +102,8 @@ def main() -> None:
                   file=sys.stderr)
     print(f"calibration: {args.nsamples} x {args.seqlen} wiki windows (seed 0, token-id sum {int(calib.sum())}); "
           f"50% unstructured on the FFN linears; evaluation: wiki test, 24 x 512")
-    print("| method | implementation | threads | wiki ppl | pruning s | wall s | peak RSS GiB | pruning speed vs peer |\n"
+    print("| method | implementation | threads | wiki ppl | pruning s | wall s | peak RSS GiB "
+          "| pruning speed vs peer |\n"
           "|---|---|---|---|---|---|---|---|")
     for row in rows:
         peer = next((r for r in rows if r["method"] == row["method"] and r["threads"] == row["threads"]

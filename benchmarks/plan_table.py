@@ -27,7 +27,8 @@ METHODS = {"SparseGPT": ("sparsegpt", None), "SE4": ("sparse-expansion", 4), "SE
 
 def cell(plan) -> str:
     if plan.invalid:  # the world size does not divide the work
-        return "refused: " + ("more ranks than clusters" if plan.method == "sparse-expansion" else "more ranks than batches")
+        return "refused: " + ("more ranks than clusters" if plan.method == "sparse-expansion"
+                              else "more ranks than batches")
     peak = f"{plan.peak_device / 2**30:.1f} GiB"
     if plan.verdict == "chunking":
         return f"chunks x{max(g.chunks for g in plan.groups)}, {peak}"
@@ -57,7 +58,8 @@ def main() -> None:
             sizes.append((name, label, plan.peak_host, plan.checkpoint_bytes, plan.output_bytes))
     print("\n| model | method | host memory | checkpoint | output |\n|---|---|---|---|---|")
     for name, label, host, checkpoint, output in sizes:
-        print(f"| {name} | {label} | {host / 2**30:.0f} GiB | {checkpoint / 2**30:.0f} GiB | {output / 2**30:.0f} GiB |")
+        print(f"| {name} | {label} | {host / 2**30:.0f} GiB | {checkpoint / 2**30:.0f} GiB | "
+              f"{output / 2**30:.0f} GiB |")
     RESULTS.parent.mkdir(exist_ok=True)
     out = RESULTS if not args.offload_activations else RESULTS.with_name("plan_table_offload.json")
     out.write_text(json.dumps({"nsamples": args.nsamples, "seqlen": args.seqlen, "dtype": "bfloat16",

@@ -1,4 +1,4 @@
-"""Quality table on the reference protocol (../shared/reference-protocol.md), beside the numbers
+"""Quality table on the reference protocol (docs/reference-protocol.md), beside the numbers
 the paper's own code gave under it.
 
 SmolLM2-135M-Instruct (fp32), embedded Wikipedia split; calibration 32 x 512 tokens (seed 0),
@@ -131,7 +131,8 @@ def table(rows: list[dict]) -> str:
             sotu = r.get(f"{HELD_OUT}_perplexity")
             out.append(f"| {r['run']} | {r.get('tag') or ''} | {r['perplexity']:.3f} | {ref_ppl or ''} | "
                        f"{closed(mine, r, 'perplexity')} | {'' if sotu is None else f'{sotu:.3f}'} | "
-                       f"{closed(mine, r, f'{HELD_OUT}_perplexity')} | {r.get('prune_seconds', 0):.0f} | {ref_s or ''} |")
+                       f"{closed(mine, r, f'{HELD_OUT}_perplexity')} | {r.get('prune_seconds', 0):.0f} | "
+                       f"{ref_s or ''} |")
     return "\n".join(out)
 
 

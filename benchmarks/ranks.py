@@ -36,7 +36,8 @@ def cli(*args: str, ranks: int | None = None) -> subprocess.CompletedProcess:
 
 
 def prune(ranks: int, out: Path, args) -> dict:
-    method = ["--method", args.method] + (["--clusters", str(args.clusters)] if args.method == "sparse-expansion" else [])
+    method = ["--method", args.method] + (["--clusters", str(args.clusters)]
+                                          if args.method == "sparse-expansion" else [])
     cli("prune", "smollm2", *method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--blocks", args.blocks, "--output", str(out), "--quiet", ranks=ranks)
     meta = json.loads((out / "sparse_expansion.json").read_text())

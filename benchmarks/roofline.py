@@ -197,7 +197,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compile", action="store_true", help="recompile the kernels first (sparse_expansion/kernels/_compile.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="recompile the kernels first (sparse_expansion/kernels/_compile.py)")
     p.add_argument("--launch-us", type=float, default=6.0, help="time of one eager torch op (launch-bound)")
     args = p.parse_args()
     source = RESULTS / "compile_bf16.json"

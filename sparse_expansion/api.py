@@ -27,22 +27,42 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
           calib: str | torch.Tensor = "wiki", nsamples: int = 128, seqlen: int = 2048, *, tokenizer=None,
           bits: int | None = None, targets: str = "ffn", batch_size: int = 8, sequential: bool = False,
           blocks: tuple[int, int] | None = None, seed: int = 0, max_memory: int | None = None,
-          allocation: str = "uniform", owl_m: float = 5.0, owl_lambda: float = 0.08, dtype: str = "auto", device: str | None = None, offload_activations: bool = False,
+          allocation: str = "uniform", owl_m: float = 5.0, owl_lambda: float = 0.08, dtype: str = "auto",
+          device: str | None = None, offload_activations: bool = False,
           progress: bool = True, **options) -> tuple[nn.Module, PruneResult]:
-    """Prune `model` and return it with the run's `PruneResult` (per-layer reports; `.config`
-    holds the run's settings as a dict).
+    """Prune a model layer by layer, as `sparse-expansion prune` does.
 
-    model: a transformers causal LM (pruned in place), or a reference the CLI takes (a folder,
-    a hub id, a .gguf file, "smollm2" or "gemma3"), loaded in `dtype` ("auto": the checkpoint's own) on the CPU.
-    calib: a source name or path ("wiki", "sotu", a .txt file or folder, "wikitext2", "c4"), from which
-    `nsamples` windows of `seqlen` tokens are drawn with `seed` (needs the tokenizer, found
-    from a reference); or token ids [N, L] used as they are.
-    options: the method's own settings by name (e.g. clusters=16 for sparse-expansion,
-    percdamp=0.01 for sparsegpt); an unknown one is refused.
-    allocation: "uniform" (every block at `sparsity`) or "owl" (per-block rates within
-    ±owl_lambda of it, from the blocks' outlier ratios; see sparse_expansion/allocation.py).
-    device: where each decoder block is calibrated and pruned (the model stays where it is);
-    None: where the model is.
+    Args:
+        model: a transformers causal LM (pruned in place), or a reference the CLI takes (a folder,
+            a hub id, a .gguf file, "smollm2" or "gemma3"), loaded in `dtype` on the CPU.
+        method: "sparse-expansion", "sparsegpt", "wanda", "magnitude" or a registered method.
+        sparsity: the fraction of weights zeroed (0.5) or an N:M pattern ("2:4").
+        calib: a source name or path ("wiki", "sotu", a .txt file or folder, "wikitext2", "c4"),
+            from which `nsamples` windows of `seqlen` tokens are drawn with `seed` (needs the
+            tokenizer, found from a reference); or token ids [N, L] (int64) used as they are.
+        tokenizer: the tokenizer for a text `calib` when `model` is a model object.
+        bits: also quantize the kept weights to this many bits (SparseGPT-based methods).
+        targets: "ffn" (the FFN linears) or "all" (attention projections too).
+        batch_size: calibration windows per forward pass.
+        sequential: give each group of linears its own pass over the block's inputs.
+        blocks: (start, end): prune decoder blocks start..end-1 only.
+        max_memory: bytes the solver may use on the device; None: what the device has.
+        allocation: "uniform" (every block at `sparsity`) or "owl" (per-block rates within
+            ±owl_lambda of it, from the blocks' outlier ratios at threshold `owl_m`).
+        dtype: the dtype a model reference is loaded in ("auto": the checkpoint's own).
+        device: where each decoder block is calibrated and pruned (the model stays where it is);
+            None: where the model is.
+        offload_activations: keep the calibration activations on the CPU between blocks.
+        progress: show a progress bar per block.
+        **options: the method's own settings by name (e.g. clusters=16 for sparse-expansion,
+            percdamp=0.01 for sparsegpt); an unknown one is refused.
+
+    Returns:
+        (model, result): the pruned model and the run's `PruneResult` (per-layer reports;
+        `result.config` holds the run's settings as a dict).
+
+    Raises:
+        UsageError: a bad argument, named with the fix, before any work is done.
     """
     config = PruneConfig(method, sparsity, bits=bits, targets=targets, batch_size=batch_size, sequential=sequential,
                          blocks=blocks, seed=seed, max_memory=max_memory, allocation=allocation, owl_m=owl_m,
@@ -69,10 +89,20 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
 
 def save(model: nn.Module, output: str | Path, tokenizer=None, result: PruneResult | None = None,
          overwrite: bool = False, weight_format: str = "auto") -> Path:
-    """Write `model` (with its routed experts, if any) as a folder `load` and transformers'
-    `AutoModelForCausalLM.from_pretrained` read; `result`'s reports go to sparse_expansion.json.
-    weight_format: 'auto' (compressed-tensors integer weights for a model pruned with `bits`,
-    dense otherwise), 'dense' or 'compressed-tensors'."""
+    """Write a pruned model as a folder that `load` and transformers' Auto classes read.
+
+    Args:
+        model: the model `prune` returned (with its routed experts, if any).
+        output: the folder to write; written atomically (a partial folder is renamed at the end).
+        tokenizer: saved beside the model when given.
+        result: the run's `PruneResult`; its reports go to sparse_expansion.json.
+        overwrite: replace an existing folder.
+        weight_format: 'auto' (compressed-tensors integer weights for a model pruned with `bits`,
+            dense otherwise), 'dense' or 'compressed-tensors'.
+
+    Returns:
+        The folder written.
+    """
     metadata = {"command": "api"}
     if result is not None:
         metadata.update(config=result.config, **result.to_dict())
@@ -81,8 +111,17 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, result: PruneResu
 
 
 def load(reference: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a folder written by `save` or `prune`, or any reference the CLI
-    takes, in `dtype` ("auto": the checkpoint's own) on `device`."""
+    """Load a model and its tokenizer.
+
+    Args:
+        reference: a folder written by `save` or `prune`, or any reference the CLI takes.
+        device: where the model is placed.
+        dtype: "auto" (the checkpoint's own), or a dtype name such as "bfloat16".
+
+    Returns:
+        (model, tokenizer); a folder with routed experts gives the base architecture with
+        `SparseExpertLinear` modules in place of its pruned linears.
+    """
     reference = str(reference)
     return load_model(reference, model_dtype(reference, dtype), device)
 

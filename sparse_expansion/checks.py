@@ -34,7 +34,8 @@ def seqlen(model_ref: str, value: int, flag: str = "--seqlen") -> None:
     positive(value, flag)
     context = model_context(model_ref)
     if context is not None and value > context:
-        raise UsageError(f"{flag} {value} exceeds the model's context of {context} tokens; use {flag} {context} or less")
+        raise UsageError(f"{flag} {value} exceeds the model's context of {context} tokens; "
+                         f"use {flag} {context} or less")
 
 
 def block_range(text: str | None) -> tuple[int, int] | None:

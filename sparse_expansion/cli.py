@@ -44,7 +44,8 @@ EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     """The arguments of a prune run; `plan` takes the same (so that a command line can swap one
     word for the other; it writes nothing) and the device to plan for."""
-    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or an embedded model: 'smollm2' or 'gemma3'"
+    pr.add_argument("model", help="hub id, local transformers folder, .gguf file, or an embedded model: "
+                                  "'smollm2' or 'gemma3'"
                     + (f"; or a published shape: {', '.join(PUBLISHED)}" if planning else ""))
     pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparse-expansion")
     pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
@@ -141,7 +142,8 @@ def method_config(args) -> PruneConfig:
                                  f"drop it or add --method {name}")
     return PruneConfig(method=args.method, sparsity=args.sparsity, bits=args.bits, targets=args.targets,
                        batch_size=args.batch_size, sequential=args.sequential, seed=args.seed,
-                       blocks=checks.block_range(args.blocks), max_memory=checks.size_bytes(args.max_memory, "--max-memory"),
+                       blocks=checks.block_range(args.blocks),
+                       max_memory=checks.size_bytes(args.max_memory, "--max-memory"),
                        allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                        options=cls.Options.from_args(args))
 

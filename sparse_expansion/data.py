@@ -1,6 +1,6 @@
 """Text sources, tokenization, the seeded calibration sampler and held-out evaluation windows.
 
-Protocol (../shared/reference-protocol.md): the train documents are joined with " " and the test
+Protocol (docs/reference-protocol.md): the train documents are joined with " " and the test
 documents with "\\n\\n", both tokenized without special tokens; calibration = `nsamples` windows
 of `seqlen` tokens at `random.seed(seed)`-drawn offsets in the train stream; evaluation = the
 first non-overlapping `seqlen`-token windows of the test stream.

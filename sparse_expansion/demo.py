@@ -81,7 +81,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, or all: {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, or all: {', '.join(METHODS)}")
     p.add_argument("--output", default="runs/demo.json")
     p.add_argument("--lastword", type=int, default=100, help="documents of the last-word task to score")
     p.add_argument("--quiet", action="store_true")

@@ -76,8 +76,8 @@ class UnchangedOutputs:
     def __init__(self, block: nn.Module, targets: list[str]):
         holding = {name.split(".")[0] for name in targets}
         self.targets = [child for name, child in block.named_children() if name in holding]
-        self.candidates = [child for name, child in block.named_children()
-                           if name not in holding and any(isinstance(m, nn.Linear) or is_conv1d(m) for m in child.modules())]
+        self.candidates = [child for name, child in block.named_children() if name not in holding
+                           and any(isinstance(m, nn.Linear) or is_conv1d(m) for m in child.modules())]
         self.outputs: dict[nn.Module, list] = {}
 
     @contextmanager
@@ -277,8 +277,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     if config.allocation == "owl":  # on the dense model, before a checkpoint's pruned blocks are restored;
         # the ratios are over every linear of a block, as OWL's (FFN-only ratios measured worse)
         consumed = capture_block_inputs(model, batches[mine], "cpu" if offload_activations else None, device)
-        ratios = block_outlier_ratios(model, consumed, target_groups(model, "all"), config.owl_m, device, propagate, end,
-                                      progress and leader)
+        ratios = block_outlier_ratios(model, consumed, target_groups(model, "all"), config.owl_m, device, propagate,
+                                      end, progress and leader)
         rates = dict(zip(range(start, end), owl_rates(ratios[start:], config.sparsity.rate, config.owl_lambda)))
         del consumed
     move_outside_blocks(model, home)

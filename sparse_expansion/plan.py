@@ -9,7 +9,8 @@ one chunk of cluster Hessians with their solve (`expansion.cluster_cost`) and th
 experts solved so far. The chunking is the one the run will choose: --max-memory, else 90% of
 the device memory left at the solve (a GPU), else one chunk (a CPU). The host holds the model (and
 one block's experts: prune writes each finished block's experts to the output and releases them),
-a runtime allowance, and on a CPU the device's stages too. Sizes of the checkpoint and of the output follow from the same shapes.
+a runtime allowance, and on a CPU the device's stages too. Sizes of the checkpoint and of the output
+follow from the same shapes.
 
 The model is an estimate: allocator caching and fragmentation are not modelled (see README for
 the measured comparison). `prune` uses it to refuse up front a run whose block cannot fit.
@@ -225,7 +226,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
                 fixed += refine_cost(columns, rows)  # one expert re-solved at a time
             budget = config.max_memory
             if budget is None and device_memory is not None:  # what solve_budget will find free
-                used = fixed + group_experts if gpu else RUNTIME_HOST_BYTES + host_model + fixed - block_w + group_experts
+                used = (fixed + group_experts if gpu
+                        else RUNTIME_HOST_BYTES + host_model + fixed - block_w + group_experts)
                 budget = int(SOLVE_SHARE * (device_memory - used))
             per_chunk = share if budget is None else max(0, min(share, budget // cost))
             plan.groups.append(GroupPlan("/".join(n for n, _ in g), columns, rows, per_chunk,

@@ -124,7 +124,8 @@ def test_the_package_has_no_import_cycle():
         if node not in state:
             visit(node, [node])
     assert cycles == []
-    assert "sparse_expansion.models" in graph and "sparse_expansion.storage.outputs" not in graph["sparse_expansion.models"]
+    assert ("sparse_expansion.models" in graph
+            and "sparse_expansion.storage.outputs" not in graph["sparse_expansion.models"])
 
 
 def test_no_module_is_long_without_saying_why():

@@ -40,7 +40,8 @@ BAD_PRUNE = {
     "zero_blocksize": (["--blocksize", "0"], "--blocksize 0: must be at least 1"),
     "bad_max_memory": (["--max-memory", "lots"], "write a size such as 24GiB"),
     "zero_max_memory": (["--max-memory", "0GiB"], "must be a positive size"),
-    "bad_kmeans_backend": (["--method", "sparse-expansion", "--kmeans-backend", "sklearn"], "use one of auto, torch, cuml"),
+    "bad_kmeans_backend": (["--method", "sparse-expansion", "--kmeans-backend", "sklearn"],
+                           "use one of auto, torch, cuml"),
     "cluster_tokens_below_clusters": (["--method", "sparse-expansion", "--clusters", "16", "--max-cluster-tokens", "8"],
                                       "at least as many tokens as --clusters (16)"),
 }

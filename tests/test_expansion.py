@@ -12,12 +12,14 @@ from sparse_expansion import models
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
-from sparse_expansion.methods.expansion.experts import SparseExpertLinear, compress, concat_compressed, convert_experts, decompress
+from sparse_expansion.methods.expansion.experts import (SparseExpertLinear, compress, concat_compressed,
+                                                        convert_experts, decompress)
 from sparse_expansion.methods.expansion import stages
 from sparse_expansion.methods.expansion.stages import cluster_cost, merge_small_clusters
 from sparse_expansion.kernels.hessian import accumulate_hessian_reference, complete_hessian
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
-from sparse_expansion.methods.expansion.router import Router, _cluster_sums, fit_pca, fit_router, kmeans_torch, pca_from_hessian
+from sparse_expansion.methods.expansion.router import (Router, _cluster_sums, fit_pca, fit_router, kmeans_torch,
+                                                       pca_from_hessian)
 from sparse_expansion.storage.outputs import PartialOutput, expert_layers, load_pruned, save_pruned_model, spill_block
 from sparse_expansion.sparsity import Sparsity
 from tiny import random_tokens, tiny_model
@@ -34,7 +36,8 @@ def ffn_weights(model):
         for g in models.target_groups(model, "ffn"):
             for name in g:
                 m = block.get_submodule(name)
-                out[f"{b}.{name}"] = m.expert_weight(0) if isinstance(m, SparseExpertLinear) else models.linear_weight(m)
+                out[f"{b}.{name}"] = (m.expert_weight(0) if isinstance(m, SparseExpertLinear)
+                                      else models.linear_weight(m))
     return out
 
 
@@ -61,8 +64,8 @@ def test_kmeans_recovers_separated_clusters():
     x, truth = blobs()
     fit = fit_router(x, 5, pca_factor=0, seed=0, restarts=3)
     # every true blob maps to exactly one cluster and vice versa
-    pairs = {(int(t), int(l)) for t, l in zip(truth, fit.labels)}
-    assert len(pairs) == 5 and len({l for _, l in pairs}) == 5
+    pairs = {(int(t), int(label)) for t, label in zip(truth, fit.labels)}
+    assert len(pairs) == 5 and len({label for _, label in pairs}) == 5
     assert fit.backend == "torch"
 
 
@@ -147,7 +150,8 @@ def test_sparse_expert_linear_matches_per_token_reference(dtype, shape, fmt):
     y = layer(x)
     flat = x.reshape(-1, 24)
     expert = router.assign(flat)
-    expected = torch.stack([flat[t].float() @ weight[e].float().t() + bias[e].float() for t, e in enumerate(expert.tolist())]) \
+    expected = torch.stack([flat[t].float() @ weight[e].float().t() + bias[e].float()
+                            for t, e in enumerate(expert.tolist())]) \
         if flat.shape[0] else torch.zeros(0, 7)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], 7)
@@ -203,7 +207,8 @@ def test_merge_rule_leaves_no_small_cluster_and_reroutes():
 @pytest.mark.parametrize("rule", ["pooled", "damping", "shrink", "merge"])
 def test_small_cluster_rules_are_reported(rule):
     model = tiny_model("llama")
-    reports = prune_model(model, random_tokens(2, 32), se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
+    reports = prune_model(model, random_tokens(2, 32),
+                          se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
                           progress=False).layers
     for r in (r.extras for r in reports):
         assert r["small_clusters"]["rule"] == rule
@@ -354,7 +359,8 @@ def test_spilled_blocks_leave_memory_and_load_back_identical(saved_expert_model,
     prune_model(spilled, random_tokens(4, 32, vocab=len(tokenizer)), se_config(), progress=False,
                 spill=lambda b: spill_block(spilled, f"{blocks}.{b}", partial.folder, f"experts-{b:05d}.safetensors"))
     assert not expert_layers(spilled)
-    assert sorted(f.name for f in partial.folder.iterdir()) == ["experts-00000.safetensors", "experts-00001.safetensors"]
+    assert sorted(f.name for f in partial.folder.iterdir()) == ["experts-00000.safetensors",
+                                                                "experts-00001.safetensors"]
     ids = random_tokens(2, 16, vocab=len(tokenizer))
     with pytest.raises(RuntimeError, match="released from memory"), torch.no_grad():
         spilled(ids)

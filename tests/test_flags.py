@@ -193,7 +193,8 @@ def test_a_bf16_checkpoint_is_pruned_and_saved_in_bf16(tmp_path, small_corpus, s
     model, _ = load_model(str(tmp_path / "out"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert prune(folder, small_corpus, tmp_path / "fp32", "--dtype", "float32") == 0
-    assert load_file(tmp_path / "fp32" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert (load_file(tmp_path / "fp32" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype
+            == torch.float32)
 
 
 def test_an_unknown_dtype_is_refused(tiny_folder, small_corpus, tmp_path, capsys):

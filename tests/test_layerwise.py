@@ -178,7 +178,7 @@ def test_reference_kmeans_and_pca_agree_with_the_library():
     c = reference.reference_kmeans(x, 5, seed=0, restarts=2)
     truth = torch.arange(5).repeat_interleave(60)
     labels = torch.cdist(x, c).argmin(1)
-    assert len({(int(t), int(l)) for t, l in zip(truth, labels)}) == 5
+    assert len({(int(t), int(label)) for t, label in zip(truth, labels)}) == 5
     m1, b1 = reference.reference_pca(x, 3, "svd")
     m2, b2 = fit_pca(x, 3)
     m3, b3 = reference.reference_pca(x, 3, "eigh")

@@ -44,7 +44,8 @@ def same_model(a, b):
     assert strip(meta_a["layers"]) == strip(meta_b["layers"])
 
 
-@pytest.mark.parametrize("method,extra,kill_at", [("sparsegpt", [], "block:0"), ("sparsegpt", ["--bits", "4"], "block:0"),
+@pytest.mark.parametrize("method,extra,kill_at", [("sparsegpt", [], "block:0"),
+                                                  ("sparsegpt", ["--bits", "4"], "block:0"),
                                                   ("sparse-expansion", [], "checkpoint:1"), ("sparsegpt", [], "save")])
 def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_path, capsys, method, extra, kill_at):
     """SIGKILL (in a subprocess) after block 0 is committed, while block 1's checkpoint is
@@ -92,7 +93,8 @@ BAD_CHECKPOINT_DIRS = {
     "a_file": (lambda d: d.write_text("x"), "is a file"),
     "a_foreign_folder": (lambda d: (d.mkdir(), (d / "notes.txt").write_text("x")), "holds no checkpoint"),
     "corrupted_state": (lambda d: (d.mkdir(), (d / "checkpoint.json").write_text("{")), "corrupted"),
-    "other_format": (lambda d: (d.mkdir(), (d / "checkpoint.json").write_text('{"format": "v0"}')), "unknown checkpoint format"),
+    "other_format": (lambda d: (d.mkdir(), (d / "checkpoint.json").write_text('{"format": "v0"}')),
+                     "unknown checkpoint format"),
 
 
     "inside_output": (lambda d: None, "lies in --output"),
@@ -229,7 +231,8 @@ def test_a_hessian_that_never_factors_names_the_layer():
     from sparse_expansion import solvers
     H = torch.eye(6)[None].clone()
     H[0, 2, 3] = H[0, 3, 2] = float("nan")
-    with pytest.raises(NumericalError, match=r"block4\.mlp\.down_proj: the Hessian does not factor even with damping 100"):
+    with pytest.raises(NumericalError,
+                       match=r"block4\.mlp\.down_proj: the Hessian does not factor even with damping 100"):
         solvers.inverse_hessian_factor(H, 0.01, "block4.mlp.down_proj")
 
 
@@ -240,7 +243,8 @@ def test_baseline_checkpoints_are_compressed_and_restore_bit_for_bit(tmp_path):
     pruned = tiny_model("llama")
     config = PruneConfig("wanda", Sparsity(0.5))
     prune_model(pruned, calib, config, progress=False, checkpoint=Checkpoint(tmp_path / "ckpt", "tiny"))
-    weights = [pruned.model.layers[0].get_submodule(n).weight for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    weights = [pruned.model.layers[0].get_submodule(n).weight
+               for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     assert not any(torch.signbit(w[w == 0]).any() for w in weights)  # pruned weights are +0.0
     dense = sum(w.numel() * w.element_size() for w in weights)
     assert (tmp_path / "ckpt" / "block-0000.safetensors").stat().st_size < 0.6 * dense

@@ -101,8 +101,8 @@ def capture_linear_inputs(model: nn.Module, ids: torch.Tensor, modules: list[nn.
 
     As the driver does: the first block's inputs for each batch of `batch_size` windows
     (`capture_block_inputs`), then every block up to the last one holding a module runs on them
-    (`propagate`, `collect_inputs` for the last), a forward pre-hook on each module recording its input (fp32, [B·L', d] per
-    batch, only the positions where `keep_positions` [L] is True); later blocks are not run.
+    (`propagate`, `collect_inputs` for the last), a forward pre-hook on each module recording its input
+    (fp32, [B·L', d] per batch, only the positions where `keep_positions` [L] is True); later blocks are not run.
     Returns one list of per-batch tensors per module.
     """
     blocks = decoder_blocks(model)

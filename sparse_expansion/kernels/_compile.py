@@ -126,7 +126,8 @@ def variants(dtype: str = "bf16", cc: int = 90) -> list[Variant]:
         if "gemv" in configs:
             c = configs.pop("gemv")
             for name, split, even in (("gemv", 1, True), ("gemv,split", 4, True), ("gemv,masked", 1, False)):
-                out.append(Variant(f"routed_{tag}[{name}]", _gemv_24_kernel, dict(gsig, Y="*fp32") if split > 1 else gsig,
+                out.append(Variant(f"routed_{tag}[{name}]", _gemv_24_kernel,
+                                   dict(gsig, Y="*fp32") if split > 1 else gsig,
                                    dict(HAS_BIAS=True, SPLIT_K=split, EVEN=even, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K),
                                    dict(num_warps=c.num_warps, num_stages=c.num_stages)))
         for name, c in configs.items():
@@ -193,7 +194,8 @@ def main_loop(cubin: bytes) -> dict:
     return {"instructions": len(code), "loop_instructions": len(body),
             "loop_tensor_core": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
             "loop_ffma": sum(op.startswith("FFMA") for op in body),
-            "inner_loop_instructions": len(inner_body), "inner_loop_ffma": sum(op.startswith("FFMA") for op in inner_body)}
+            "inner_loop_instructions": len(inner_body),
+            "inner_loop_ffma": sum(op.startswith("FFMA") for op in inner_body)}
 
 
 def compile_all(cc: int, dtype: str = "bf16") -> dict[str, dict]:

@@ -134,7 +134,8 @@ class Method:
                 forget_grid(module)  # of an earlier quantized prune
             reports.append(LayerReport(
                 layer=f"{where}.{name}", shape=list(W.shape[1:]), tokens=int(stats.count[0]),
-                sparsity=float((W_hat == 0).float().mean()), relative_error=solvers.relative_error(W, W_hat, stats.H)[0],
+                sparsity=float((W_hat == 0).float().mean()),
+                relative_error=solvers.relative_error(W, W_hat, stats.H)[0],
                 seconds_solve=time.perf_counter() - t0, **fields_))
         return reports
 

@@ -51,11 +51,13 @@ def _write_file(path: Path, write) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _write_file(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()}))
+    _write_file(path, lambda tmp: save_file(tensors, tmp,
+                                            metadata={k: json.dumps(v) for k, v in (metadata or {}).items()}))
 
 
 def _ours(name: str) -> bool:
-    return re.fullmatch(r"\.?(block|activations)-\d+\.safetensors(\.tmp)?|\.?checkpoint\.json(\.tmp)?", name) is not None
+    return re.fullmatch(r"\.?(block|activations)-\d+\.safetensors(\.tmp)?"
+                        r"|\.?checkpoint\.json(\.tmp)?", name) is not None
 
 
 def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor, device, dtype: torch.dtype
@@ -69,7 +71,8 @@ def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor,
     del settings["max_memory"]  # chunking the solve does not change the result
     return {"version": __version__, "model": model_ref, "dtype": str(dtype).removeprefix("torch."),
             "device": torch.device(device).type,
-            "calibration_shape": list(ids.shape), "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "calibration_shape": list(ids.shape),
+            "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
             **settings, **{f"options.{key}": value for key, value in options.items()}}
 
 

@@ -180,7 +180,8 @@ def _embedded_names() -> str:
 
 
 def _cannot_load(ref: str, e: Exception) -> UsageError:
-    return UsageError(f"cannot load model {ref!r}: {e}. Offline? Use {_embedded_names()}, a local folder or a .gguf file")
+    return UsageError(f"cannot load model {ref!r}: {e}. Offline? "
+                      f"Use {_embedded_names()}, a local folder or a .gguf file")
 
 
 def load_tokenizer(ref: str):

@@ -16,11 +16,16 @@ from .router import Router
 
 
 class SparseExpertLinear(nn.Module):
-    """y = x · W_{e(x)}ᵀ + b_{e(x)}, e(x) = router.assign(x), for x of any leading shape.
+    """A drop-in routed Linear: y = x · W_{e(x)}ᵀ + b_{e(x)}, e(x) = router.assign(x), for x of
+    any leading shape [..., in] (output [..., out] in the experts' dtype).
 
-    weight: the K experts [K, out, in] (zeros where pruned), or their `compress` parts; bias:
-    [K, out] or None. Routers may be shared between modules (gate_proj and up_proj of a Llama MLP
-    share one). The experts are stored in one of three formats (`format`):
+    Args:
+        router: the PCA + k-means `Router` that picks each token's expert; routers may be shared
+            between modules (gate_proj and up_proj of a Llama MLP share one).
+        weight: the K experts [K, out, in] (zeros where pruned), or their `compress` parts.
+        bias: [K, out] or None.
+
+    The experts are stored in one of three formats (`format`):
       bitmask  (default) the kept values and a bitmask; on a GPU the routed Triton kernel decodes
                them tile by tile in registers (in_features a multiple of 8, as in every LLM);
                elsewhere the forward decompresses one expert at a time, only while its tokens

@@ -225,7 +225,8 @@ def fit_router(x: torch.Tensor, clusters: int, pca_factor: int = 32, seed: int =
     mean = basis = None
     if pca_factor:
         mean, basis = pca if pca is not None else fit_pca(x, pca_components(x.shape[1], pca_factor))
-    router = Router(torch.zeros(clusters, basis.shape[1] if basis is not None else x.shape[1]), mean, basis).to(x.device)
+    router = Router(torch.zeros(clusters, basis.shape[1] if basis is not None else x.shape[1]),
+                    mean, basis).to(x.device)
     z = router.project(x)
     backend = choose_backend(backend, x.device)
     if clusters == 1:
