@@ -39,6 +39,7 @@ test: lint
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 
 # Regenerate the lock from the newest versions the ranges admit (run the suite before committing it).
+# torch is recorded without its local label (+cpu), so that the lock also admits the CUDA wheel.
 LOCKENV := .venv-lock
 lock:
 	rm -rf $(LOCKENV)
@@ -47,7 +48,7 @@ lock:
 	$(LOCKENV)/bin/pip install -q $(TORCH) '$(EXTRAS)'
 	$(LOCKENV)/bin/pip install -q --no-deps $(EMBEDDED)
 	{ echo "# pip constraints of a green run: make lock writes this file, make install reads it."; \
-	  $(LOCKENV)/bin/pip freeze --exclude-editable | grep -v '^sparse-expansion'; } > $(LOCK)
+	  $(LOCKENV)/bin/pip freeze --exclude-editable | grep -v '^sparse-expansion' | sed 's/+cpu$$//'; } > $(LOCK)
 	rm -rf $(LOCKENV)
 
 # The smoke subset (tests marked `smoke`) against the newest allowed versions, in a venv of its own
