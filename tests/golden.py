@@ -3,9 +3,9 @@
 `RUNS` are CLI argument lists run on the tiny Llama folder and the 400-document corpus of
 conftest.py. `fingerprint(folder)` summarises every tensor of the output's safetensors files
 (shape, dtype, nonzeros, float64 sum and absolute sum) plus the exact sha256 of each file.
-tests/test_golden.py compares the summaries with tests/golden.json within 1e-6 (machines
-with other CPUs may round differently); `python tests/golden.py compare` additionally
-reports whether the files are byte-identical to the recorded ones (the refactoring check).
+tests/test_golden.py compares the summaries with tests/golden.json: shapes, dtypes and nonzero
+counts exactly, sums within RTOL; `python tests/golden.py compare` also reports whether the
+files are byte-identical to the recorded ones (the refactoring check, for the same environment).
 
 Record anew (only when a change of results is intended and explained):
     python tests/golden.py record
@@ -83,7 +83,14 @@ def run_all(model, corpus, tmp: Path, resumed: bool = True) -> dict:
     return results
 
 
-def differences(got: dict, want: dict, rtol: float = 1e-6) -> list[str]:
+# The same code in two environments (the registry of 2026-12-01 and of 2026-12-07: transformers
+# 5.24 -> 5.25 among others) moved 115 recorded sums, by at most 6.4e-4 relative (an attention
+# o_proj of --targets all) and 1.7e-5 elsewhere; re-solving on the raw cluster Hessians instead of
+# the solve Hessians (a real bug) moves 6 sums by more than 1.2e-3, up to 5.2e-2.
+RTOL = 1e-3
+
+
+def differences(got: dict, want: dict, rtol: float = RTOL) -> list[str]:
     """What differs between two fingerprints beyond rounding (sha256 not compared)."""
     diffs = []
     for run in sorted(set(got) | set(want)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_expansion import cli
-from sparse_expansion.allocation import outlier_ratio, owl_rates
+from sparse_expansion.allocation import ColumnNorms, outlier_ratio, owl_rates
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
@@ -20,6 +20,16 @@ def test_owl_rates_span_two_lambda_around_the_target_and_keep_its_mean():
     assert max(rates) - min(rates) == pytest.approx(0.2)
     assert rates.index(min(rates)) == 3 and rates.index(max(rates)) == 0  # most outliers: most kept
     assert owl_rates([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]  # nothing to tell the blocks apart
+
+
+def test_column_norms_are_the_root_mean_square_of_each_input_column():
+    """‖x_j‖ as OWL's scores use it: sqrt(mean x_j²) over every row of every batch."""
+    batches = [torch.randn(2, 5, 3), 3 * torch.randn(1, 7, 3)]  # unequal batches: a running mean
+    norms = ColumnNorms(3, "cpu")
+    for x in batches:
+        norms.add_batch(x)
+    rows = torch.cat([x.reshape(-1, 3) for x in batches])
+    torch.testing.assert_close(norms.norms(), rows.square().mean(0).sqrt())
 
 
 def test_outlier_ratio_counts_scores_above_m_times_their_mean():

@@ -63,6 +63,22 @@ def test_two_ranks_give_the_one_rank_model(tmp_path):
     assert {len(r["damping"]) for r in two["layers"]} == {5}
 
 
+def _reduce_unequal_rows() -> dict:
+    """The mean of x xᵀ over 8 rows: rank 0 of two holds 3 of them, rank 1 the other 5."""
+    x = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3) / 7 - 1
+    rows = x if distributed.world_size() == 1 else (x[:3] if distributed.rank() == 0 else x[3:])
+    H, count = (rows.T @ rows / rows.shape[0])[None], torch.tensor([rows.shape[0]])
+    distributed.all_reduce_mean(H, count)
+    return {"H": H, "count": count}
+
+
+def test_rank_means_weigh_each_rank_by_its_rows(tmp_path):
+    one, two, other = _one_and_two_ranks(tmp_path, _reduce_unequal_rows)
+    assert int(two["count"]) == int(other["count"]) == 8
+    torch.testing.assert_close(two["H"], one["H"])
+    torch.testing.assert_close(other["H"], one["H"])
+
+
 def _solve_rows() -> dict:
     """SparseGPT's row split on one Hessian (37 rows: 19 + 18), unstructured, 2:4 and 4-bit, and
     the all-reduce of a Hessian whose batches the ranks share."""

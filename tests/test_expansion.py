@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparse_expansion.storage import loading
-from sparse_expansion import models
+from sparse_expansion import models, solvers
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.errors import UsageError
@@ -505,3 +505,27 @@ def test_refining_quantized_weights_is_refused():
 def test_bad_solver_options_are_refused(options):
     with pytest.raises(UsageError, match="--"):
         PruneConfig("sparsegpt", "0.5", options=options)
+
+
+def test_the_re_solve_runs_on_each_experts_solve_hessian(monkeypatch):
+    """With the pooled rule and several clusters, each expert's re-solve on its mask gets the
+    Hessian its SparseGPT solve factored (its cluster's, pooled with the layer's), not the raw
+    cluster Hessian."""
+    factored, refined = [], []
+    factor, refine = solvers.inverse_hessian_factor, solvers.refine_on_mask
+
+    def recording_factor(H, *args, **kwargs):
+        factored.extend(H.clone())
+        return factor(H, *args, **kwargs)
+
+    def recording_refine(W, W_hat, H, *args, **kwargs):
+        refined.append(H[0].clone())
+        return refine(W, W_hat, H, *args, **kwargs)
+    monkeypatch.setattr(solvers, "inverse_hessian_factor", recording_factor)
+    monkeypatch.setattr(solvers, "refine_on_mask", recording_refine)
+    options = ExpansionOptions(clusters=3, kmeans_restarts=1, small_clusters="pooled", refine_iterations=2)
+    prune_model(tiny_model("llama", layers=1), random_tokens(4, 32), PruneConfig("sparse-expansion", "0.5",
+                options=options), progress=False)
+    assert len(factored) == 2 * 3 and len(refined) == 3 * 3  # 2 groups' Hessians; 3 linears' experts
+    for H in refined:
+        assert any(torch.equal(H, solved) for solved in factored)

@@ -178,6 +178,20 @@ def test_obs_matches_reference(E, R, C, sparsity, n, m, bits, blocksize, dtype):
     torch.testing.assert_close(W_tri[same_rows], W_ref[same_rows], rtol=1e-4, atol=1e-4)
 
 
+def test_obs_quantizer_rounds_half_steps_to_even_as_the_reference():
+    """Weights exactly halfway between two levels of the grid round as torch.round does (half to
+    even) in the kernel too. An identity Hinv: no error propagates, every weight stays on its
+    half-step until it is quantized."""
+    E, R, C = 1, 4, 40
+    W = ((torch.arange(R * C, dtype=torch.float32).reshape(E, R, C) % 14 - 7) + 0.5) * 0.25
+    grid = obs.QuantGrid(torch.full((E, R, 1), 0.25, device=DEV), torch.full((E, R, 1), 8.0, device=DEV), 15)
+    Hinv = torch.eye(C).expand(E, C, C).contiguous().to(DEV)
+    W_ref, _ = obs_prune_reference(W.to(DEV), Hinv, 0.0, 0, 0, grid, 128)
+    W_tri, _ = obs_prune_triton(W.to(DEV), Hinv, 0.0, 0, 0, grid, 128)
+    expected = 0.25 * (torch.clamp(torch.round(W / 0.25) + 8, 0, 15) - 8)
+    assert torch.equal(W_ref.cpu(), expected) and torch.equal(W_tri.cpu(), expected)
+
+
 @pytest.mark.parametrize("E,R,C,i1,count", [(2, 37, 200, 0, 128), (1, 150, 300, 128, 100), (3, 5, 70, 32, 32)])
 def test_trailing_update_matches_reference(E, R, C, i1, count):
     """The lazy update of the columns after a block: awkward row counts, a partial block, a

@@ -60,7 +60,9 @@ def test_predicted_peak_is_within_a_quarter_of_the_measured_one(method, hidden, 
     machine: SE8 0.88-0.91, SparseGPT 0.89-0.93."""
     out = subprocess.run([sys.executable, __file__, method, str(hidden), str(intermediate)], check=True,
                          capture_output=True, text=True, cwd=Path(__file__).parent,
-                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}).stdout
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20),  # `tiny` importable
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                          os.environ.get("PYTHONPATH")]))}).stdout
     measured, predicted = json.loads(out.strip().splitlines()[-1])
     assert 0.75 < measured / predicted < 1.25, (measured, predicted)
 
@@ -120,6 +122,14 @@ def test_prune_refuses_a_max_memory_below_one_cluster(tiny_folder, small_corpus,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "raise --max-memory" in err
     assert not out.exists()
+
+
+def test_ranks_share_the_clusters_rounded_up(capsys):
+    """5 clusters over 2 ranks: the busiest rank solves 3, and the plan is sized for it."""
+    code, plan, _ = run_plan(capsys, "llama-2-7b", "--method", "sparse-expansion", "--clusters", "5",
+                             "--ranks", "2", "--device-memory", "80GiB")
+    assert code == 0 and plan["groups"]
+    assert all(g["clusters_per_chunk"] == 3 and g["chunks"] == 1 for g in plan["groups"]), plan["groups"]
 
 
 if __name__ == "__main__":  # the measurement of test_predicted_peak_is_within_a_quarter_of_the_measured_one
