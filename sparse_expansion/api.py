@@ -45,7 +45,7 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
         targets: "ffn" (the FFN linears) or "all" (attention projections too).
         batch_size: calibration windows per forward pass.
         sequential: give each group of linears its own pass over the block's inputs.
-        blocks: (start, end): prune decoder blocks start..end-1 only.
+        blocks: (start, end) or "start:end": prune decoder blocks start..end-1 only.
         max_memory: bytes the solver may use on the device; None: what the device has.
         allocation: "uniform" (every block at `sparsity`) or "owl" (per-block rates within
             ±owl_lambda of it, from the blocks' outlier ratios at threshold `owl_m`).
@@ -64,6 +64,10 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
     Raises:
         UsageError: a bad argument, named with the fix, before any work is done.
     """
+    blocks = _block_range(blocks)
+    for value, name in ((nsamples, "nsamples"), (seqlen, "seqlen")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name}={value!r}: give a positive integer")
     config = PruneConfig(method, sparsity, bits=bits, targets=targets, batch_size=batch_size, sequential=sequential,
                          blocks=blocks, seed=seed, max_memory=max_memory, allocation=allocation, owl_m=owl_m,
                          owl_lambda=owl_lambda, options=options or None)
@@ -85,6 +89,20 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
                          offload_activations=offload_activations)
     result.config = config.as_dict()
     return model, result
+
+
+def _block_range(blocks) -> tuple[int, int] | None:
+    """`blocks` as (start, end), from a pair or from "start:end" as the command line writes it."""
+    if blocks is None:
+        return None
+    pair = blocks.split(":") if isinstance(blocks, str) else tuple(blocks)
+    try:
+        pair = tuple(int(b) if isinstance(blocks, str) else b for b in pair)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
+        raise UsageError(f"blocks={blocks!r}: give (start, end) or 'start:end', e.g. (0, 8) or '0:8'")
+    return pair
 
 
 def save(model: nn.Module, output: str | Path, tokenizer=None, result: PruneResult | None = None,

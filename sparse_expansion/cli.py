@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +41,16 @@ from .storage.outputs import PartialOutput, check_output, read_metadata, save_pr
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
+EXIT_TERMINATED = 143  # ... and a SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), raised where the run is, so that it unwinds as
+    Ctrl-C does: partial outputs removed, the checkpoint kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
@@ -51,6 +63,7 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
     pr.add_argument("--bits", type=int, default=None, help="joint quantization of kept weights, 2-8 bits")
     pr.add_argument("--calib", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
+    pr.add_argument("--encoding", default="utf-8", help="how a .txt --calib/--data is decoded (e.g. latin-1, cp1252)")
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     pr.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     pr.add_argument("--seed", type=int, default=0)
@@ -116,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--experts", default="saved", choices=["saved", "dense"],
                     help="routed experts as saved (compressed), or dense: faster on a CPU, K dense copies in memory")
     ev.add_argument("--data", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
+    ev.add_argument("--encoding", default="utf-8", help="how a .txt --calib/--data is decoded (e.g. latin-1, cp1252)")
     ev.add_argument("--split", default="auto", choices=["auto", "test", "all"],
                     help="test: the held-out side of the source (1 document in 10 for wiki and files); all: every "
                          "document; auto: test for wiki, sotu, wikitext2 and c4, all for your own file or folder")
@@ -154,7 +168,7 @@ def check_prune_args(args) -> PruneConfig:
     checks.positive(args.nsamples, "--nsamples")
     check_output(args.output, args.overwrite)
     check_format(args.format, args.bits, config.method)
-    check_source(args.calib)
+    check_source(args.calib, args.encoding)
     check_model_ref(args.model)
     checks.seqlen(args.model, args.seqlen)
     device = checks.device(args.device)
@@ -225,7 +239,8 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
             if warning:
                 print(f"sparse-expansion: warning: {warning}", file=sys.stderr)
     checkpoint = open_checkpoint(args)
-    calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed)
+    calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed,
+                                args.encoding)
     if checkpoint is not None:
         checkpoint.bind(config, calib, device, model_dtype(args.model, args.dtype))
         if distributed.rank() == 0:
@@ -276,7 +291,7 @@ def cmd_eval(args) -> int:
     if not tasks:
         raise UsageError("--tasks is empty")
     if PERPLEXITY in tasks:
-        check_source(args.data)
+        check_source(args.data, args.encoding)
         checks.seqlen(args.model, args.seqlen)
     check_model_ref(args.model)
     checks.positive(args.max_windows, "--max-windows")
@@ -290,7 +305,8 @@ def cmd_eval(args) -> int:
     result = {"model": args.model}
     if PERPLEXITY in tasks:
         split = args.split if args.split != "auto" else "test" if args.data in SOURCES else "all"
-        windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows, split)
+        windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows, split,
+                                     encoding=args.encoding)
         result.update(perplexity(model, windows, args.batch_size, progress=not args.quiet), data=args.data, split=split)
         print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
               f"({result['windows']} windows of {result['seqlen']}) of {args.data} ({split} split)")
@@ -310,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["sparse-expansion", *argv])  # for the output's model card
     bars = hf_logging.is_progress_bar_enabled()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     if getattr(args, "quiet", False):  # transformers' own loading/saving bars too
         hf_logging.disable_progress_bar()
     try:
@@ -320,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalError as e:
         print(f"sparse-expansion: numerical error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # partial outputs are removed on the way out (PartialOutput.discard)
+    except KeyboardInterrupt as e:  # partial outputs are removed on the way out (PartialOutput.discard)
         resume = "; re-run the same command to resume from the checkpoint" \
             if getattr(args, "checkpoint_dir", None) else ""
-        print(f"sparse-expansion: interrupted{resume}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        stop = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"sparse-expansion: {stop}{resume}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if bars:
             hf_logging.enable_progress_bar()
 

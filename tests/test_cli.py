@@ -193,3 +193,72 @@ def test_console_script_exit_code(tmp_path):
     run = subprocess.run([str(exe), "prune", "smollm2", "--sparsity", "2", "--output", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("sparse-expansion: error:")
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A scheduler's or torchrun's SIGTERM: exit 143, one line with the resume hint, no partial output."""
+    import os
+    import signal
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(cli, "load_model", terminated)
+    monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o"),
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert cli.main(args) == 143
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "sparse-expansion: terminated; re-run the same command to resume from the checkpoint"
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_text_that_is_not_utf8_or_not_text_is_one_line_naming_the_file(tmp_path, capsys, no_model_loading):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Caf\u00e9 au lait.\n\nUn autre paragraphe.".encode("latin-1"))
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"ELF\x00\x01\x02 header")
+    for command in (["prune", "smollm2", "--calib"], ["eval", "smollm2", "--data"]):
+        out = ["--output", str(tmp_path / "o")] if command[0] == "prune" else []
+        assert cli.main([*command, str(latin), *out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "latin.txt: not utf-8 text (byte 0xe9 at offset 3)" in err, err
+        assert "--encoding" in err
+        assert cli.main([*command, str(binary), "--encoding", "latin-1", *out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "blob.txt: a binary file, not text (a NUL byte at offset 3)" in err
+        assert cli.main([*command, str(latin), "--encoding", "utf-9", *out]) == 2
+        assert "--encoding 'utf-9' is not an encoding" in capsys.readouterr().err
+    from sparse_expansion.data import text_documents
+    assert text_documents(str(latin), "latin-1") == ["Caf\u00e9 au lait.", "Un autre paragraphe."]
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_before_loading(tmp_path, capsys, no_model_loading):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
+    assert cli.main(["prune", "smollm2", "--output", str(mine), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file; give a folder path" in err
+    assert mine.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_config_that_is_not_json_is_named_with_its_error(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    assert cli.main(["eval", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json is not valid JSON (Expecting" in err, err
+    assert "repair or re-save" in err
+
+
+def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
+    from sparse_expansion.storage.outputs import PartialOutput
+    stale = tmp_path / ".out.partial-999999999"  # no such process
+    stale.mkdir()
+    (stale / "experts-00000.safetensors").write_bytes(b"half written")
+    partial = PartialOutput(str(tmp_path / "out"))
+    assert not stale.exists() and partial.folder.exists()
+    partial.discard()

@@ -3,6 +3,7 @@ embedded `smollm2` or `gemma3`, or a folder written by `prune` (routed experts r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -141,6 +142,12 @@ def load_config(ref: str):
         ref = str(embedded_folder(ref))  # converted once; later reads take the cache
     if ref.endswith(".gguf"):
         ref, kwargs["gguf_file"] = str(Path(ref).parent), Path(ref).name
+    config_file = Path(ref) / "config.json"
+    if config_file.is_file():  # a local folder: its config.json must be readable JSON
+        try:
+            json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{config_file} is not valid JSON ({e}); repair or re-save the model folder") from None
     try:
         config = AutoConfig.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as e:

@@ -38,6 +38,8 @@ EXPERTS_FORMAT = "bitmask-v1"
 
 def check_output(output: str, overwrite: bool = False) -> None:
     path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output {output!r} is a file; give a folder path (--overwrite replaces folders only)")
     if path.exists() and not overwrite:
         raise UsageError(f"--output {output!r} already exists; choose another folder or pass --overwrite")
     if not path.parent.resolve().exists():
@@ -57,8 +59,15 @@ class PartialOutput:
         check_output(output, overwrite)
         self.final = Path(output)
         self.folder = self.final.with_name(f".{self.final.name}.partial-{os.getpid()}")
+        self._remove_stale()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
+
+    def _remove_stale(self) -> None:
+        """Remove the partial folders of this output left by runs that were killed while writing."""
+        for stale in self.final.parent.glob(f".{self.final.name}.partial-*"):
+            if not _alive(stale.name.rsplit("-", 1)[1]):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def commit(self) -> Path:
         fault_point("save")
@@ -70,9 +79,7 @@ class PartialOutput:
             shutil.rmtree(old)
         else:
             self.folder.rename(final)
-        for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by runs killed while writing
-            if not _alive(stale.name.rsplit("-", 1)[1]):
-                shutil.rmtree(stale, ignore_errors=True)
+        self._remove_stale()
         return final
 
     def discard(self) -> None:
