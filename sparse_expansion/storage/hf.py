@@ -69,7 +69,7 @@ class SparseExpansionForCausalLM(PreTrainedModel):
 
     def __init__(self, config, *args, **kwargs):
         raise TypeError("a Sparse Expansion model comes from a folder written by prune: use "
-                        "AutoModelForCausalLM.from_pretrained(folder) or sparse_expansion.load_pruned(folder)")
+                        "AutoModelForCausalLM.from_pretrained(folder) or sparse_expansion.load(folder)")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
