@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -329,11 +330,14 @@ def test_pipeline_and_lm_eval_load_an_expert_folder(saved_expert_model):
     from transformers import pipeline
     model, folder = saved_expert_model
     ids = random_tokens(2, 16, vocab=model.config.vocab_size)
-    generator = pipeline("text-generation", model=str(folder), device="cpu")
+    with warnings.catch_warnings(record=True) as caught:  # every keyword they pass is known to the loader
+        warnings.simplefilter("always")
+        generator = pipeline("text-generation", model=str(folder), device="cpu")
+        lm = HFLM(pretrained=str(folder), device="cpu", batch_size=1)
+    assert not [w for w in caught if "Sparse Expansion model ignores" in str(w.message)]
     assert isinstance(generator.model.model.layers[0].mlp.up_proj, SparseExpertLinear)
     (out,) = generator("The river", max_new_tokens=3, do_sample=False)
     assert out["generated_text"].startswith("The river")
-    lm = HFLM(pretrained=str(folder), device="cpu", batch_size=1)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, lm.model(ids).logits)
 

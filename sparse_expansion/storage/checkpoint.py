@@ -76,6 +76,13 @@ def run_identity(model_ref: str, config: PruneConfig, calibration: torch.Tensor,
             **settings, **{f"options.{key}": value for key, value in options.items()}}
 
 
+def _as_flags(key: str, value) -> str:
+    """An identity entry as the command line writes it (calibration_shape: --nsamples and --seqlen)."""
+    if key == "calibration_shape" and isinstance(value, list) and len(value) == 2:
+        return f"--nsamples {value[0]} --seqlen {value[1]}"
+    return f"{key}={value!r}"
+
+
 class Checkpoint:
     """The checkpoint folder of one run of the model `model_ref`. Opening it checks the folder;
     `bind` (called by the driver) checks that an existing checkpoint was made with the same
@@ -93,11 +100,17 @@ class Checkpoint:
         if self.state is None:
             return
         flag, old = f"--checkpoint-dir {str(self.folder)!r}", self.state["identity"]
-        for key in sorted(set(old) | set(self.identity)):
-            if old.get(key) != self.identity.get(key):
-                raise UsageError(f"{flag} holds a run with {key}={old.get(key)!r} but this command has "
-                                 f"{key}={self.identity.get(key)!r}; repeat the first command's arguments to resume, "
-                                 f"or give another --checkpoint-dir")
+        # the calibration hash last: a changed --nsamples, --seqlen or --seed is named by its own key
+        for key in sorted(set(old) | set(self.identity), key=lambda k: (k == "calibration_sha256", k)):
+            if old.get(key) == self.identity.get(key):
+                continue
+            if key == "calibration_sha256":
+                raise UsageError(f"{flag} holds a run calibrated on other tokens (--calib, --encoding or the text "
+                                 f"changed); repeat the first command's arguments to resume, or give another "
+                                 f"--checkpoint-dir")
+            raise UsageError(f"{flag} holds a run with {_as_flags(key, old.get(key))} but this command has "
+                             f"{_as_flags(key, self.identity.get(key))}; repeat the first command's arguments to "
+                             f"resume, or give another --checkpoint-dir")
 
     def _read(self) -> dict | None:
         flag = f"--checkpoint-dir {str(self.folder)!r}"
