@@ -23,7 +23,7 @@ from .storage.outputs import save_pruned_model
 from .reports import PruneResult
 
 
-def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: float | str = 0.5,
+def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | str = 0.5,
           calib: str | torch.Tensor = "wiki", nsamples: int = 128, seqlen: int = 2048, *, tokenizer=None,
           bits: int | None = None, targets: str = "ffn", batch_size: int = 8, sequential: bool = False,
           blocks: tuple[int, int] | None = None, seed: int = 0, max_memory: int | None = None,
@@ -35,7 +35,8 @@ def prune(model: nn.Module | str, method: str = "sparse-expansion", sparsity: fl
     Args:
         model: a transformers causal LM (pruned in place), or a reference the CLI takes (a folder,
             a hub id, a .gguf file, "smollm2" or "gemma3"), loaded in `dtype` on the CPU.
-        method: "sparse-expansion", "sparsegpt", "wanda", "magnitude" or a registered method.
+        method: "sparsegpt" (the default, as on the command line), "sparse-expansion", "wanda",
+            "magnitude" or a registered method.
         sparsity: the fraction of weights zeroed (0.5) or an N:M pattern ("2:4").
         calib: a source name or path ("wiki", "sotu", a .txt file or folder, "wikitext2", "c4"),
             from which `nsamples` windows of `seqlen` tokens are drawn with `seed` (needs the

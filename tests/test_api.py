@@ -56,3 +56,13 @@ def test_prune_checks_its_arguments_in_api_terms():
             se.prune(model, method="magnitude", **{"calib": calib, **kwargs}, progress=False)
     _, result = se.prune(model, method="magnitude", calib=calib, blocks="1:2", progress=False)
     assert {r.block for r in result.layers} == {1}
+
+
+def test_the_api_and_the_command_line_have_one_default_method():
+    import inspect
+
+    from sparse_expansion import cli
+    from sparse_expansion.config import PruneConfig
+    api_default = inspect.signature(se.prune).parameters["method"].default
+    cli_default = cli._parser().parse_args(["prune", "smollm2", "--output", "out"]).method
+    assert api_default == cli_default == PruneConfig().method == "sparsegpt"
