@@ -86,4 +86,4 @@ def disk_shortfall(path: str, need: int, what: str) -> str | None:
     if free >= need:
         return None
     return (f"{what} needs about {need / 2**30:.2f} GiB and {folder} has {free / 2**30:.2f} GiB free; "
-            f"free space or write it elsewhere before the run ends")
+            f"free space or write it elsewhere")

@@ -24,7 +24,7 @@ from .analysis.command import add_analyze_parser, cmd_analyze
 from .storage.checkpoint import Checkpoint
 from .config import ALLOCATIONS, PruneConfig
 from .data import SOURCES, calibration_windows, check_source, evaluation_windows
-from .driver import check_shapes, prune_model
+from .driver import check_calibration_tokens, check_shapes, prune_model
 from .errors import NumericalError, UsageError
 from .downstream import PERPLEXITY, WIKI_TASK, prepare_tasks, run_tasks
 from .evaluate import perplexity
@@ -102,6 +102,9 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
                          "the GPU's, or the host's on a CPU)")
     lr.add_argument("--offload-activations", action="store_true",
                     help="keep the calibration activations on the CPU between blocks (GPU runs)")
+    if not planning:
+        lr.add_argument("--force", action="store_true",
+                        help="run even when the plan predicts too little memory or disk (its estimates may err)")
     taken: set[str] = set()
     for name, cls in METHODS.items():  # each method's own options, from its Options dataclass
         cls.Options.add_arguments(pr.add_argument_group(f"{name} options"), taken)
@@ -166,6 +169,8 @@ def check_prune_args(args) -> PruneConfig:
     checks.kernel_backend()
     config = method_config(args)
     checks.positive(args.nsamples, "--nsamples")
+    checks.positive(args.seqlen, "--seqlen")
+    check_calibration_tokens(config, args.nsamples * args.seqlen)
     check_output(args.output, args.overwrite)
     check_format(args.format, args.bits, config.method)
     check_source(args.calib, args.encoding)
@@ -197,6 +202,7 @@ def cmd_plan(args) -> int:
     config = method_config(args)
     checks.positive(args.nsamples, "--nsamples")
     checks.positive(args.ranks, "--ranks")
+    check_calibration_tokens(config, args.nsamples * args.seqlen)
     memory = checks.size_bytes(args.device_memory, "--device-memory")
     device = "cuda" if args.device == "auto" and memory is not None else checks.device(args.device)
     if memory is None and torch.device(device).type == "cuda":
@@ -207,7 +213,7 @@ def cmd_plan(args) -> int:
     print(plan.table())
     if args.json:
         print(json.dumps(plan.to_dict()))
-    return 0
+    return 1 if plan.fix else 0  # "not possible": a script can test the exit code
 
 
 def open_checkpoint(args) -> Checkpoint | None:
@@ -229,15 +235,18 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     distributed.init_from_env(device)  # under torchrun: one process per GPU (or CPU rank)
     device = distributed.local_device(device)
     plan = make_plan(args, config, device, device_memory(device), distributed.world_size())
-    if plan.refused:
-        raise UsageError(plan.fix)  # before any weight loads
-    if distributed.rank() == 0:  # host memory and disk: the estimates may be pessimistic, so warn
-        warnings = [plan.fix, checks.disk_shortfall(args.output, plan.output_bytes, "the output")]
+    shortfalls = [plan.fix]  # before any weight loads: memory, then disk
+    if distributed.rank() == 0:  # rank 0 writes the output and the checkpoint
+        shortfalls.append(checks.disk_shortfall(args.output, plan.output_bytes, "the output"))
         if args.checkpoint_dir:
-            warnings.append(checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint"))
-        for warning in warnings:
-            if warning:
-                print(f"sparse-expansion: warning: {warning}", file=sys.stderr)
+            shortfalls.append(checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint"))
+    shortfalls = [s for s in shortfalls if s]
+    if plan.invalid:
+        raise UsageError(plan.fix)
+    if shortfalls and not args.force:
+        raise UsageError(f"{shortfalls[0]} (--force runs anyway)")
+    for shortfall in shortfalls:
+        print(f"sparse-expansion: warning: {shortfall}", file=sys.stderr)
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed,
                                 args.encoding)

@@ -51,6 +51,14 @@ def check_shapes(model: nn.Module, config: PruneConfig) -> None:
         check_block_range(*config.blocks, len(blocks))
 
 
+def check_calibration_tokens(config: PruneConfig, tokens: int) -> None:
+    """Enough calibration tokens for the method: k-means needs at least one token per cluster."""
+    clusters = getattr(config.options, "clusters", 1)
+    if clusters > tokens:
+        raise UsageError(f"--clusters {clusters} with {tokens:,} calibration tokens: at most one cluster per token; "
+                         f"lower --clusters or raise --nsamples / --seqlen")
+
+
 def check_finite(t: torch.Tensor, where: str) -> None:
     # a NaN or inf anywhere makes the fp32 sum non-finite (as would a sum past 3e38); 20x cheaper
     # than isfinite(t).all(), which builds a boolean copy of t
@@ -259,6 +267,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
     method = method or config.make_method()
     groups = target_groups(model, config.targets)
     check_shapes(model, config)
+    check_calibration_tokens(config, calibration.numel())
     # one dense pass collects every group's inputs; --sequential gives each group its own pass
     phases = [[g] for g in groups] if config.sequential else [list(groups)]
     blocks = decoder_blocks(model)

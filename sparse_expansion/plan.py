@@ -105,12 +105,6 @@ class Plan:
         return max(s.host_bytes for s in self.stages)
 
     @property
-    def refused(self) -> bool:
-        """What prune refuses up front: invalid arguments, or a GPU too small (a host that seems
-        too small only gets a warning: the estimate may err on the large side)."""
-        return self.invalid or (self.fix is not None and torch.device(self.device).type == "cuda")
-
-    @property
     def verdict(self) -> str:
         if self.fix:
             return "not possible"
@@ -184,7 +178,9 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         forward += min(config.batch_size, nsamples) * cfg.num_attention_heads * seqlen * seqlen * e * 2
 
     plan = Plan(config.method, device, device_memory, dense_bytes=dense)
-    final_model = dense + n_blocks * (experts_block - target_w)
+    start, end = config.blocks or (0, n_blocks)
+    pruned_blocks = max(0, min(end, n_blocks) - start)  # --blocks: the others stay dense
+    final_model = dense + pruned_blocks * (experts_block - target_w)
     # prune spills each finished block's experts to the output: the host holds one block's at a time
     # (on a GPU, once the block is back on the CPU; on a CPU they are counted in the stages)
     host_model = max(dense, final_model) if expansion and not spill else dense
@@ -265,7 +261,7 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
         plan.fix = _fix(plan, offload_activations, expansion, gpu)
     # the checkpoint keeps every method's pruned linears compressed (values + bitmask)
     saved_block = sum(expert_bytes(r, c, clusters, density, e) for r, c in targets)
-    plan.checkpoint_bytes = n_blocks * saved_block + tokens * hidden * e
+    plan.checkpoint_bytes = pruned_blocks * saved_block + tokens * hidden * e
     plan.output_bytes = final_model if expansion else dense
     return plan
 

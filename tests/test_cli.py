@@ -128,8 +128,12 @@ def test_a_disk_too_small_for_the_output_or_checkpoint_is_warned_of_before_loadi
     monkeypatch.setattr(cli, "load_model", interrupted)
     monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
     monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
-    assert cli.main(["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o"),
-                     "--checkpoint-dir", str(tmp_path / "ckpt")]) == 130
+    args = ["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o"),
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert cli.main(args) == 2  # refused before loading
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the output needs about 0.5" in err and "(--force runs anyway)" in err
+    assert cli.main([*args, "--force"]) == 130  # the estimate may err: --force runs, warning of both
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 2 and "the output needs about 0.5" in warnings[0]  # SmolLM2 in fp32
     assert "the checkpoint needs" in warnings[1] and "0.00 GiB free" in warnings[1]
@@ -262,3 +266,31 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
     partial = PartialOutput(str(tmp_path / "out"))
     assert not stale.exists() and partial.folder.exists()
     partial.discard()
+
+
+def test_a_run_the_host_cannot_hold_is_refused_before_loading(tiny_folder, small_corpus, tmp_path, capsys,
+                                                             monkeypatch):
+    """The plan binds on the CPU too: a predicted peak above the host's memory stops the run
+    before any weight loads (here the host is made to look 64 MiB large); --force runs it."""
+    monkeypatch.setattr(cli, "device_memory", lambda device: 64 * 2**20)
+    args = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "64", "--seqlen", "64",
+            "--method", "sparse-expansion", "--clusters", "2", "--kmeans-restarts", "1", "--quiet",
+            "--output", str(tmp_path / "o")]
+    loads = []
+
+    def interrupted_load(*a, **k):
+        loads.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_model", interrupted_load)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "of memory, 0.06 GiB available" in err and "--force runs anyway" in err
+    assert loads == [] and not (tmp_path / "o").exists()
+    assert cli.main([*args, "--force"]) == 130 and loads == [1]
+    assert "sparse-expansion: warning: one block needs" in capsys.readouterr().err
+
+
+def test_more_clusters_than_calibration_tokens_stop_prune_before_loading(tmp_path, capsys, no_model_loading):
+    assert cli.main(["prune", "smollm2", "--method", "sparse-expansion", "--clusters", "100000", "--nsamples", "4",
+                     "--seqlen", "512", "--output", str(tmp_path / "o")]) == 2
+    assert "--clusters 100000 with 2,048 calibration tokens" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     assert code == 0 and fits["verdict"] == "fits" and fits["peak_device"] < 24 * 2**30
     assert "verdict: fits" in table
     code, big, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "24GiB")
-    assert code == 0 and big["verdict"] == "not possible" and "--offload-activations" in big["fix"]
+    assert code == 1 and big["verdict"] == "not possible" and "--offload-activations" in big["fix"]
     code, one, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB")
     code, split, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB",
                               "--ranks", "8")
@@ -98,7 +98,7 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     assert all(g["clusters_per_chunk"] == 2 for g in split["groups"])  # 16 clusters over 8 ranks
     code, refused, _ = run_plan(capsys, "llama-2-7b", "--method", "sparse-expansion", "--clusters", "4",
                                 "--ranks", "8")
-    assert refused["verdict"] == "not possible" and "use at most 4 ranks" in refused["fix"]
+    assert code == 1 and refused["verdict"] == "not possible" and "use at most 4 ranks" in refused["fix"]
 
 
 def test_plan_sizes_follow_the_shapes():
@@ -130,6 +130,23 @@ def test_ranks_share_the_clusters_rounded_up(capsys):
                              "--ranks", "2", "--device-memory", "80GiB")
     assert code == 0 and plan["groups"]
     assert all(g["clusters_per_chunk"] == 3 and g["chunks"] == 1 for g in plan["groups"]), plan["groups"]
+
+
+def test_plan_counts_only_the_blocks_a_run_prunes(capsys):
+    """--blocks 0:2 of a 32-block model: the output and checkpoint hold 2 blocks' experts."""
+    args = ["llama-2-7b", "--method", "sparse-expansion", "--device-memory", "80GiB"]
+    _, whole, _ = run_plan(capsys, *args)
+    _, two, _ = run_plan(capsys, *args, "--blocks", "0:2")
+    dense = whole["dense_bytes"]
+    assert two["output_bytes"] - dense == pytest.approx((whole["output_bytes"] - dense) * 2 / 32, rel=1e-6)
+    assert two["checkpoint_bytes"] < whole["checkpoint_bytes"] / 8
+
+
+def test_more_clusters_than_calibration_tokens_are_refused(capsys):
+    code = cli.main(["plan", "llama-2-7b", "--method", "sparse-expansion", "--clusters", "5000",
+                     "--nsamples", "2", "--seqlen", "2048"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--clusters 5000 with 4,096 calibration tokens: at most one cluster per token" in err
 
 
 if __name__ == "__main__":  # the measurement of test_predicted_peak_is_within_a_quarter_of_the_measured_one
