@@ -245,7 +245,7 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
         raise UsageError(plan.fix)
     if shortfalls and not args.force:
         raise UsageError(f"{shortfalls[0]} (--force runs anyway)")
-    for shortfall in shortfalls:
+    for shortfall in shortfalls if distributed.rank() == 0 else []:
         print(f"sparse-expansion: warning: {shortfall}", file=sys.stderr)
     checkpoint = open_checkpoint(args)
     calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed,

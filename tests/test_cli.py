@@ -1,6 +1,7 @@
 """Bad input: one clear line on stderr, exit code 2, checked before loading, nothing at --output."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,9 +159,13 @@ def test_prune_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
     assert json.loads((out / "config.json").read_text())["use_cache"] is True  # calibration's False not saved
     card = (out / "README.md").read_text()  # the model card
-    assert card.startswith(f"# {tiny_folder}, pruned with sparsegpt at sparsity 2:4")
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- sparse-expansion\n- pruned\n- sparsegpt\n---\n")
+    assert f"\n# {tiny_folder}: FFN linears pruned with sparsegpt at sparsity 2:4\n" in card
     assert "sparse-expansion prune" in card and "--sparsity 2:4" in card and "4 windows of 64 tokens" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "import sparse_expansion" not in card
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~mask for f in out.iterdir()}
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--seqlen", "64", "--max-windows", "3", "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -201,7 +206,6 @@ def test_console_script_exit_code(tmp_path):
 
 def test_sigterm_unwinds_like_ctrl_c_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     """A scheduler's or torchrun's SIGTERM: exit 143, one line with the resume hint, no partial output."""
-    import os
     import signal
 
     def terminated(*a, **k):

@@ -2,6 +2,9 @@
 load it, from the run's metadata (sparse_expansion.json holds the full record)."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from ..version import __version__
 
 
@@ -15,7 +18,13 @@ def model_card(meta: dict, experts: bool) -> str:
     label = f"{method} ({options['clusters']} experts per linear)" if "clusters" in options else method
     source = arguments.get("model", "a model")
     layers = meta.get("layers") or []
-    lines = [f"# {source}, pruned with {label} at sparsity {config.get('sparsity', '?')}", "",
+    linears = "all linears" if config.get("targets") == "all" else "FFN linears"
+    blocks = config.get("blocks")
+    span = (f"block {blocks[0]}" if blocks[1] - blocks[0] == 1 else f"blocks {blocks[0]}-{blocks[1] - 1}") \
+        if blocks else ""
+    where = f"{linears} of {span}" if span else linears
+    lines = [*_front_matter(source, method, experts),
+             f"# {source}: {where} pruned with {label} at sparsity {config.get('sparsity', '?')}", "",
              f"Written by sparse-expansion {__version__}.", ""]
     if arguments:
         lines.append(f"- Calibration: {arguments.get('nsamples')} windows of {arguments.get('seqlen')} tokens of "
@@ -52,3 +61,11 @@ def model_card(meta: dict, experts: bool) -> str:
               "perplexity,wiki_lastword --seqlen 512`. `sparse_expansion.json` holds the arguments and the "
               "per-layer report.", ""]
     return "\n".join(lines)
+
+
+def _front_matter(source: str, method: str, experts: bool) -> list[str]:
+    """The Hugging Face model card's metadata header (YAML); a hub id becomes its base_model."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists()
+    tags = dict.fromkeys(["sparse-expansion", "pruned", method] + (["routed-experts"] if experts else []))
+    return ["---", "library_name: transformers", *([f"base_model: {source}"] if hub_id else []), "tags:",
+            *(f"- {tag}" for tag in tags), "---", ""]

@@ -33,6 +33,7 @@ from ..errors import UsageError
 from ..methods.expansion.experts import SparseExpertLinear, compress, decompress, pack_experts, unpack_experts
 from ..faults import fault_point
 from ..models import decoder_blocks
+from .outputs import readable
 from .packing import GRID, remember_grid
 from ..reports import PruneResult
 
@@ -46,6 +47,7 @@ def _write_file(path: Path, write) -> None:
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    readable(tmp)
     os.replace(tmp, path)
 
 

@@ -71,6 +71,9 @@ class PartialOutput:
 
     def commit(self) -> Path:
         fault_point("save")
+        for f in self.folder.iterdir():
+            if f.is_file():
+                readable(f)
         final = self.final
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -95,6 +98,13 @@ def write_atomically(output: str, write, overwrite: bool = False, partial: Parti
         return partial.commit()
     finally:
         partial.discard()
+
+
+def readable(path: Path) -> None:
+    """Give a written file the mode the user's umask allows (safetensors writes its files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def _alive(pid: str) -> bool:
