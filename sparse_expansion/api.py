@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
-from .data import calibration_windows, check_source
+from .data import calibration_windows
 from .driver import prune_model
 from .errors import UsageError
 from .storage.loading import load_model, load_tokenizer, model_dtype
@@ -84,8 +84,7 @@ def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | s
     else:
         if tokenizer is None:
             raise UsageError("calib names a text source: pass tokenizer=..., or token ids [N, L] as calib")
-        check_source(calib)
-        calibration = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
+        calibration = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)  # checks the source
     result = prune_model(model, calibration, config, progress=progress, device=device,
                          offload_activations=offload_activations)
     result.config = config.as_dict()

