@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checks
 from .config import PruneConfig
 from .data import calibration_windows
 from .driver import prune_model
@@ -72,6 +73,8 @@ def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | s
     config = PruneConfig(method, sparsity, bits=bits, targets=targets, batch_size=batch_size, sequential=sequential,
                          blocks=blocks, seed=seed, max_memory=max_memory, allocation=allocation, owl_m=owl_m,
                          owl_lambda=owl_lambda, options=options or None)
+    if device is not None:
+        checks.device(str(device))
     if isinstance(model, (str, Path)):
         reference = str(model)
         model, tokenizer = load_model(reference, model_dtype(reference, dtype), "cpu")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, setting
 from .kernels.backend import kernel_mode
 from .storage.loading import model_context
 
@@ -23,9 +23,10 @@ def device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+        raise UsageError(f"{setting('device', name)}: no CUDA device is available; use "
+                         f"{setting('device', 'cpu')}")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"--device {name!r}: use auto, cpu or cuda")
+        raise UsageError(f"{setting('device', name)}: use auto, cpu or cuda")
     return name
 
 

@@ -25,7 +25,7 @@ from .storage.checkpoint import Checkpoint
 from .config import ALLOCATIONS, PruneConfig
 from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .driver import check_calibration_tokens, check_shapes, prune_model
-from .errors import NumericalError, UsageError
+from .errors import NumericalError, UsageError, command_line_terms
 from .downstream import PERPLEXITY, WIKI_TASK, prepare_tasks, run_tasks
 from .evaluate import perplexity
 from .methods.expansion.experts import convert_experts
@@ -33,7 +33,7 @@ from .storage.loading import check_model_ref, load_model, load_tokenizer, meta_m
 from .memory import available_host_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
-from .models import family_of
+from .models import decoder_blocks, family_of
 from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
 from .methods.expansion.router import choose_backend
 from .storage.packing import FORMATS, check_format
@@ -53,6 +53,18 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, once: not for switches, required options or a
+    default of None (the help says what the absence means), nor where the help states it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.required or "default" in text
+                or any(action.default is value for value in (None, False, argparse.SUPPRESS))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
     """The arguments of a prune run; `plan` takes the same (so that a command line can swap one
     word for the other; it writes nothing) and the device to plan for."""
@@ -61,24 +73,29 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
                     + (f"; or a published shape: {', '.join(PUBLISHED)}" if planning else ""))
     pr.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparse-expansion")
     pr.add_argument("--sparsity", default="0.5", help="unstructured rate in [0, 1) or N:M (N pruned of every M)")
-    pr.add_argument("--bits", type=int, default=None, help="joint quantization of kept weights, 2-8 bits")
+    pr.add_argument("--bits", type=int, default=None,
+                    help="joint quantization of kept weights, 2-8 bits (default: none, the weights keep --dtype)")
     pr.add_argument("--calib", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
     pr.add_argument("--encoding", default="utf-8", help="how a .txt --calib/--data is decoded (e.g. latin-1, cp1252)")
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     pr.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--targets", default="ffn", help="ffn (default) or all (adds attention projections)")
-    pr.add_argument("--output", required=not planning, help="folder to write the pruned model to")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    pr.add_argument("--seed", type=int, default=0, help="draws the calibration windows (and seeds k-means)")
+    pr.add_argument("--targets", default="ffn", help="ffn or all (adds the attention projections)")
+    pr.add_argument("--output", required=not planning,
+                    help="folder to write the pruned model to" if not planning else
+                    "the prune run's output folder: its file system must hold the predicted output "
+                    "(default: disk not checked)")
+    hidden = argparse.SUPPRESS if planning else None  # prune's flags that plan takes and ignores
+    pr.add_argument("--overwrite", action="store_true", help=hidden or "replace an existing --output")
     pr.add_argument("--format", default="auto", choices=FORMATS,
-                    help="baselines' weights: dense (pruned entries zero, in --dtype) or compressed-tensors integer "
-                         "weights (needs --bits); auto: compressed-tensors when --bits is given")
-    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+                    help=hidden or "baselines' weights: dense (pruned entries zero, in --dtype) or compressed-tensors "
+                                   "integer weights (needs --bits); auto: compressed-tensors when --bits is given")
+    pr.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     pr.add_argument("--dtype", default="auto",
                     help="auto (the checkpoint's dtype), bfloat16, float16 or float32: the model, its activations "
                          "and the saved weights (Hessians and solves are fp32)")
     pr.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    pr.add_argument("--blocks", default=None, help="prune only decoder blocks START:END (default: all)")
+    pr.add_argument("--blocks", default=None, help="prune only decoder blocks START:END (default: all of them)")
     pr.add_argument("--sequential", action="store_true",
                     help="collect each group's inputs after the block's earlier groups are pruned")
     pr.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
@@ -86,15 +103,17 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
                          "more kept where a block has more outlier weights (Yin et al., 2024)")
     pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outliers score above M x the block's mean")
     pr.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: largest departure from --sparsity")
-    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument("--quiet", action="store_true", help=hidden or "no progress bars")
     lr = pr.add_argument_group("long runs")
     lr.add_argument("--checkpoint-dir", default=None,
-                    help="save every finished block here; re-running the same command resumes after the last one")
+                    help="save every finished block here; re-running the same command resumes after the last one "
+                         "(default: no checkpoint)")
     if planning:
         lr.add_argument("--device-memory", default=None,
-                        help="memory of the GPU to plan for, e.g. 24GiB (default: this machine's free GPU memory; "
-                             "with --device cpu: the RAM to plan for, default unbounded)")
-        lr.add_argument("--ranks", type=int, default=1, help="processes (one GPU each) the run will use under torchrun")
+                        help="memory to plan for, e.g. 24GiB: the GPU's, or the host's RAM with --device cpu "
+                             "(default: this machine's free GPU memory; no bound on a CPU)")
+        lr.add_argument("--ranks", type=int, default=1,
+                        help="processes (one GPU each) the run will use under torchrun")
         lr.add_argument("--json", action="store_true", help="end with the plan as one JSON line")
     lr.add_argument("--max-memory", default=None,
                     help="bytes Sparse Expansion's cluster Hessians and solve may use, e.g. 20GiB: it accumulates and "
@@ -102,9 +121,8 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
                          "the GPU's, or the host's on a CPU)")
     lr.add_argument("--offload-activations", action="store_true",
                     help="keep the calibration activations on the CPU between blocks (GPU runs)")
-    if not planning:
-        lr.add_argument("--force", action="store_true",
-                        help="run even when the plan predicts too little memory or disk (its estimates may err)")
+    lr.add_argument("--force", action="store_true",
+                    help=hidden or "run even when the plan predicts too little memory or disk (its estimates may err)")
     taken: set[str] = set()
     for name, cls in METHODS.items():  # each method's own options, from its Options dataclass
         cls.Options.add_arguments(pr.add_argument_group(f"{name} options"), taken)
@@ -115,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _HelpFormatter
     pr = sub.add_parser("prune", help="prune a model layer by layer and save it", formatter_class=defaults)
     _add_run_arguments(pr, planning=False)
     pl = sub.add_parser("plan", help="predict a prune run's memory, chunking and sizes from the config alone",
@@ -127,8 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", default=PERPLEXITY,
                     help=f"comma-separated: {PERPLEXITY} (held-out perplexity of --data) and/or lm-eval tasks, "
                          f"e.g. {WIKI_TASK} (embedded, offline), hellaswag (needs the network)")
-    ev.add_argument("--limit", type=int, default=None, help="lm-eval tasks: score the first N documents of each")
-    ev.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="lm-eval tasks: score the first N documents of each (default: all)")
+    ev.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files (default: none)")
     ev.add_argument("--experts", default="saved", choices=["saved", "dense"],
                     help="routed experts as saved (compressed), or dense: faster on a CPU, K dense copies in memory")
     ev.add_argument("--data", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
@@ -136,15 +155,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="auto", choices=["auto", "test", "all"],
                     help="test: the held-out side of the source (1 document in 10 for wiki and files); all: every "
                          "document; auto: test for wiki, sotu, wikitext2 and c4, all for your own file or folder")
-    ev.add_argument("--seqlen", type=int, default=2048)
-    ev.add_argument("--max-windows", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
+    ev.add_argument("--max-windows", type=int, default=None,
+                    help="score at most this many perplexity windows (default: every window of the split)")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows (or lm-eval requests) per forward pass")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     ev.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype), bfloat16, float16 or float32")
     ev.add_argument("--json", action="store_true", help="end with one JSON line")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    add_analyze_parser(sub)
+    add_analyze_parser(sub, defaults)
     return p
 
 
@@ -211,9 +231,20 @@ def cmd_plan(args) -> int:
     print(f"plan: {args.model}, {config.make_method().label()} at sparsity {config.sparsity}, "
           f"{args.nsamples} x {args.seqlen} tokens, {args.ranks} rank(s) on {device}")
     print(plan.table())
+    disk = disk_shortfalls(args, plan)
+    for shortfall in disk:
+        print(f"not possible: {shortfall}")
     if args.json:
-        print(json.dumps(plan.to_dict()))
-    return 1 if plan.fix else 0  # "not possible": a script can test the exit code
+        print(json.dumps({**plan.to_dict(), "disk": disk}))
+    return 1 if plan.fix or disk else 0  # "not possible": a script can test the exit code
+
+
+def disk_shortfalls(args, plan: Plan) -> list[str]:
+    """What the file systems of --output and --checkpoint-dir lack for the plan's sizes."""
+    shortfalls = [checks.disk_shortfall(args.output, plan.output_bytes, "the output") if args.output else None,
+                  checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint")
+                  if args.checkpoint_dir else None]
+    return [s for s in shortfalls if s]
 
 
 def open_checkpoint(args) -> Checkpoint | None:
@@ -235,12 +266,9 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     distributed.init_from_env(device)  # under torchrun: one process per GPU (or CPU rank)
     device = distributed.local_device(device)
     plan = make_plan(args, config, device, device_memory(device), distributed.world_size())
-    shortfalls = [plan.fix]  # before any weight loads: memory, then disk
+    shortfalls = [plan.fix] if plan.fix else []  # before any weight loads: memory, then disk
     if distributed.rank() == 0:  # rank 0 writes the output and the checkpoint
-        shortfalls.append(checks.disk_shortfall(args.output, plan.output_bytes, "the output"))
-        if args.checkpoint_dir:
-            shortfalls.append(checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint"))
-    shortfalls = [s for s in shortfalls if s]
+        shortfalls += disk_shortfalls(args, plan)
     if plan.invalid:
         raise UsageError(plan.fix)
     if shortfalls and not args.force:
@@ -253,7 +281,8 @@ def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
     if checkpoint is not None:
         checkpoint.bind(config, calib, device, model_dtype(args.model, args.dtype))
         if distributed.rank() == 0:
-            print(checkpoint.describe(), file=sys.stderr)
+            end = (config.blocks or (0, len(decoder_blocks(meta_model(args.model)))))[1]
+            print(checkpoint.describe(end), file=sys.stderr)
     return config, device, checkpoint, calib
 
 
@@ -340,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):  # transformers' own loading/saving bars too
         hf_logging.disable_progress_bar()
     try:
-        return {"prune": cmd_prune, "plan": cmd_plan, "eval": cmd_eval, "analyze": cmd_analyze}[args.command](args)
+        with command_line_terms():
+            return {"prune": cmd_prune, "plan": cmd_plan, "eval": cmd_eval, "analyze": cmd_analyze}[args.command](args)
     except UsageError as e:
         print(f"sparse-expansion: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .errors import UsageError
+from .errors import UsageError, option, setting
 from .methods import Method, MethodOptions, method_class
 from .sparsity import Sparsity, check_bits
 
@@ -36,24 +36,25 @@ class PruneConfig:
             self.sparsity = Sparsity.parse(str(self.sparsity))
         check_bits(self.bits)
         if self.targets not in TARGETS:
-            raise UsageError(f"--targets {self.targets!r}: use ffn or all")
+            raise UsageError(f"{setting('targets', self.targets)}: use ffn or all")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise UsageError(f"{setting('batch_size', self.batch_size)}: must be at least 1")
         if self.blocks is not None:
             self.blocks = tuple(self.blocks)
         if self.max_memory is not None and self.max_memory < 1:
-            raise UsageError(f"--max-memory {self.max_memory}: give a positive size such as 20GiB")
+            raise UsageError(f"{setting('max_memory', self.max_memory)}: give a positive size such as 20GiB")
         if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"--allocation {self.allocation!r}: use {' or '.join(ALLOCATIONS)}")
+            raise UsageError(f"{setting('allocation', self.allocation)}: use {' or '.join(ALLOCATIONS)}")
         if self.allocation == "owl":
             if self.sparsity.structured:
-                raise UsageError(f"--allocation owl gives each block its own rate; N:M ({self.sparsity}) has one rate")
+                raise UsageError(f"{setting('allocation', 'owl')} gives each block its own rate; "
+                                 f"N:M ({self.sparsity}) has one rate")
             if self.owl_m <= 0:
-                raise UsageError(f"--owl-m {self.owl_m}: must be positive (the paper uses 5)")
+                raise UsageError(f"{setting('owl_m', self.owl_m)}: must be positive (the paper uses 5)")
             limit = min(self.sparsity.rate, 1 - self.sparsity.rate)
             if not (0 <= self.owl_lambda < limit or self.owl_lambda == 0):
-                raise UsageError(f"--owl-lambda {self.owl_lambda}: block rates {self.sparsity.rate:g} +- lambda must "
-                                 f"stay inside (0, 1); use 0 <= lambda < {limit:g}")
+                raise UsageError(f"{setting('owl_lambda', self.owl_lambda)}: block rates {self.sparsity.rate:g} +- "
+                                 f"lambda must stay inside (0, 1); use 0 <= lambda < {limit:g}")
         if self.options is None:
             self.options = cls.Options()
         elif isinstance(self.options, dict):
@@ -65,8 +66,8 @@ class PruneConfig:
         elif type(self.options) is not cls.Options:
             raise UsageError(f"{self.method} takes {cls.Options.__name__}, not {type(self.options).__name__}")
         if self.bits is not None and (getattr(self.options, "refine_iterations", 0) or 0) > 0:
-            raise UsageError("--refine-iterations re-solves the kept weights off the quantization grid; "
-                             "use --refine-iterations 0 with --bits")
+            raise UsageError(f"{option('refine_iterations')} re-solves the kept weights off the quantization grid; "
+                             f"use {setting('refine_iterations', 0)} with {option('bits')}")
 
     def make_method(self) -> Method:
         return method_class(self.method)(self)

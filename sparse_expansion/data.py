@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, setting
 from .storage.packages import cache_dir, package_folder, require
 
 SOURCES = ("wiki", "sotu", "wikitext2", "c4")
@@ -102,8 +102,8 @@ def text_documents(path: str, encoding: str = "utf-8") -> list[str]:
     try:
         codecs.lookup(encoding)
     except LookupError:
-        raise UsageError(f"--encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, cp1252)") \
-            from None
+        raise UsageError(f"{setting('encoding', encoding)} is not an encoding Python knows "
+                         f"(e.g. utf-8, latin-1, cp1252)") from None
     files = sorted(Path(path).glob("*.txt")) if Path(path).is_dir() else [Path(path)]
     docs = []
     for f in files:
@@ -159,7 +159,7 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     train, _ = load_split(source, encoding)
     ids = tokenize(tokenizer, " ".join(train))
     if ids.numel() <= seqlen + 1:
-        raise UsageError(f"{source!r} has {ids.numel()} train tokens, too few for --seqlen {seqlen}")
+        raise UsageError(f"{source!r} has {ids.numel()} train tokens, too few for {setting('seqlen', seqlen)}")
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s:s + seqlen] for s in starts])

@@ -111,6 +111,23 @@ def _lm_eval_logging(level: int):
         logger.setLevel(before)
 
 
+@contextlib.contextmanager
+def _no_git_lookup():
+    """lm-eval records the git commit of the working directory by running `git describe`, whose
+    "fatal: not a git repository" reaches the terminal outside a repository; the commit of the
+    caller's directory says nothing about the evaluated model, so the lookup is skipped."""
+    from lm_eval import evaluator
+    if not hasattr(evaluator, "get_git_commit_hash"):  # a release that no longer looks it up
+        yield
+        return
+    lookup = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = lookup
+
+
 def run_tasks(model, tokenizer, tasks: list[str], manager, limit: int | None = None, batch_size: int = 8,
               progress: bool = True) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from lm-eval's `simple_evaluate` on the model object (stderrs as
@@ -120,7 +137,7 @@ def run_tasks(model, tokenizer, tasks: list[str], manager, limit: int | None = N
     with _lm_eval_logging(logging.ERROR):  # its notes on a passed-in model object
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     bars = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-    with _dataset_errors(), bars, _lm_eval_logging(logging.WARNING if progress else logging.ERROR):
+    with _dataset_errors(), bars, _lm_eval_logging(logging.WARNING if progress else logging.ERROR), _no_git_lookup():
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                       bootstrap_iters=1000, log_samples=False)
     results = {}

@@ -24,7 +24,7 @@ from . import distributed
 from .allocation import block_outlier_ratios, owl_rates
 from .storage.checkpoint import Checkpoint
 from .config import PruneConfig
-from .errors import NumericalError, UsageError
+from .errors import NumericalError, UsageError, in_command_line, option, setting
 from .faults import fault_point
 from .memory import PeakMemory, trim_malloc
 from .methods import Method
@@ -36,8 +36,11 @@ from .sparsity import Sparsity
 
 def check_block_range(start: int, end: int, count: int) -> None:
     if not 0 <= start < end <= count:
-        raise UsageError(f"--blocks {start}:{end}: the model has blocks 0 to {count}; give START:END with "
-                         f"0 <= START < END <= {count}")
+        if in_command_line():
+            given, form = f"{start}:{end}", f"START:END with 0 <= START < END <= {count}"
+        else:
+            given, form = (start, end), f"(start, end) with 0 <= start < end <= {count}"
+        raise UsageError(f"{setting('blocks', given)}: the model has blocks 0 to {count}; give {form}")
 
 
 def check_shapes(model: nn.Module, config: PruneConfig) -> None:
@@ -55,8 +58,8 @@ def check_calibration_tokens(config: PruneConfig, tokens: int) -> None:
     """Enough calibration tokens for the method: k-means needs at least one token per cluster."""
     clusters = getattr(config.options, "clusters", 1)
     if clusters > tokens:
-        raise UsageError(f"--clusters {clusters} with {tokens:,} calibration tokens: at most one cluster per token; "
-                         f"lower --clusters or raise --nsamples / --seqlen")
+        raise UsageError(f"{setting('clusters', clusters)} with {tokens:,} calibration tokens: at most one cluster per "
+                         f"token; lower {option('clusters')} or raise {option('nsamples')} / {option('seqlen')}")
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import UsageError, setting
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def target_groups(model: nn.Module, targets: str = "ffn") -> tuple[tuple[str, ..
         return fam.ffn
     if targets == "all":
         return fam.attention + fam.ffn
-    raise UsageError(f"--targets {targets!r}: use ffn or all")
+    raise UsageError(f"{setting('targets', targets)}: use ffn or all")
 
 
 # ---- weights of nn.Linear and GPT-2's Conv1D, as [out, in] -------------------------------------

@@ -18,7 +18,8 @@ docs/large-models.md for the measured comparison). `prune` uses it to refuse up 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -143,11 +144,14 @@ def expert_bytes(rows: int, columns: int, clusters: int, density: float, element
 
 def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, dtype: torch.dtype,
              device: str = "cpu", device_memory: int | None = None, ranks: int = 1,
-             offload_activations: bool = False, spill: bool = True) -> Plan:
+             offload_activations: bool = False, spill: bool = True, advise: bool = True) -> Plan:
     """The predicted stages of one block of `model` (a meta model is enough) pruned with `config`
     on `nsamples` x `seqlen` calibration tokens in `dtype`, on `device` with `device_memory`
     bytes (None: unbounded), the work split over `ranks` processes; `spill`: finished blocks'
-    experts leave the host for the output (prune's way; prune_model without `spill` keeps them)."""
+    experts leave the host for the output (prune's way; prune_model without `spill` keeps them);
+    `advise`: a plan that does not fit names the changes whose plans fit."""
+    arguments = dict(model=model, config=config, nsamples=nsamples, seqlen=seqlen, dtype=dtype, device=device,
+                     device_memory=device_memory, ranks=ranks, offload_activations=offload_activations, spill=spill)
     e = torch.tensor([], dtype=dtype).element_size()
     cfg, o = model.config, config.options
     gpu = torch.device(device).type == "cuda"
@@ -258,7 +262,12 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     except UsageError as refusal:
         plan.invalid, plan.fix = True, str(refusal)
     if device_memory is not None and not plan.fix and (plan.peak_device if gpu else plan.peak_host) > device_memory:
-        plan.fix = _fix(plan, offload_activations, expansion, gpu)
+        where = "device" if gpu else "memory"
+        plan.fix = (f"one block needs {gib(plan.peak_device if gpu else plan.peak_host)} of {where}, "
+                    f"{gib(device_memory)} available")
+        if advise:
+            plan.fix += "; " + _what_fits(lambda **change: plan_run(**{**arguments, **change, "advise": False}),
+                                          config, nsamples, seqlen, ranks, offload_activations, gpu)
     # the checkpoint keeps every method's pruned linears compressed (values + bitmask)
     saved_block = sum(expert_bytes(r, c, clusters, density, e) for r, c in targets)
     plan.checkpoint_bytes = pruned_blocks * saved_block + tokens * hidden * e
@@ -274,12 +283,31 @@ def _chunks_peak(share: int, per_chunk: int, cost: int, group_experts: int, clus
                for start in range(0, share, size))
 
 
-def _fix(plan: Plan, offloaded: bool, expansion: bool, gpu: bool) -> str:
-    where = "device" if gpu else "memory"
-    need = f"one block needs {gib(plan.peak_device if gpu else plan.peak_host)} of {where}, " \
-           f"{gib(plan.device_memory)} available"
-    if gpu and not offloaded:
-        return f"{need}; add --offload-activations, or lower --nsamples / --seqlen"
-    if expansion:
-        return f"{need}; lower --max-cluster-tokens, --nsamples / --seqlen or --clusters, or use more ranks"
-    return f"{need}; lower --nsamples / --seqlen, or use a larger device"
+def _what_fits(replan: Callable[..., Plan], config: PruneConfig, nsamples: int, seqlen: int, ranks: int,
+               offloaded: bool, gpu: bool) -> str:
+    """The changes whose plans fit, as flags: --offload-activations on a GPU, with it the largest
+    --nsamples, --max-cluster-tokens or --clusters (halving), or the fewest ranks (doubling, to 8)."""
+    base = {} if offloaded or not gpu else {"offload_activations": True}
+    flags = "--offload-activations " if base else ""
+    fits = lambda **change: not replan(**base, **change).fix  # noqa: E731
+    if base and fits():
+        return "add --offload-activations"
+    found = []
+    halved = [n for n in (nsamples >> k for k in range(1, nsamples.bit_length())) if n >= 1]
+    if config.method == "sparse-expansion":
+        halved = [n for n in halved if n * seqlen >= config.options.clusters]
+    found += [f"{flags}--nsamples {n}" for n in halved if fits(nsamples=n)][:1]
+    if config.method == "sparse-expansion":
+        o = config.options
+        for name, lowest in (("max_cluster_tokens", o.clusters), ("clusters", 1)):
+            value = getattr(o, name)
+            values = [v for v in (value >> k for k in range(1, value.bit_length())) if v >= lowest]
+            options = lambda v: replace(config, options=replace(o, **{name: v}))  # noqa: E731
+            found += [f"{flags}--{name.replace('_', '-')} {v}" for v in values if fits(config=options(v))][:1]
+    if gpu:
+        found += [f"{flags}{r} ranks" for r in (2, 4, 8) if r > ranks and fits(ranks=r)][:1]
+    if not found:
+        tried = ["--offload-activations"] * bool(base) + ["a lower --nsamples"] \
+            + ["--max-cluster-tokens", "--clusters"] * (config.method == "sparse-expansion") + ["up to 8 ranks"] * gpu
+        return f"nothing tried fits ({', '.join(tried)}); use a device with more memory"
+    return "fits with " + "; or ".join(found)

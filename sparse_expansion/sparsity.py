@@ -1,7 +1,7 @@
 """Sparsity targets: an unstructured rate in [0, 1) or an N:M pattern (N pruned of every M)."""
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import UsageError, option, setting
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,18 @@ class Sparsity:
             try:
                 n, m = (int(p) for p in text.split(":"))
             except ValueError:
-                raise UsageError(f"--sparsity {text!r}: write N:M with integers, e.g. 2:4") from None
+                raise UsageError(f"{setting('sparsity', text)}: write N:M with integers, e.g. 2:4") from None
             if not 1 <= n < m:
-                raise UsageError(f"--sparsity {text}: N:M needs 1 <= N < M (N pruned of every M), e.g. 2:4")
+                raise UsageError(f"{setting('sparsity', text)}: N:M needs 1 <= N < M (N pruned of every M), "
+                                 f"e.g. 2:4")
             return cls(n / m, n, m)
         try:
             rate = float(text)
         except ValueError:
-            raise UsageError(f"--sparsity {text!r}: give a rate in [0, 1) such as 0.5, or N:M such as 2:4") from None
+            raise UsageError(f"{setting('sparsity', text)}: give a rate in [0, 1) such as 0.5, or N:M such "
+                             f"as 2:4") from None
         if not 0.0 <= rate < 1.0:
-            raise UsageError(f"--sparsity {text}: the rate must lie in [0, 1), e.g. 0.5")
+            raise UsageError(f"{setting('sparsity', text)}: the rate must lie in [0, 1), e.g. 0.5")
         return cls(rate)
 
     def check_columns(self, columns: int, layer: str = "layer") -> None:
@@ -44,4 +46,5 @@ class Sparsity:
 
 def check_bits(bits: int | None) -> None:
     if bits is not None and not 2 <= bits <= 8:
-        raise UsageError(f"--bits {bits}: joint quantization supports 2 to 8 bits; omit --bits for none")
+        raise UsageError(f"{setting('bits', bits)}: joint quantization supports 2 to 8 bits; omit {option('bits')} "
+                         f"for none")

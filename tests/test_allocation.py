@@ -70,9 +70,9 @@ def test_owl_over_a_block_range_is_normalised_over_that_range():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(sparsity="2:4", allocation="owl"), "N:M"),
-    (dict(allocation="owl", owl_lambda=0.5), "--owl-lambda"),
-    (dict(allocation="owl", owl_m=0), "--owl-m"),
-    (dict(allocation="layerwise"), "--allocation"),
+    (dict(allocation="owl", owl_lambda=0.5), "owl_lambda=0.5: "),
+    (dict(allocation="owl", owl_m=0), "owl_m=0: "),
+    (dict(allocation="layerwise"), "allocation=.layerwise.: "),
 ])
 def test_bad_allocations_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=message):

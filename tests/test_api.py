@@ -58,6 +58,34 @@ def test_prune_checks_its_arguments_in_api_terms():
     assert {r.block for r in result.layers} == {1}
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(blocks=(0, 40)), "blocks=(0, 40): the model has blocks 0 to 2; give (start, end) with"),
+    (dict(targets="mlp"), "targets='mlp': use ffn or all"),
+    (dict(batch_size=0), "batch_size=0: must be at least 1"),
+    (dict(sparsity=1.5), "sparsity='1.5': the rate must lie in [0, 1)"),
+    (dict(bits=9), "bits=9: joint quantization supports 2 to 8 bits; omit bits for none"),
+    (dict(percdamp=2.0), "percdamp=2.0: use a fraction in (0, 1)"),
+    (dict(method="sparse-expansion", clusters=100), "clusters=100 with 32 calibration tokens: at most one cluster "
+                                                    "per token; lower clusters or raise nsamples / seqlen"),
+    (dict(device="tpu"), "device='tpu': use auto, cpu or cuda"),
+])
+def test_errors_from_python_name_keywords_not_flags(kwargs, message):
+    """The checks the CLI shares with the API speak the caller's language: `blocks=(0, 40)`,
+    not `--blocks 0:40`."""
+    with pytest.raises(UsageError) as error:
+        se.prune(tiny_model("llama"), **{"method": "sparsegpt", "calib": random_tokens(2, 16), **kwargs},
+                 progress=False)
+    assert message in str(error.value) and "--" not in str(error.value), str(error.value)
+
+
+def test_save_refusals_name_keywords(tmp_path):
+    model = tiny_model("llama")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UsageError, match="output='.*taken' already exists; choose another folder or pass "
+                                         "overwrite=True"):
+        se.save(model, tmp_path / "taken")
+
+
 def test_the_api_and_the_command_line_have_one_default_method():
     import inspect
 

@@ -74,7 +74,7 @@ def test_config_accepts_strings_and_checks_itself():
         PruneConfig("obc")
     with pytest.raises(UsageError, match="takes ExpansionOptions, not SparseGPTOptions"):
         PruneConfig("sparse-expansion", options=PruneConfig("sparsegpt").options)
-    with pytest.raises(UsageError, match="--batch-size 0"):
+    with pytest.raises(UsageError, match="batch_size=0: must be at least 1"):
         PruneConfig(batch_size=0)
 
 

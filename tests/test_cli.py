@@ -138,6 +138,9 @@ def test_a_disk_too_small_for_the_output_or_checkpoint_is_warned_of_before_loadi
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 2 and "the output needs about 0.5" in warnings[0]  # SmolLM2 in fp32
     assert "the checkpoint needs" in warnings[1] and "0.00 GiB free" in warnings[1]
+    assert cli.main(["plan", *args[1:], "--device", "cpu"]) == 1  # plan sees what prune would refuse
+    out = capsys.readouterr().out
+    assert "not possible: the output needs about 0.5" in out and "not possible: the checkpoint needs" in out
 
 
 def test_bad_eval_arguments(capsys, no_model_loading):
@@ -197,6 +200,19 @@ def test_a_model_folder_without_tokenizer_is_refused(tiny_folder, tmp_path, caps
     assert "holds no tokenizer" in err and len(err.splitlines()) == 1
 
 
+def test_a_corrupt_tokenizer_is_one_line_before_any_weights_load(tiny_folder, tmp_path, capsys, monkeypatch):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    (broken / "tokenizer.json").write_text('{"model": {broken')
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    for command in (["eval", str(broken)], ["prune", str(broken), "--nsamples", "2", "--output", str(tmp_path / "o")]):
+        assert cli.main([*command, "--seqlen", "64"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "its tokenizer files cannot be read (JSONDecodeError" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
 def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("sparse-expansion")
     run = subprocess.run([str(exe), "prune", "smollm2", "--sparsity", "2", "--output", str(tmp_path / "o")],
@@ -237,7 +253,7 @@ def test_text_that_is_not_utf8_or_not_text_is_one_line_naming_the_file(tmp_path,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "blob.txt: a binary file, not text (a NUL byte at offset 3)" in err
         assert cli.main([*command, str(latin), "--encoding", "utf-9", *out]) == 2
-        assert "--encoding 'utf-9' is not an encoding" in capsys.readouterr().err
+        assert "--encoding utf-9 is not an encoding" in capsys.readouterr().err
     from sparse_expansion.data import text_documents
     assert text_documents(str(latin), "latin-1") == ["Caf\u00e9 au lait.", "Un autre paragraphe."]
     assert not (tmp_path / "o").exists()
@@ -298,3 +314,37 @@ def test_more_clusters_than_calibration_tokens_stop_prune_before_loading(tmp_pat
     assert cli.main(["prune", "smollm2", "--method", "sparse-expansion", "--clusters", "100000", "--nsamples", "4",
                      "--seqlen", "512", "--output", str(tmp_path / "o")]) == 2
     assert "--clusters 100000 with 2,048 calibration tokens" in capsys.readouterr().err
+
+
+def _options(subcommand: str):
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    command = sub.choices[subcommand]
+    return command, [a for a in command._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("subcommand", ["prune", "plan", "eval", "analyze"])
+def test_every_option_has_help_and_states_its_default_once(subcommand):
+    import argparse
+    command, actions = _options(subcommand)
+    text = command.format_help()
+    for action in actions:
+        if action.help == argparse.SUPPRESS:
+            assert subcommand == "plan", action.option_strings  # prune's flags that plan accepts and ignores
+            continue
+        assert action.help and action.help.strip(), f"{subcommand} {action.option_strings[0]} has no help"
+        shown = command._get_formatter()._format_action(action)
+        switch = isinstance(action, argparse._StoreTrueAction)
+        assert shown.count("default") == (0 if switch or action.required else 1), shown
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_plan_help_lists_only_what_plan_uses_but_takes_a_prune_command_line():
+    import argparse
+    _, actions = _options("plan")
+    hidden = {a.option_strings[0] for a in actions if a.help == argparse.SUPPRESS}
+    assert hidden == {"--overwrite", "--quiet", "--format", "--force"}
+    text = _options("plan")[0].format_help()
+    assert not any(flag in text for flag in hidden)
+    prune_line = ["smollm2", "--output", "out", "--overwrite", "--quiet", "--format", "dense", "--force"]
+    assert cli._parser().parse_args(["plan", *prune_line]).model == "smollm2"

@@ -1,5 +1,9 @@
 """lm-eval on the loaded model object: the embedded wiki_lastword task, local task files, the CLI."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +87,14 @@ def test_bad_task_arguments_stop_before_the_model_loads(extra, message, tiny_fol
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli.main(["eval", str(tiny_folder), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_outside_a_git_repository_prints_no_git_error(tiny_folder, tmp_path):
+    """lm-eval's lookup of the working directory's commit is skipped: no "fatal: not a git
+    repository" on the terminal of a user who evaluates from an ordinary folder."""
+    exe = Path(sys.executable).with_name("sparse-expansion")
+    run = subprocess.run([str(exe), "eval", str(tiny_folder), "--tasks", WIKI_TASK, "--limit", "2", "--quiet"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "GIT_CEILING_DIRECTORIES":
+                                                                             str(tmp_path.parent)})
+    assert run.returncode == 0, run.stderr
+    assert "fatal" not in run.stderr and "git" not in run.stderr, run.stderr

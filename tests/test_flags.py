@@ -84,7 +84,7 @@ def test_bad_block_ranges(tiny_folder, small_corpus, tmp_path, capsys, blocks, m
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("extra,message", [
     (["--device", "cuda"], "--device cuda: no CUDA device is available; use --device cpu"),
-    (["--device", "tpu"], "--device 'tpu': use auto, cpu or cuda"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu or cuda"),
     (["--method", "sparse-expansion", "--kmeans-backend", "cuml"], "--kmeans-backend cuml needs a CUDA device")])
 def test_devices_that_are_not_here_are_refused(tiny_folder, small_corpus, tmp_path, capsys, extra, message):
     assert prune(tiny_folder, small_corpus, tmp_path / "out", *extra) == 2
@@ -199,7 +199,7 @@ def test_a_bf16_checkpoint_is_pruned_and_saved_in_bf16(tmp_path, small_corpus, s
 
 def test_an_unknown_dtype_is_refused(tiny_folder, small_corpus, tmp_path, capsys):
     assert prune(tiny_folder, small_corpus, tmp_path / "out", "--dtype", "int8") == 2
-    assert "--dtype 'int8': use auto (the checkpoint's dtype), bfloat16, float16, float32" in error_of(capsys)
+    assert "--dtype int8: use auto (the checkpoint's dtype), bfloat16, float16, float32" in error_of(capsys)
 
 
 def test_max_memory_chunks_the_expert_solve_through_the_cli(tiny_folder, small_corpus, tmp_path):

@@ -90,7 +90,7 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     assert code == 0 and fits["verdict"] == "fits" and fits["peak_device"] < 24 * 2**30
     assert "verdict: fits" in table
     code, big, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "24GiB")
-    assert code == 1 and big["verdict"] == "not possible" and "--offload-activations" in big["fix"]
+    assert code == 1 and big["verdict"] == "not possible" and "nothing tried fits (--offload-activations" in big["fix"]
     code, one, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB")
     code, split, _ = run_plan(capsys, "llama-2-70b", "--method", "sparse-expansion", "--device-memory", "80GiB",
                               "--ranks", "8")
@@ -99,6 +99,22 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     code, refused, _ = run_plan(capsys, "llama-2-7b", "--method", "sparse-expansion", "--clusters", "4",
                                 "--ranks", "8")
     assert code == 1 and refused["verdict"] == "not possible" and "use at most 4 ranks" in refused["fix"]
+
+
+@pytest.mark.parametrize("args", [["llama-2-7b", "--method", "sparsegpt", "--device-memory", "8GiB"],
+                                  ["llama-2-70b", "--method", "sparse-expansion", "--device-memory", "40GiB"],
+                                  ["llama-2-13b", "--method", "sparse-expansion", "--device-memory", "16GiB",
+                                   "--offload-activations"]])
+def test_plan_suggests_only_changes_whose_plans_fit(capsys, args):
+    code, plan, _ = run_plan(capsys, *args)
+    assert code == 1 and ("; fits with " in plan["fix"] or "; add --offload-activations" in plan["fix"]), plan["fix"]
+    suggestions = plan["fix"].split("; ", 1)[1].removeprefix("fits with ").removeprefix("add ").split("; or ")
+    for suggestion in suggestions:
+        extra = suggestion.split()
+        if extra[-1] == "ranks":
+            extra = [*extra[:-2], "--ranks", extra[-2]]
+        code, fixed, _ = run_plan(capsys, *args, *extra)
+        assert code == 0 and fixed["verdict"] != "not possible", (suggestion, fixed["fix"])
 
 
 def test_plan_sizes_follow_the_shapes():

@@ -148,8 +148,9 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def add_analyze_parser(sub) -> None:
-    an = sub.add_parser("analyze", help="neuron analysis: Wasserstein neurons, output distributions, ablation")
+def add_analyze_parser(sub, formatter_class) -> None:
+    an = sub.add_parser("analyze", help="neuron analysis: Wasserstein neurons, output distributions, ablation",
+                        formatter_class=formatter_class)
     an.add_argument("model", help="model reference as for prune")
     an.add_argument("--experiment", default="all",
                     help="neurons, histograms, clusters, sparsity-sweep, ablation, a comma-separated list, or all")
@@ -161,8 +162,8 @@ def add_analyze_parser(sub) -> None:
     an.add_argument("--sparsity", default="0.9", help="rate of the SparseGPT / Sparse Expansion variants")
     an.add_argument("--clusters", type=int, default=16, help="Sparse Expansion experts of the variants")
     an.add_argument("--cluster-counts", default="1,2,4,8,16", help="cluster counts of the clusters experiment")
-    an.add_argument("--pca-factor", type=int, default=32)
-    an.add_argument("--kmeans-restarts", type=int, default=10)
+    an.add_argument("--pca-factor", type=int, default=32, help="routers project to in_features / this before k-means")
+    an.add_argument("--kmeans-restarts", type=int, default=10, help="k-means restarts of the routers")
     an.add_argument("--refine-iterations", type=int, default=0,
                     help="re-solve steps on the mask, for the SparseGPT and Sparse Expansion variants alike "
                          "(0: the paper's methods)")
@@ -173,15 +174,15 @@ def add_analyze_parser(sub) -> None:
                     help="leading positions of each window left out of the output distributions")
     an.add_argument("--calib", default="wiki", help="source: calibration from its train split, held-out from its test")
     an.add_argument("--nsamples", type=int, default=32, help="calibration windows (Hessians, routers)")
-    an.add_argument("--seqlen", type=int, default=256)
+    an.add_argument("--seqlen", type=int, default=256, help="tokens per calibration and held-out window")
     an.add_argument("--eval-windows", type=int, default=32, help="held-out windows giving the output distributions")
-    an.add_argument("--ablation-sparsity", default="0.9")
-    an.add_argument("--ablation-nsamples", type=int, default=16)
-    an.add_argument("--ablation-seqlen", type=int, default=512)
+    an.add_argument("--ablation-sparsity", default="0.9", help="rate of the ablation's pruned models")
+    an.add_argument("--ablation-nsamples", type=int, default=16, help="calibration windows of the ablation")
+    an.add_argument("--ablation-seqlen", type=int, default=512, help="tokens per window of the ablation")
     an.add_argument("--ablation-eval-windows", type=int, default=8, help="held-out windows of the perplexities")
     an.add_argument("--random-seeds", type=int, default=1, help="random selections of the ablation")
-    an.add_argument("--seed", type=int, default=0)
-    an.add_argument("--batch-size", type=int, default=8)
-    an.add_argument("--device", default="auto")
+    an.add_argument("--seed", type=int, default=0, help="draws the windows and seeds the random selections")
+    an.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    an.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     an.add_argument("--no-plots", action="store_true", help="CSV/JSON only (figures need matplotlib)")
-    an.add_argument("--quiet", action="store_true")
+    an.add_argument("--quiet", action="store_true", help="no progress bars")

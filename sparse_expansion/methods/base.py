@@ -58,8 +58,9 @@ class MethodOptions:
             taken.add(f.name)
             kind = hints[f.name]
             kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+            default = "" if f.default is None else f" (default: {f.default})"  # the help says what None means
             group.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS,
-                               help=f"{f.metadata.get('help', '')} (default: {f.default})")
+                               help=f"{f.metadata.get('help', '')}{default}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MethodOptions":

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed, solvers
-from ..errors import UsageError
+from ..errors import UsageError, setting
 from .base import HessianStats, Method, MethodOptions
 
 
@@ -25,11 +25,11 @@ class SparseGPTOptions(MethodOptions):
 
     def validate(self) -> None:
         if self.blocksize < 1:
-            raise UsageError(f"--blocksize {self.blocksize}: must be at least 1")
+            raise UsageError(f"{setting('blocksize', self.blocksize)}: must be at least 1")
         if not 0 < self.percdamp < 1:
-            raise UsageError(f"--percdamp {self.percdamp}: use a fraction in (0, 1), e.g. 0.01")
+            raise UsageError(f"{setting('percdamp', self.percdamp)}: use a fraction in (0, 1), e.g. 0.01")
         if (self.refine_iterations or 0) < 0:
-            raise UsageError(f"--refine-iterations {self.refine_iterations}: must not be negative")
+            raise UsageError(f"{setting('refine_iterations', self.refine_iterations)}: must not be negative")
 
     def refine_steps(self, bits: int | None) -> int:
         """The conjugate-gradient steps a run takes: refine_iterations, or (None) REFINE_STEPS

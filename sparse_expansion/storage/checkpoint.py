@@ -135,13 +135,20 @@ class Checkpoint:
     def next_block(self) -> int:
         return 0 if self.state is None else self.state["next_block"]
 
-    def describe(self) -> str:
-        """One line on where the run stands: new, or resuming (blocks done, sizes)."""
+    def describe(self, end: int | None = None) -> str:
+        """One line on where the run stands: new, or resuming (blocks done, sizes) with the time
+        left until block `end`, estimated from the pruned blocks' measured rate."""
         if self.state is None:
             return f"checkpoints go to {self.folder} after every block"
-        return (f"resuming from {self.folder}: blocks 0-{self.next_block - 1} done; "
+        line = (f"resuming from {self.folder}: blocks 0-{self.next_block - 1} done; "
                 f"{self.disk_bytes() / 2**20:.1f} MiB on disk, of which "
                 f"{self.state['activations']['bytes'] / 2**20:.1f} MiB of activations")
+        seconds = [b["seconds"] for b in self.state["result"]["blocks"] if b["pruned"]]
+        if end is not None and end > self.next_block and seconds:
+            rate = sum(seconds) / len(seconds)
+            line += (f"; at {rate:.1f} s a block so far, about {(end - self.next_block) * rate / 60:.1f} min "
+                     f"left for blocks {self.next_block}-{end - 1}")
+        return line
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir()) if self.folder.exists() else 0

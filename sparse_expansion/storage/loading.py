@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import UsageError
+from ..errors import UsageError, setting
 from .model_type import SparseExpansionConfig
 from .packages import cache_dir, package_folder, require
-from .outputs import check_files, is_expert_folder, load_pruned
+from .outputs import check_files, is_expert_folder, load_pruned_model
 from .packing import loading_options
 
 SMOLLM2 = "smollm2"
@@ -201,6 +201,11 @@ def load_tokenizer(ref: str):
         return AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
         raise _cannot_load(ref, e) from None
+    except Exception as e:  # a corrupt file: JSONDecodeError, the tokenizers library's own errors, ...
+        if not Path(folder).is_dir():
+            raise
+        raise UsageError(f"{folder!r}: its tokenizer files cannot be read ({type(e).__name__}: {e}); copy the "
+                         f"tokenizer files of the model it came from into it") from None
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -211,7 +216,7 @@ def model_dtype(ref: str, name: str = "auto") -> torch.dtype:
     config; fp32 for the embedded models and .gguf files, whose weights are dequantized)."""
     if name != "auto":
         if name not in DTYPES:
-            raise UsageError(f"--dtype {name!r}: use auto (the checkpoint's dtype), {', '.join(DTYPES)}")
+            raise UsageError(f"{setting('dtype', name)}: use auto (the checkpoint's dtype), {', '.join(DTYPES)}")
         return DTYPES[name]
     if ref in EMBEDDED or ref.endswith(".gguf"):
         return torch.float32
@@ -226,8 +231,9 @@ def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
     in `dtype` (None: `model_dtype(ref)`, the checkpoint's own)."""
     dtype = dtype or model_dtype(ref)
     folder, kwargs = _source(ref)
+    tokenizer = load_tokenizer(ref)  # first: a bad tokenizer is reported before the weights load
     if is_expert_folder(folder):
-        return load_pruned(folder, device=device, dtype=dtype)
+        return load_pruned_model(folder, device=device, dtype=dtype), tokenizer
     check_files(folder)  # a baseline written by prune: its weights as saved
     try:
         with warnings.catch_warnings():  # transformers notes that our dequantize=True overrides the folder's setting
@@ -239,4 +245,4 @@ def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
         dequantized(model)
     model.to(device).eval()
     model.config.use_cache = False
-    return model, load_tokenizer(ref)
+    return model, tokenizer

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .card import model_card
-from ..errors import UsageError
+from ..errors import UsageError, option, setting
 from ..methods.expansion.experts import SparseExpertLinear, pack_experts, unpack_experts
 from ..faults import fault_point
 from .model_type import base_config, wrap_config
@@ -39,15 +39,17 @@ EXPERTS_FORMAT = "bitmask-v1"
 def check_output(output: str, overwrite: bool = False) -> None:
     path = Path(output)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--output {output!r} is a file; give a folder path (--overwrite replaces folders only)")
+        raise UsageError(f"{setting('output', output)} is a file; give a folder path "
+                         f"({setting('overwrite')} replaces folders only)")
     if path.exists() and not overwrite:
-        raise UsageError(f"--output {output!r} already exists; choose another folder or pass --overwrite")
+        raise UsageError(f"{setting('output', output)} already exists; choose another folder or pass "
+                         f"{setting('overwrite')}")
     if not path.parent.resolve().exists():
-        raise UsageError(f"--output {output!r}: parent folder {str(path.parent)!r} does not exist")
+        raise UsageError(f"{setting('output', output)}: parent folder {str(path.parent)!r} does not exist")
     try:  # a real write, not os.access: root passes access checks on read-only mounts such as /proc
         os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=path.parent.resolve()))
     except OSError as e:
-        raise UsageError(f"--output {output!r}: parent folder {str(path.parent)!r} is not writable "
+        raise UsageError(f"{setting('output', output)}: parent folder {str(path.parent)!r} is not writable "
                          f"({e.strerror})") from None
 
 
@@ -145,7 +147,7 @@ class SpilledExperts(nn.Module):
 
     def forward(self, x):
         raise RuntimeError(f"the experts of {self.name} were written to the output and released from memory; "
-                           f"load the saved model with sparse_expansion.load_pruned")
+                           f"load the saved model with sparse_expansion.load")
 
 
 def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -> None:
@@ -178,7 +180,7 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
     if weight_format == "auto":
         weight_format = "compressed-tensors" if quantized else "dense"
     if weight_format == "compressed-tensors" and not quantized:
-        raise UsageError("compressed-tensors: the model has no quantized linears (prune with --bits)")
+        raise UsageError(f"compressed-tensors: the model has no quantized linears (prune with {option('bits')})")
 
     def write(folder: Path) -> None:
         meta = dict(metadata)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, option, setting
 
 GRID = "quant_grid"  # the attribute a quantized linear carries: (scale [R, 1], zero [R, 1], bits)
 
@@ -104,7 +104,9 @@ def check_format(fmt: str, bits: int | None, method: str) -> None:
     when the model has quantized nn.Linear layers, dense otherwise)."""
     if fmt == "compressed-tensors":
         if method == "sparse-expansion":
-            raise UsageError("--format compressed-tensors: routed experts have their own format; use auto or dense")
+            raise UsageError(f"{setting('format', 'compressed-tensors')}: routed experts have their own format; "
+                             f"use auto or dense")
         if bits is None:
-            raise UsageError("--format compressed-tensors needs --bits: compressed-tensors >= 0.15 (which "
-                             "transformers 5 requires) has no sparse formats; sparse weights are saved dense")
+            raise UsageError(f"{setting('format', 'compressed-tensors')} needs {option('bits')}: "
+                             f"compressed-tensors >= 0.15 (which transformers 5 requires) has no sparse formats; "
+                             f"sparse weights are saved dense")

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import stages
 from ... import distributed, solvers
-from ...errors import UsageError
+from ...errors import UsageError, option, setting
 from .experts import SparseExpertLinear, compress, concat_compressed
 from ...kernels.hessian import accumulate_hessian, complete_hessian
 from ...memory import available_host_bytes
@@ -37,14 +37,14 @@ class ExpansionOptions(SparseGPTOptions):
         "help": "pooled (toward the cluster's mean + the layer's within-cluster spread), shrink (toward the "
                 "layer Hessian), damping (paper) or merge"})
     shrink_tokens: float | None = field(default=None, metadata={
-        "help": "tau of --small-clusters pooled/shrink, in tokens (None: d/4 for pooled, d for shrink; d the "
+        "help": "tau of --small-clusters pooled/shrink, in tokens (default: d/4 for pooled, d for shrink; d the "
                 "layer's input dimension)"})
     expert_damping: float | None = field(default=None, metadata={
-        "help": "damping of the experts' Hessians, fraction of the mean diagonal (None: 0.1 for pooled, "
+        "help": "damping of the experts' Hessians, fraction of the mean diagonal (default: 0.1 for pooled, "
                 "else --percdamp)"})
     min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
     refine_iterations: int | None = field(default=None, metadata={
-        "help": "conjugate-gradient steps re-solving each expert's kept weights on its mask (None: 5, or 0 "
+        "help": "conjugate-gradient steps re-solving each expert's kept weights on its mask (default: 5, or 0 "
                 "with --bits)"})
     max_cluster_tokens: int = field(default=262144, metadata={
         "help": "PCA and k-means fit on a seeded sample of at most this many tokens per layer"})
@@ -53,21 +53,22 @@ class ExpansionOptions(SparseGPTOptions):
         super().validate()
         for name in ("clusters", "kmeans_restarts", "max_cluster_tokens"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+                raise UsageError(f"{setting(name, getattr(self, name))}: must be at least 1")
         if self.pca_factor < 0:
-            raise UsageError(f"--pca-factor {self.pca_factor}: use 0 (no PCA) or a positive divisor")
+            raise UsageError(f"{setting('pca_factor', self.pca_factor)}: use 0 (no PCA) or a positive divisor")
         if self.kmeans_backend not in KMEANS_BACKENDS:
-            raise UsageError(f"--kmeans-backend {self.kmeans_backend!r}: use one of {', '.join(KMEANS_BACKENDS)}")
+            raise UsageError(f"{setting('kmeans_backend', self.kmeans_backend)}: use one of "
+                             f"{', '.join(KMEANS_BACKENDS)}")
         if self.small_clusters not in stages.SMALL_CLUSTER_RULES:
-            raise UsageError(f"--small-clusters {self.small_clusters!r}: use one of "
+            raise UsageError(f"{setting('small_clusters', self.small_clusters)}: use one of "
                              f"{', '.join(stages.SMALL_CLUSTER_RULES)}")
         if self.expert_damping is not None and not 0 < self.expert_damping < 1:
-            raise UsageError(f"--expert-damping {self.expert_damping}: use a fraction in (0, 1), e.g. 0.1")
+            raise UsageError(f"{setting('expert_damping', self.expert_damping)}: use a fraction in (0, 1), e.g. 0.1")
         if (self.shrink_tokens or 0) < 0 or self.min_cluster_tokens < 0:
-            raise UsageError("--shrink-tokens and --min-cluster-tokens must not be negative")
+            raise UsageError(f"{option('shrink_tokens')} and {option('min_cluster_tokens')} must not be negative")
         if self.max_cluster_tokens < self.clusters:
-            raise UsageError(f"--max-cluster-tokens {self.max_cluster_tokens}: k-means needs at least as many "
-                             f"tokens as --clusters ({self.clusters})")
+            raise UsageError(f"{setting('max_cluster_tokens', self.max_cluster_tokens)}: k-means needs at least as "
+                             f"many tokens as {option('clusters')} ({self.clusters})")
 
 
 class ClusterStats:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...errors import UsageError
+from ...errors import UsageError, setting
 from ...kernels.hessian import add_gram, complete_hessian
 
 KMEANS_BACKENDS = ("auto", "torch", "cuml")
@@ -192,12 +192,12 @@ def kmeans_cuml(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, max_
 def choose_backend(requested: str, device: torch.device | str) -> str:
     """'cuml' on CUDA when installed (auto), else 'torch'; an impossible request is an error."""
     if requested not in KMEANS_BACKENDS:
-        raise UsageError(f"--kmeans-backend {requested!r}: use one of {', '.join(KMEANS_BACKENDS)}")
+        raise UsageError(f"{setting('kmeans_backend', requested)}: use one of {', '.join(KMEANS_BACKENDS)}")
     on_cuda = torch.device(device).type == "cuda"
     has_cuml = importlib.util.find_spec("cuml") is not None
     if requested == "cuml" and not (on_cuda and has_cuml):
-        raise UsageError("--kmeans-backend cuml needs a CUDA device and cuML (pip install '.[gpu]'); "
-                         "use --kmeans-backend torch")
+        raise UsageError(f"{setting('kmeans_backend', 'cuml')} needs a CUDA device and cuML (pip install "
+                         f"'.[gpu]'); use {setting('kmeans_backend', 'torch')}")
     if requested == "auto":
         return "cuml" if on_cuda and has_cuml else "torch"
     return requested
