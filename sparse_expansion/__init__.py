@@ -2,22 +2,31 @@
 
 Sparse Expansion (Sawmya et al., ICLR 2025) and the baselines it is judged against
 (SparseGPT, Wanda, magnitude), driven layer by layer over a model's decoder blocks.
+
+Importing the package is cheap: the API loads on first use, and Sparse Expansion folders are
+registered with transformers' Auto classes as soon as transformers loads them (imports.py).
 """
 import importlib
-import sys
 
+from . import imports
 from .version import __version__
 
-from .storage import hf  # noqa: E402  (registers Sparse Expansion folders with transformers' Auto classes)
-from .api import load, load_tokenizer, prune, save  # noqa: E402
-from .config import PruneConfig  # noqa: E402
+imports.install()
 
-# Modules that moved when the package was grouped by concern keep their old import paths
-# (e.g. `from sparse_expansion.experts import SparseExpertLinear`).
-_MOVED = {"experts": "methods.expansion.experts", "router": "methods.expansion.router",
-          "expansion": "methods.expansion.stages", **{name: f"storage.{name}" for name in (
-              "loading", "outputs", "checkpoint", "card", "model_type", "packing", "packages")}}
-for _old, _new in _MOVED.items():
-    globals()[_old] = sys.modules[f"{__name__}.{_old}"] = importlib.import_module(f".{_new}", __name__)
+_API = {"prune": "api", "save": "api", "load": "api", "load_tokenizer": "api", "PruneConfig": "config"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif name in imports.MOVED:
+        value = imports.moved_module(name)
+    elif name == "hf":
+        value = importlib.import_module(".storage.hf", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = ["__version__", "hf", "prune", "save", "load", "load_tokenizer", "PruneConfig"]

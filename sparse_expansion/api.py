@@ -20,7 +20,8 @@ from .data import calibration_windows
 from .driver import prune_model
 from .errors import UsageError
 from .storage.loading import load_model, load_tokenizer, model_dtype
-from .storage.outputs import save_pruned_model
+from .models import family_of
+from .storage.outputs import PartialOutput, check_output, read_spilled_lazily, save_pruned_model, spill_block
 from .reports import PruneResult
 
 
@@ -29,8 +30,8 @@ def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | s
           bits: int | None = None, targets: str = "ffn", batch_size: int = 8, sequential: bool = False,
           blocks: tuple[int, int] | None = None, seed: int = 0, max_memory: int | None = None,
           allocation: str = "uniform", owl_m: float = 5.0, owl_lambda: float = 0.08, dtype: str = "auto",
-          device: str | None = None, offload_activations: bool = False,
-          progress: bool = True, **options) -> tuple[nn.Module, PruneResult]:
+          device: str | None = None, offload_activations: bool = False, output: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True, **options) -> tuple[nn.Module, PruneResult]:
     """Prune a model layer by layer, as `sparse-expansion prune` does.
 
     Args:
@@ -55,6 +56,10 @@ def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | s
         device: where each decoder block is calibrated and pruned (the model stays where it is);
             None: where the model is.
         offload_activations: keep the calibration activations on the CPU between blocks.
+        output: also save the pruned model to this folder as `save` does, writing each finished
+            block's experts to it and releasing them (the command line's host memory): the
+            returned model then reads its experts from the folder while they run.
+        overwrite: replace an existing `output`.
         progress: show a progress bar per block.
         **options: the method's own settings by name (e.g. clusters=16 for sparse-expansion,
             percdamp=0.01 for sparsegpt); an unknown one is refused.
@@ -75,6 +80,8 @@ def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | s
                          owl_lambda=owl_lambda, options=options or None)
     if device is not None:
         checks.device(str(device))
+    if output is not None:
+        check_output(str(output), overwrite)
     if isinstance(model, (str, Path)):
         reference = str(model)
         model, tokenizer = load_model(reference, model_dtype(reference, dtype), "cpu")
@@ -88,9 +95,22 @@ def prune(model: nn.Module | str, method: str = "sparsegpt", sparsity: float | s
         if tokenizer is None:
             raise UsageError("calib names a text source: pass tokenizer=..., or token ids [N, L] as calib")
         calibration = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)  # checks the source
-    result = prune_model(model, calibration, config, progress=progress, device=device,
-                         offload_activations=offload_activations)
-    result.config = config.as_dict()
+    if output is None:
+        result = prune_model(model, calibration, config, progress=progress, device=device,
+                             offload_activations=offload_activations)
+        result.config = config.as_dict()
+        return model, result
+    partial, blocks = PartialOutput(str(output), overwrite), family_of(model).blocks
+    try:
+        result = prune_model(model, calibration, config, progress=progress, device=device,
+                             offload_activations=offload_activations,
+                             spill=lambda b: spill_block(model, f"{blocks}.{b}", partial.folder,
+                                                         f"experts-{b:05d}.safetensors"))
+        result.config = config.as_dict()
+        folder = _save(model, output, tokenizer, result, overwrite, partial=partial)
+    finally:
+        partial.discard()
+    read_spilled_lazily(model, folder)
     return model, result
 
 
@@ -124,27 +144,37 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, result: PruneResu
     Returns:
         The folder written.
     """
+    return _save(model, output, tokenizer, result, overwrite, weight_format)
+
+
+def _save(model: nn.Module, output: str | Path, tokenizer, result: PruneResult | None, overwrite: bool,
+          weight_format: str = "auto", partial: PartialOutput | None = None) -> Path:
+    """`save`, completing a `partial` folder that already holds spilled experts when given."""
     metadata = {"command": "api"}
     if result is not None:
         metadata.update(config=result.config, **result.to_dict())
     return save_pruned_model(model, tokenizer, str(output), metadata, overwrite=overwrite,
-                             weight_format=weight_format)
+                             weight_format=weight_format, partial=partial)
 
 
-def load(reference: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[nn.Module, object]:
+def load(reference: str | Path, device: str = "cpu", dtype: str = "auto", lazy: bool = False
+         ) -> tuple[nn.Module, object]:
     """Load a model and its tokenizer.
 
     Args:
         reference: a folder written by `save` or `prune`, or any reference the CLI takes.
         device: where the model is placed.
         dtype: "auto" (the checkpoint's own), or a dtype name such as "bfloat16".
+        lazy: leave a Sparse Expansion folder's experts in their files and read each linear's
+            while it runs: host memory for the dense model and one linear's experts, at the cost of
+            a read per call (for scoring; generating token by token wants them in memory).
 
     Returns:
         (model, tokenizer); a folder with routed experts gives the base architecture with
         `SparseExpertLinear` modules in place of its pruned linears.
     """
     reference = str(reference)
-    return load_model(reference, model_dtype(reference, dtype), device)
+    return load_model(reference, model_dtype(reference, dtype), device, lazy=lazy)
 
 
 __all__ = ["prune", "save", "load", "load_tokenizer"]

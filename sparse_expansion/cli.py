@@ -1,43 +1,25 @@
-"""Command line: `sparse-expansion prune ...` and `sparse-expansion eval ...`.
+"""Command line: `sparse-expansion prune|plan|eval|analyze ...`: the arguments, and `main`,
+which runs a subcommand (commands.py) and turns its errors into exit codes.
 
 Every argument is checked before any model is loaded; a bad one prints one line on stderr
-naming the fix and exits with code 2, leaving nothing at --output.
+naming the fix and exits with code 2, leaving nothing at --output. This module imports no
+transformers (and commands.py only once the arguments parse), so that `--help` answers at once.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import signal
 import sys
 import threading
-import time
-from dataclasses import fields
-from pathlib import Path
 
-import torch
-from transformers.utils import logging as hf_logging
-
-from . import checks, distributed
-from .version import __version__
-from .analysis.command import add_analyze_parser, cmd_analyze
-from .storage.checkpoint import Checkpoint
-from .config import ALLOCATIONS, PruneConfig
-from .data import SOURCES, calibration_windows, check_source, evaluation_windows
-from .driver import check_calibration_tokens, check_shapes, prune_model
+from .config import ALLOCATIONS
+from .downstream import PERPLEXITY, WIKI_TASK
 from .errors import NumericalError, UsageError, command_line_terms
-from .downstream import PERPLEXITY, WIKI_TASK, prepare_tasks, run_tasks
-from .evaluate import perplexity
-from .methods.expansion.experts import convert_experts
-from .storage.loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
-from .memory import available_host_bytes, rss_bytes
-from .methods import METHODS, ExpansionOptions, method_class
-from .methods.base import flag
-from .models import decoder_blocks, family_of
-from .plan import PUBLISHED, Plan, plan_run, planning_dtype, planning_model
-from .methods.expansion.router import choose_backend
-from .storage.packing import FORMATS, check_format
-from .storage.outputs import PartialOutput, check_output, read_metadata, save_pruned_model, spill_block
+from .methods import METHODS
+from .shapes import PUBLISHED
+from .storage.packing import FORMATS
+from .version import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
@@ -128,6 +110,46 @@ def _add_run_arguments(pr: argparse.ArgumentParser, planning: bool) -> None:
         cls.Options.add_arguments(pr.add_argument_group(f"{name} options"), taken)
 
 
+def _add_analyze_arguments(sub, formatter_class) -> None:
+    an = sub.add_parser("analyze", help="neuron analysis: Wasserstein neurons, output distributions, ablation",
+                        formatter_class=formatter_class)
+    an.add_argument("model", help="model reference as for prune")
+    an.add_argument("--experiment", default="all",
+                    help="neurons, histograms, clusters, sparsity-sweep, ablation, a comma-separated list, or all")
+    an.add_argument("--output", "--out", dest="out", required=True,
+                    help="folder for the PNG figures and CSV/JSON tables (--out: the former name)")
+    an.add_argument("--block", type=int, default=None, help="decoder block analysed (default: the middle one)")
+    an.add_argument("--linears", default=None,
+                    help="comma-separated linears sharing one input (default: the first FFN group, e.g. gate/up_proj)")
+    an.add_argument("--sparsity", default="0.9", help="rate of the SparseGPT / Sparse Expansion variants")
+    an.add_argument("--clusters", type=int, default=16, help="Sparse Expansion experts of the variants")
+    an.add_argument("--cluster-counts", default="1,2,4,8,16", help="cluster counts of the clusters experiment")
+    an.add_argument("--pca-factor", type=int, default=32, help="routers project to in_features / this before k-means")
+    an.add_argument("--kmeans-restarts", type=int, default=10, help="k-means restarts of the routers")
+    an.add_argument("--refine-iterations", type=int, default=0,
+                    help="re-solve steps on the mask, for the SparseGPT and Sparse Expansion variants alike "
+                         "(0: the paper's methods)")
+    an.add_argument("--top-percent", type=float, default=3.0, help="Wasserstein neurons: top p%% by W1 to N(0,1)")
+    an.add_argument("--pairs", type=int, default=50000, help="token pairs of the mapping difficulty")
+    an.add_argument("--show", type=int, default=4, help="neurons per linear in the per-neuron figures")
+    an.add_argument("--skip-first", type=int, default=1,
+                    help="leading positions of each window left out of the output distributions")
+    an.add_argument("--calib", default="wiki", help="source: calibration from its train split, held-out from its test")
+    an.add_argument("--nsamples", type=int, default=32, help="calibration windows (Hessians, routers)")
+    an.add_argument("--seqlen", type=int, default=256, help="tokens per calibration and held-out window")
+    an.add_argument("--eval-windows", type=int, default=32, help="held-out windows giving the output distributions")
+    an.add_argument("--ablation-sparsity", default="0.9", help="rate of the ablation's pruned models")
+    an.add_argument("--ablation-nsamples", type=int, default=16, help="calibration windows of the ablation")
+    an.add_argument("--ablation-seqlen", type=int, default=512, help="tokens per window of the ablation")
+    an.add_argument("--ablation-eval-windows", type=int, default=8, help="held-out windows of the perplexities")
+    an.add_argument("--random-seeds", type=int, default=1, help="random selections of the ablation")
+    an.add_argument("--seed", type=int, default=0, help="draws the windows and seeds the random selections")
+    an.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    an.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    an.add_argument("--no-plots", action="store_true", help="CSV/JSON only (figures need matplotlib)")
+    an.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparse-expansion", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -148,8 +170,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None,
                     help="lm-eval tasks: score the first N documents of each (default: all)")
     ev.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files (default: none)")
-    ev.add_argument("--experts", default="saved", choices=["saved", "dense"],
-                    help="routed experts as saved (compressed), or dense: faster on a CPU, K dense copies in memory")
+    ev.add_argument("--experts", default="auto", choices=["auto", "lazy", "saved", "dense"],
+                    help="a Sparse Expansion folder's routed experts: lazy (read from their files while their linear "
+                         "runs: memory for the dense model and one linear's experts; a read per call, too slow for "
+                         "generating), saved (all in memory, compressed), dense (K dense copies in memory: fastest "
+                         "on a CPU); auto: lazy for perplexity alone, saved when lm-eval tasks (which may generate) "
+                         "run")
     ev.add_argument("--data", default="wiki", help="wiki, sotu, wikitext2, c4, or a .txt file / folder")
     ev.add_argument("--encoding", default="utf-8", help="how a .txt --calib/--data is decoded (e.g. latin-1, cp1252)")
     ev.add_argument("--split", default="auto", choices=["auto", "test", "all"],
@@ -164,205 +190,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="end with one JSON line")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    add_analyze_parser(sub, defaults)
+    _add_analyze_arguments(sub, defaults)
     return p
 
-
-def method_config(args) -> PruneConfig:
-    """The run's PruneConfig; a method option given for another method is refused."""
-    cls = method_class(args.method)
-    own = {f.name for f in fields(cls.Options)}
-    for name, other in METHODS.items():
-        for f in fields(other.Options):
-            if f.name not in own and hasattr(args, f.name):
-                raise UsageError(f"{flag(f.name)} is an option of {name}, not of {args.method}; "
-                                 f"drop it or add --method {name}")
-    return PruneConfig(method=args.method, sparsity=args.sparsity, bits=args.bits, targets=args.targets,
-                       batch_size=args.batch_size, sequential=args.sequential, seed=args.seed,
-                       blocks=checks.block_range(args.blocks),
-                       max_memory=checks.size_bytes(args.max_memory, "--max-memory"),
-                       allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                       options=cls.Options.from_args(args))
-
-
-def check_prune_args(args) -> PruneConfig:
-    checks.kernel_backend()
-    config = method_config(args)
-    checks.positive(args.nsamples, "--nsamples")
-    checks.positive(args.seqlen, "--seqlen")
-    check_calibration_tokens(config, args.nsamples * args.seqlen)
-    check_output(args.output, args.overwrite)
-    check_format(args.format, args.bits, config.method)
-    check_source(args.calib, args.encoding)
-    check_model_ref(args.model)
-    checks.seqlen(args.model, args.seqlen)
-    device = checks.device(args.device)
-    model_dtype(args.model, args.dtype)
-    if isinstance(config.options, ExpansionOptions):
-        choose_backend(config.options.kmeans_backend, device)
-    if config.sparsity.structured or config.blocks:
-        check_shapes(meta_model(args.model), config)
-    return config
-
-
-def device_memory(device: str) -> int | None:
-    """The free memory of a CUDA device; on a CPU, the host memory this process may use."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    available = available_host_bytes()
-    return None if available is None else available + (rss_bytes() or 0)
-
-
-def make_plan(args, config: PruneConfig, device: str, memory: int | None, ranks: int) -> Plan:
-    return plan_run(planning_model(args.model), config, args.nsamples, args.seqlen,
-                    planning_dtype(args.model, args.dtype), device, memory, ranks, args.offload_activations)
-
-
-def cmd_plan(args) -> int:
-    config = method_config(args)
-    checks.positive(args.nsamples, "--nsamples")
-    checks.positive(args.ranks, "--ranks")
-    check_calibration_tokens(config, args.nsamples * args.seqlen)
-    memory = checks.size_bytes(args.device_memory, "--device-memory")
-    device = "cuda" if args.device == "auto" and memory is not None else checks.device(args.device)
-    if memory is None and torch.device(device).type == "cuda":
-        memory = device_memory(device)
-    plan = make_plan(args, config, device, memory, args.ranks)
-    print(f"plan: {args.model}, {config.make_method().label()} at sparsity {config.sparsity}, "
-          f"{args.nsamples} x {args.seqlen} tokens, {args.ranks} rank(s) on {device}")
-    print(plan.table())
-    disk = disk_shortfalls(args, plan)
-    for shortfall in disk:
-        print(f"not possible: {shortfall}")
-    if args.json:
-        print(json.dumps({**plan.to_dict(), "disk": disk}))
-    return 1 if plan.fix or disk else 0  # "not possible": a script can test the exit code
-
-
-def disk_shortfalls(args, plan: Plan) -> list[str]:
-    """What the file systems of --output and --checkpoint-dir lack for the plan's sizes."""
-    shortfalls = [checks.disk_shortfall(args.output, plan.output_bytes, "the output") if args.output else None,
-                  checks.disk_shortfall(args.checkpoint_dir, plan.checkpoint_bytes, "the checkpoint")
-                  if args.checkpoint_dir else None]
-    return [s for s in shortfalls if s]
-
-
-def open_checkpoint(args) -> Checkpoint | None:
-    """The run's `Checkpoint` (None without --checkpoint-dir), which must lie outside --output."""
-    if args.checkpoint_dir is None:
-        return None
-    folder, output = Path(args.checkpoint_dir).resolve(), Path(args.output).resolve()
-    if folder == output or output in folder.parents:
-        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir!r} lies in --output {args.output!r}, which is "
-                         f"replaced at the end; give a folder outside it")
-    return Checkpoint(args.checkpoint_dir, args.model)
-
-
-def start_run(args) -> tuple[PruneConfig, str, Checkpoint | None, torch.Tensor]:
-    """Everything before the model's weights load: the checked config, the device, the
-    calibration token ids and the checkpoint, bound to this run (another run's is refused here)."""
-    config = check_prune_args(args)
-    device = checks.device(args.device)
-    distributed.init_from_env(device)  # under torchrun: one process per GPU (or CPU rank)
-    device = distributed.local_device(device)
-    plan = make_plan(args, config, device, device_memory(device), distributed.world_size())
-    shortfalls = [plan.fix] if plan.fix else []  # before any weight loads: memory, then disk
-    if distributed.rank() == 0:  # rank 0 writes the output and the checkpoint
-        shortfalls += disk_shortfalls(args, plan)
-    if plan.invalid:
-        raise UsageError(plan.fix)
-    if shortfalls and not args.force:
-        raise UsageError(f"{shortfalls[0]} (--force runs anyway)")
-    for shortfall in shortfalls if distributed.rank() == 0 else []:
-        print(f"sparse-expansion: warning: {shortfall}", file=sys.stderr)
-    checkpoint = open_checkpoint(args)
-    calib = calibration_windows(load_tokenizer(args.model), args.calib, args.nsamples, args.seqlen, args.seed,
-                                args.encoding)
-    if checkpoint is not None:
-        checkpoint.bind(config, calib, device, model_dtype(args.model, args.dtype))
-        if distributed.rank() == 0:
-            end = (config.blocks or (0, len(decoder_blocks(meta_model(args.model)))))[1]
-            print(checkpoint.describe(end), file=sys.stderr)
-    return config, device, checkpoint, calib
-
-
-def cmd_prune(args) -> int:
-    t0 = time.perf_counter()
-    config, device, checkpoint, calib = start_run(args)
-    leader = distributed.rank() == 0  # rank 0 writes the output
-    partial = PartialOutput(args.output, args.overwrite) if leader else None  # before the weights load
-    try:
-        model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), "cpu")  # blocks visit `device`
-        blocks = family_of(model).blocks
-        result = prune_model(model, calib, config, progress=not args.quiet, checkpoint=checkpoint,
-                             offload_activations=args.offload_activations, device=device,
-                             spill=lambda b: spill_block(model, f"{blocks}.{b}", partial and partial.folder,
-                                                         f"experts-{b:05d}.safetensors"))
-        seconds = time.perf_counter() - t0
-        if not leader:
-            distributed.barrier()
-            return 0
-        metadata = {"command": "prune", "command_line": args.command_line, "arguments": vars(args),
-                    "config": config.as_dict(), "seconds": seconds, "world_size": distributed.world_size(),
-                    **result.to_dict()}
-        out = save_pruned_model(model, tokenizer, args.output, metadata, overwrite=args.overwrite, partial=partial,
-                                weight_format=args.format)
-    finally:
-        if partial is not None:
-            partial.discard()
-    saved = read_metadata(out)
-    print(f"pruned {len(result.layers)} linears of {args.model} with {config.method} at {config.sparsity} "
-          f"in {seconds:.1f} s (mean relative error {result.mean_relative_error:.4f}); saved to {out}: "
-          f"{saved['saved_bytes'] / 2**20:.1f} MiB of weights, {saved['saved_bytes'] / saved['dense_bytes']:.2f}x "
-          f"the dense model's {saved['dense_bytes'] / 2**20:.1f} MiB")
-    if checkpoint is not None:
-        print(f"checkpoint {checkpoint.folder}: {checkpoint.disk_bytes() / 2**20:.1f} MiB "
-              f"({checkpoint.state['activations']['bytes'] / 2**20:.1f} MiB of activations); delete it when done")
-    distributed.barrier()
-    return 0
-
-
-def cmd_eval(args) -> int:
-    checks.kernel_backend()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    lm_tasks = [t for t in tasks if t != PERPLEXITY]
-    if not tasks:
-        raise UsageError("--tasks is empty")
-    if PERPLEXITY in tasks:
-        check_source(args.data, args.encoding)
-        checks.seqlen(args.model, args.seqlen)
-    check_model_ref(args.model)
-    checks.positive(args.max_windows, "--max-windows")
-    checks.positive(args.batch_size, "--batch-size")
-    checks.positive(args.limit, "--limit")
-    device = checks.device(args.device)
-    manager = prepare_tasks(lm_tasks, args.include_path) if lm_tasks else None
-    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device)
-    if args.experts == "dense" and convert_experts(model, "dense"):
-        print(f"experts stored dense for this evaluation ({rss_bytes() / 2**30:.1f} GiB resident)")
-    result = {"model": args.model}
-    if PERPLEXITY in tasks:
-        split = args.split if args.split != "auto" else "test" if args.data in SOURCES else "all"
-        windows = evaluation_windows(tokenizer, args.data, args.seqlen, args.max_windows, split,
-                                     encoding=args.encoding)
-        result.update(perplexity(model, windows, args.batch_size, progress=not args.quiet), data=args.data, split=split)
-        print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
-              f"({result['windows']} windows of {result['seqlen']}) of {args.data} ({split} split)")
-    if lm_tasks:
-        result["tasks"] = run_tasks(model, tokenizer, lm_tasks, manager, args.limit, args.batch_size,
-                                    progress=not args.quiet)
-        for task, metrics in result["tasks"].items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
-            print(f"{task}: {shown}" + (f" ({metrics['examples']} examples)" if metrics["examples"] else ""))
-    if args.json:
-        print(json.dumps(result))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["sparse-expansion", *argv])  # for the output's model card
+    from transformers.utils import logging as hf_logging
+
+    from . import commands
     bars = hf_logging.is_progress_bar_enabled()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
@@ -370,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         with command_line_terms():
-            return {"prune": cmd_prune, "plan": cmd_plan, "eval": cmd_eval, "analyze": cmd_analyze}[args.command](args)
+            return {"prune": commands.cmd_prune, "plan": commands.cmd_plan, "eval": commands.cmd_eval,
+                    "analyze": commands.cmd_analyze}[args.command](args)
     except UsageError as e:
         print(f"sparse-expansion: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,9 +16,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="eval", disable=not progress, leave=False):
         ids = windows[start:start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
+        logits = model(ids, use_cache=False).logits
+        # window by window: one window's fp32 log-softmax at a time beside the batch's logits
+        total_nll += sum(F.cross_entropy(row[:-1].float(), window[1:], reduction="sum")
+                         for row, window in zip(logits, ids)).item()
         total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens,

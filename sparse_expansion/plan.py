@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from . import distributed
 from .config import PruneConfig
 from .errors import UsageError
+from .shapes import PUBLISHED
 from .methods.expansion.stages import cluster_cost, layer_hessians, refine_cost
 from .storage.loading import DTYPES, meta_model, model_dtype
 from .methods.expansion.method import SOLVE_SHARE
@@ -36,21 +37,10 @@ from .methods.expansion.router import ROWS_PER_CHUNK
 from .solvers import REFINE_BYTES_PER_WEIGHT, REFINE_ROWS
 
 GiB = 2 ** 30
+EVAL_BATCH = 4  # windows per forward of `sparse-expansion eval` (its --batch-size default)
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
 WORKSPACE_BYTES = 32 * 2 ** 20      # allocator slack and library buffers of any stage, measured on CPU
 
-
-# Shapes of published models (from their config.json on the Hugging Face hub), to plan offline.
-PUBLISHED = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, dtype="float16"),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, dtype="float16"),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, dtype="float16"),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, dtype="bfloat16"),
-}
 
 
 def planning_model(ref: str) -> nn.Module:
@@ -94,6 +84,8 @@ class Plan:
     checkpoint_bytes: int = 0
     output_bytes: int = 0
     dense_bytes: int = 0
+    eval_bytes: int = 0           # `eval` of the output: memory of its device (the host on a CPU), experts lazy
+    eval_in_memory_bytes: int = 0  # ... with a Sparse Expansion output's experts all in memory
     fix: str | None = None        # the flag to change when the run cannot fit
     invalid: bool = False         # the arguments cannot run on any device (--max-memory, ranks)
 
@@ -124,6 +116,10 @@ class Plan:
                 rows.append(f"{g.group}: {g.chunks} chunk(s) of up to {g.clusters_per_chunk} clusters")
         rows.append(f"checkpoint {gib(self.checkpoint_bytes)}, output {gib(self.output_bytes)} "
                     f"(dense model {gib(self.dense_bytes)})")
+        where = "GPU" if torch.device(self.device).type == "cuda" else "host"
+        rows.append(f"eval of the output: {gib(self.eval_bytes)} of {where} memory" + (
+            f" (experts read while they run; {gib(self.eval_in_memory_bytes)} with --experts saved)"
+            if self.eval_in_memory_bytes != self.eval_bytes else ""))
         memory = "" if self.device_memory is None else f" with {gib(self.device_memory)} of device memory"
         rows.append(f"verdict: {self.verdict}{memory}" + (f" — {self.fix}" if self.fix else ""))
         return "\n".join(rows)
@@ -272,6 +268,20 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     saved_block = sum(expert_bytes(r, c, clusters, density, e) for r, c in targets)
     plan.checkpoint_bytes = pruned_blocks * saved_block + tokens * hidden * e
     plan.output_bytes = final_model if expansion else dense
+    # eval: loading holds the dense model (the pruned linears too, until replaced); scoring, the
+    # model without them, one linear's experts when lazy (read and built), a batch's forward, its
+    # logits and one window's fp32 log-softmax
+    batch = EVAL_BATCH * seqlen
+    scoring = batch * e * (4 * inter + 6 * hidden) + (batch * e + seqlen * 4) * cfg.vocab_size
+    if not gpu:
+        scoring += EVAL_BATCH * cfg.num_attention_heads * seqlen * seqlen * e * 2
+    runtime = 0 if gpu else RUNTIME_HOST_BYTES
+    if expansion:
+        largest = max(expert_bytes(r, c, clusters, density, e) for r, c in targets)
+        plan.eval_bytes = runtime + max(dense, dense - pruned_blocks * target_w + 2 * largest + scoring)
+    else:
+        plan.eval_bytes = runtime + dense + scoring
+    plan.eval_in_memory_bytes = runtime + max(dense, plan.output_bytes + scoring)
     return plan
 
 

@@ -24,6 +24,31 @@ def test_prune_save_load_from_a_reference(tiny_folder, small_corpus, tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_prune_with_an_output_streams_experts_to_it_like_the_command_line(tiny_folder, small_corpus, tmp_path):
+    """output=DIR: each finished block's experts go to DIR and leave memory; the folder equals
+    what `save` writes, and the returned model reads its experts from it (same logits)."""
+    from sparse_expansion.storage.lazy import LazyExperts
+    args = dict(method="sparse-expansion", calib=str(small_corpus), nsamples=4, seqlen=32, clusters=3,
+                kmeans_restarts=1, progress=False)
+    kept, _ = se.prune(str(tiny_folder), **args)
+    streamed, result = se.prune(str(tiny_folder), **args, output=tmp_path / "se3")
+    assert sorted(f.name for f in (tmp_path / "se3").glob("experts-*")) == ["experts-00000.safetensors",
+                                                                             "experts-00001.safetensors"]
+    assert sum(isinstance(m, LazyExperts) for m in streamed.modules()) == 6
+    assert not any(isinstance(m, SparseExpertLinear) for m in streamed.modules())
+    assert [p.name for p in tmp_path.iterdir()] == ["se3"]  # no partial folder left
+    loaded, tokenizer = se.load(tmp_path / "se3")
+    ids = random_tokens(2, 16, vocab=len(tokenizer))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, kept(ids).logits)
+        assert torch.equal(loaded(ids).logits, kept(ids).logits)
+    meta = json.loads((tmp_path / "se3" / "sparse_expansion.json").read_text())
+    assert meta["command"] == "api" and len(meta["layers"]) == len(result.layers) == 6
+    with pytest.raises(UsageError, match="output='.*se3' already exists; choose another folder or pass "
+                                         "overwrite=True"):
+        se.prune(str(tiny_folder), **args, output=tmp_path / "se3")
+
+
 def test_prune_a_model_object_with_token_ids():
     model = tiny_model("llama")
     dense = model.model.layers[0].mlp.down_proj.weight.clone()

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sparse_expansion import cli
+from sparse_expansion import cli, commands
 
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
-    monkeypatch.setattr(cli, "load_model", refuse)
-    monkeypatch.setattr(cli, "load_tokenizer", refuse)
+    monkeypatch.setattr(commands, "load_model", refuse)
+    monkeypatch.setattr(commands, "load_tokenizer", refuse)
 
 
 BAD_PRUNE = {
@@ -105,9 +105,9 @@ def test_analyze_takes_output_like_prune():
 def test_interrupt_exits_130_with_the_resume_hint_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "load_model", interrupted)
-    monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
-    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(commands, "load_model", interrupted)
+    monkeypatch.setattr(commands, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
+    monkeypatch.setattr(commands, "load_tokenizer", lambda *a, **k: None)
     args = ["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o")]
     assert cli.main(args + ["--checkpoint-dir", str(tmp_path / "ckpt")]) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the checkpoint's description
@@ -126,9 +126,9 @@ def test_a_disk_too_small_for_the_output_or_checkpoint_is_warned_of_before_loadi
     monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "load_model", interrupted)
-    monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
-    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(commands, "load_model", interrupted)
+    monkeypatch.setattr(commands, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
+    monkeypatch.setattr(commands, "load_tokenizer", lambda *a, **k: None)
     args = ["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o"),
             "--checkpoint-dir", str(tmp_path / "ckpt")]
     assert cli.main(args) == 2  # refused before loading
@@ -226,9 +226,9 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_nothing(tmp_path, capsys, monkey
 
     def terminated(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(cli, "load_model", terminated)
-    monkeypatch.setattr(cli, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
-    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(commands, "load_model", terminated)
+    monkeypatch.setattr(commands, "calibration_windows", lambda *a, **k: __import__("torch").zeros(2, 8, dtype=int))
+    monkeypatch.setattr(commands, "load_tokenizer", lambda *a, **k: None)
     before = signal.getsignal(signal.SIGTERM)
     args = ["prune", "smollm2", "--nsamples", "2", "--seqlen", "8", "--output", str(tmp_path / "o"),
             "--checkpoint-dir", str(tmp_path / "ckpt")]
@@ -292,7 +292,7 @@ def test_a_run_the_host_cannot_hold_is_refused_before_loading(tiny_folder, small
                                                              monkeypatch):
     """The plan binds on the CPU too: a predicted peak above the host's memory stops the run
     before any weight loads (here the host is made to look 64 MiB large); --force runs it."""
-    monkeypatch.setattr(cli, "device_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr(commands, "device_memory", lambda device: 64 * 2**20)
     args = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "64", "--seqlen", "64",
             "--method", "sparse-expansion", "--clusters", "2", "--kmeans-restarts", "1", "--quiet",
             "--output", str(tmp_path / "o")]
@@ -301,7 +301,7 @@ def test_a_run_the_host_cannot_hold_is_refused_before_loading(tiny_folder, small
     def interrupted_load(*a, **k):
         loads.append(1)
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "load_model", interrupted_load)
+    monkeypatch.setattr(commands, "load_model", interrupted_load)
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "of memory, 0.06 GiB available" in err and "--force runs anyway" in err

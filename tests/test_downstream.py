@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_expansion import cli
+from sparse_expansion import cli, commands
 from sparse_expansion.data import load_split
 from sparse_expansion.downstream import WIKI_TASK, lastword_examples, prepare_tasks, run_tasks, write_wiki_task
 
@@ -84,7 +84,7 @@ def test_cli_eval_runs_local_task_files_and_perplexity(tiny_folder, small_corpus
     (["--tasks", ","], "--tasks is empty"),
 ])
 def test_bad_task_arguments_stop_before_the_model_loads(extra, message, tiny_folder, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli.main(["eval", str(tiny_folder), *extra]) == 2
     assert message in capsys.readouterr().err
 

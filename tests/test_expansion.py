@@ -283,6 +283,36 @@ def test_save_load_gives_identical_logits(saved_expert_model):
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, SparseExpertLinear)
 
 
+def test_lazy_experts_give_the_same_logits_one_linear_in_memory_at_a_time(saved_expert_model, monkeypatch):
+    """A lazily loaded folder reads each linear's experts while it runs: logits equal the eager
+    load's bit for bit, on the CPU and wherever the model is moved, and no two linears' experts
+    are ever in memory together."""
+    import weakref
+
+    from sparse_expansion.storage.lazy import LazyExperts
+    model, folder = saved_expert_model
+    lazy = loading.load_model(str(folder), lazy=True)[0]
+    assert sum(isinstance(m, LazyExperts) for m in lazy.modules()) == 6
+    assert not any(isinstance(m, SparseExpertLinear) for m in lazy.modules())
+    alive, most = weakref.WeakSet(), []
+    materialize = LazyExperts.materialize
+
+    def counted(self):
+        module = materialize(self)
+        alive.add(module)
+        most.append(len(alive))
+        return module
+    monkeypatch.setattr(LazyExperts, "materialize", counted)
+    ids = random_tokens(2, 16, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(lazy(ids).logits, model(ids).logits)
+        assert len(most) == 6 and max(most) == 1
+        lazy.to(torch.float64)  # the materialized experts follow the model's moves
+        assert lazy(ids).logits.dtype == torch.float64
+    with pytest.raises(UsageError, match="loaded lazily .* lazy=False"):
+        save_pruned_model(lazy, None, str(folder.parent / "again"), {})
+
+
 def test_converted_experts_give_the_same_logits(saved_expert_model):
     model, folder = saved_expert_model
     loaded, tok = load_pruned(folder)
@@ -534,3 +564,30 @@ def test_the_re_solve_runs_on_each_experts_solve_hessian(monkeypatch):
     assert len(factored) == 2 * 3 and len(refined) == 3 * 3  # 2 groups' Hessians; 3 linears' experts
     for H in refined:
         assert any(torch.equal(H, solved) for solved in factored)
+
+
+def test_cluster_statistics_add_without_atomics_off_the_cpu():
+    """A GPU's index_add adds atomically, in an order that varies from run to run and rank to rank:
+    the cluster sums (pass 1's mean, the pooled rule's means) and k-means' centroid sums take a
+    one-hot product there. The meta device takes that path; its aten ops are checked, and on the
+    CPU both ways give the same sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparse_expansion.methods.expansion import router as router_module
+    from sparse_expansion.methods.expansion.stages import add_cluster_sums
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    x, labels = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    with Record():
+        sums = torch.zeros(3, 6, dtype=torch.float64, device="meta")
+        add_cluster_sums(sums, x.to("meta"), labels.to("meta"), rows=16)
+        router_module.sums_by_label(x.to("meta"), torch.stack([labels, labels.flip(0)]).to("meta"), 3)  # k-means
+    assert ops and not any("index_add" in op or "scatter" in op for op in ops), sorted(set(ops))
+    onehot = torch.nn.functional.one_hot(labels, 3).double().T @ x.double()
+    sums = torch.zeros(3, 6, dtype=torch.float64)
+    add_cluster_sums(sums, x, labels, rows=16)
+    torch.testing.assert_close(sums, onehot, rtol=1e-5, atol=1e-6)  # fp32 within blocks

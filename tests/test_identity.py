@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_expansion.storage import checkpoint
-from sparse_expansion import cli
+from sparse_expansion import cli, commands
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.errors import UsageError
 from sparse_expansion.reports import PruneResult
@@ -38,13 +38,13 @@ CHANGES = {
 @pytest.fixture
 def saved_run(tiny_folder, small_corpus, tmp_path, monkeypatch):
     """A checkpoint (block 0 done) of a small Sparse Expansion run; returns its argument builder."""
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the identity check"))
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("model loaded before the identity check"))
 
     def args(*extra, model=tiny_folder, corpus=small_corpus):
         return ["prune", str(model), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32",
                 "--method", "sparse-expansion", "--output", str(tmp_path / "out"),
                 "--checkpoint-dir", str(tmp_path / "ckpt"), *extra]
-    _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(args()))
+    _, _, ckpt, _ = commands.start_run(cli._parser().parse_args(args()))
     ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
     return args
 
@@ -77,7 +77,7 @@ def test_another_package_version_is_refused(saved_run, monkeypatch, capsys):
 
 def test_what_does_not_change_the_result_may_change(saved_run, capsys):
     for extra in ([], ["--quiet"], ["--offload-activations"], ["--overwrite"]):
-        _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(saved_run(*extra)))
+        _, _, ckpt, _ = commands.start_run(cli._parser().parse_args(saved_run(*extra)))
         assert ckpt.next_block == 1
     assert "resuming from" in capsys.readouterr().err
 
@@ -85,9 +85,9 @@ def test_what_does_not_change_the_result_may_change(saved_run, capsys):
 def test_a_run_with_a_block_range_resumes(tiny_folder, small_corpus, tmp_path):
     args = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "2", "--seqlen", "32",
             "--blocks", "1:2", "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]
-    _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(args))
+    _, _, ckpt, _ = commands.start_run(cli._parser().parse_args(args))
     ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
-    _, _, again, _ = cli.start_run(cli._parser().parse_args(args))
+    _, _, again, _ = commands.start_run(cli._parser().parse_args(args))
     assert again.next_block == 1
 
 

@@ -68,3 +68,51 @@ def test_the_wheel_builds_from_the_root_and_holds_every_module(tmp_path):
                for p in (ROOT / "sparse_expansion").rglob("*.py")}
     assert any(n.startswith("sparse_expansion/kernels/") for n in sources)
     assert sources - names == set()
+
+
+def _python(code: str) -> str:
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_importing_the_package_and_the_cli_stays_cheap():
+    """`import sparse_expansion` loads neither torch nor transformers, the CLI's argument parser
+    no transformers: `sparse-expansion --help` needs neither's start-up time."""
+    out = _python("import sys, sparse_expansion; print('torch' in sys.modules, 'transformers' in sys.modules)")
+    assert out.split() == ["False", "False"]
+    out = _python("import sys, sparse_expansion.cli as c; c._parser(); print('transformers' in sys.modules)")
+    assert out.split() == ["False"]
+
+
+REGISTERED = """
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from sparse_expansion.storage.model_type import SparseExpansionConfig
+assert "sparse_expansion" in CONFIG_MAPPING
+assert MODEL_FOR_CAUSAL_LM_MAPPING[SparseExpansionConfig].__name__ == "SparseExpansionForCausalLM"
+"""
+
+
+@pytest.mark.parametrize("first", [
+    "import sparse_expansion",  # before transformers: registered when its Auto modules load
+    "import transformers; transformers.AutoModelForCausalLM; import sparse_expansion",  # after them
+    "import sparse_expansion; from transformers import pipeline",  # through another of its modules
+    "import sparse_expansion.storage.hf",  # our module directly
+])
+def test_the_auto_classes_know_sparse_expansion_whatever_the_import_order(first):
+    _python(f"{first}\n{REGISTERED}")
+
+
+def test_a_config_alone_is_registered_before_the_modeling_code_loads():
+    _python("import sys, sparse_expansion\nfrom transformers import AutoConfig\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "assert 'sparse_expansion' in CONFIG_MAPPING and 'transformers.modeling_utils' not in sys.modules")
+
+
+def test_old_module_paths_are_the_moved_modules():
+    _python("import sys\nfrom sparse_expansion.experts import SparseExpertLinear\n"
+            "import sparse_expansion.outputs as o, sparse_expansion as se\n"
+            "assert se.experts.SparseExpertLinear is SparseExpertLinear and se.prune and se.PruneConfig\n"
+            "assert o is sys.modules['sparse_expansion.storage.outputs']\n"
+            "assert o.__spec__.name == 'sparse_expansion.storage.outputs'")

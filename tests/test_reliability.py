@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_expansion import cli
+from sparse_expansion import cli, commands
 from sparse_expansion.storage.checkpoint import Checkpoint
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
@@ -81,10 +81,10 @@ def test_killed_run_resumes_to_the_same_model(tiny_folder, small_corpus, tmp_pat
 
 
 def test_checkpoint_of_other_arguments_is_refused(tiny_folder, small_corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sparse_expansion.cli.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sparse_expansion.commands.load_model", lambda *a, **k: pytest.fail("model loaded"))
     base = ["prune", str(tiny_folder), "--calib", str(small_corpus), "--nsamples", "2", "--seqlen", "32",
             "--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")]
-    _, _, ckpt, _ = cli.start_run(cli._parser().parse_args(base + ["--sparsity", "0.5"]))
+    _, _, ckpt, _ = commands.start_run(cli._parser().parse_args(base + ["--sparsity", "0.5"]))
     ckpt.save(0, torch.nn.Module(), [], [torch.zeros(1, 2, 3)], PruneResult())
     capsys.readouterr()
     assert cli.main(base + ["--sparsity", "0.6"]) == 2
@@ -107,7 +107,7 @@ BAD_CHECKPOINT_DIRS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINT_DIRS))
 def test_bad_checkpoint_dir(case, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sparse_expansion.cli.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sparse_expansion.commands.load_model", lambda *a, **k: pytest.fail("model loaded"))
     make, message = BAD_CHECKPOINT_DIRS[case]
     ckpt = tmp_path / "out" / "ckpt" if case == "inside_output" else tmp_path / "ckpt"
     make(ckpt)

@@ -1,5 +1,5 @@
 """Sparse Expansion folders as transformers models: importing `sparse_expansion` registers the
-`sparse_expansion` model type (model_type.py) with transformers' Auto classes, so that
+`sparse_expansion` model type (model_type.py) with transformers' Auto classes (imports.py), so that
 `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the base architecture with its routed
 experts (through `outputs.load_pruned_model`). No code is ever executed from a model folder (no
 `trust_remote_code`): the package must be imported in the process that loads.
@@ -10,11 +10,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import AutoModelForCausalLM
 
 from ..errors import UsageError
-from .model_type import LOADER, MODEL_TYPE, SparseExpansionConfig
-from .outputs import load_pruned_model
+from .model_type import LOADER, SparseExpansionConfig
 
 # from_pretrained keywords that say where files come from (hub, cache, revision) or how a dense
 # checkpoint is read: a local Sparse Expansion folder has one answer to each, so they are ignored.
@@ -62,14 +61,20 @@ def _dtype(value) -> torch.dtype | None:
     return dtype
 
 
-class SparseExpansionForCausalLM(PreTrainedModel):
+class SparseExpansionForCausalLM:
     """The Auto classes' entry for `sparse_expansion` folders: `from_pretrained` returns the base
-    architecture's model (e.g. LlamaForCausalLM) with its routed experts. Not built directly."""
+    architecture's model (e.g. LlamaForCausalLM, a PreTrainedModel) with its routed experts. Not
+    built directly, so not a PreTrainedModel itself (which would import transformers' modeling
+    code while it registers: imports.py)."""
     config_class = SparseExpansionConfig
 
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config=None, *args, **kwargs):
         raise TypeError("a Sparse Expansion model comes from a folder written by prune: use "
                         "AutoModelForCausalLM.from_pretrained(folder) or sparse_expansion.load(folder)")
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        return cls(config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
@@ -83,6 +88,7 @@ class SparseExpansionForCausalLM(PreTrainedModel):
         dtype = _dtype(dtype if dtype is not None else torch_dtype)
         if attn_implementation is None and isinstance(config, SparseExpansionConfig):
             attn_implementation = config._attn_implementation  # the Auto classes move it into the config
+        from .outputs import load_pruned_model  # transformers' modeling code: not at registration
         model = load_pruned_model(folder, device=_device(device_map), dtype=dtype,  # the tokenizer is not ours
                                   attn_implementation=attn_implementation)
         model.config.use_cache = True  # load_pruned's models are for scoring; this one may generate
@@ -90,5 +96,4 @@ class SparseExpansionForCausalLM(PreTrainedModel):
 
 
 assert SparseExpansionForCausalLM.__name__ == LOADER
-AutoConfig.register(MODEL_TYPE, SparseExpansionConfig, exist_ok=True)
-AutoModelForCausalLM.register(SparseExpansionConfig, SparseExpansionForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(SparseExpansionConfig, SparseExpansionForCausalLM, exist_ok=True)  # see imports.py

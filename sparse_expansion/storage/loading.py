@@ -226,14 +226,15 @@ def model_dtype(ref: str, name: str = "auto") -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
-def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
+def load_model(ref: str, dtype: torch.dtype | None = None, device: str = "cpu", lazy: bool = False):
     """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or an embedded name (EMBEDDED),
-    in `dtype` (None: `model_dtype(ref)`, the checkpoint's own)."""
+    in `dtype` (None: `model_dtype(ref)`, the checkpoint's own). `lazy`: a Sparse Expansion folder's
+    experts stay in their files, read while their linear runs (storage/lazy.py)."""
     dtype = dtype or model_dtype(ref)
     folder, kwargs = _source(ref)
     tokenizer = load_tokenizer(ref)  # first: a bad tokenizer is reported before the weights load
     if is_expert_folder(folder):
-        return load_pruned_model(folder, device=device, dtype=dtype), tokenizer
+        return load_pruned_model(folder, device=device, dtype=dtype, lazy=lazy), tokenizer
     check_files(folder)  # a baseline written by prune: its weights as saved
     try:
         with warnings.catch_warnings():  # transformers notes that our dequantize=True overrides the folder's setting

@@ -1,7 +1,7 @@
 """The `sparse_expansion` model type of a folder with routed experts: its config.json nests the
 base model's config under `base_config`, so that transformers without this package refuses the
-folder (an unknown model type) instead of loading its dense part with random experts. hf.py
-registers the type with transformers' Auto classes.
+folder (an unknown model type) instead of loading its dense part with random experts. The config
+class registers with AutoConfig as the module loads; hf.py registers the model class.
 """
 from __future__ import annotations
 
@@ -45,3 +45,6 @@ def base_config(folder: str | Path) -> PretrainedConfig:
     config.json itself (folders written before the model type existed)."""
     config = AutoConfig.from_pretrained(folder)
     return config.base() if isinstance(config, SparseExpansionConfig) else config
+
+
+AutoConfig.register(MODEL_TYPE, SparseExpansionConfig, exist_ok=True)  # see imports.py

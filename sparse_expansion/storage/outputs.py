@@ -28,6 +28,7 @@ from .card import model_card
 from ..errors import UsageError, option, setting
 from ..methods.expansion.experts import SparseExpertLinear, pack_experts, unpack_experts
 from ..faults import fault_point
+from .lazy import LazyExperts, install_lazy_experts
 from .model_type import base_config, wrap_config
 from .packing import FORMATS, add_quantization_config, compressed_state, quantized_linears
 
@@ -143,7 +144,7 @@ class SpilledExperts(nn.Module):
         super().__init__()
         self.name, self.entry, self.format = name, entry, module.format
         self.in_features, self.out_features = module.in_features, module.out_features
-        self.element_size = module.weight_dtype.itemsize
+        self.weight_dtype, self.element_size = module.weight_dtype, module.weight_dtype.itemsize
 
     def forward(self, x):
         raise RuntimeError(f"the experts of {self.name} were written to the output and released from memory; "
@@ -166,6 +167,18 @@ def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -
         block.set_submodule(n, SpilledExperts(f"{prefix}.{n}", m, entry))
 
 
+def read_spilled_lazily(model: nn.Module, folder: Path) -> int:
+    """Swap the `SpilledExperts` of a model saved to `folder` for `LazyExperts` reading the saved
+    files, so that the model runs again (its experts read while they run); returns how many."""
+    runtime_format = read_metadata(folder)["experts"].get("runtime_format", "bitmask")
+    spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
+    for name, m in spilled.items():
+        like = torch.empty(0, dtype=m.weight_dtype)
+        model.set_submodule(name, LazyExperts(Path(folder) / m.entry["file"], name, m.entry["layers"][name],
+                                              runtime_format, like))
+    return len(spilled)
+
+
 def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: bool = False,
                       partial: PartialOutput | None = None, weight_format: str = "auto") -> Path:
     """Save model + tokenizer + metadata (arguments, per-layer report) as a transformers folder.
@@ -174,6 +187,10 @@ def save_pruned_model(model, tokenizer, output: str, metadata: dict, overwrite: 
     compressed-tensors when the model has quantized nn.Linear layers, dense otherwise."""
     experts = expert_layers(model)
     spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
+    lazy = [name for name, m in model.named_modules() if isinstance(m, LazyExperts)]
+    if lazy:
+        raise UsageError(f"{lazy[0]}: the model's experts were loaded lazily (they stay in their files); "
+                         f"load it with {setting('lazy', False)} to save it again")
     quantized = bool(quantized_linears(model))
     if weight_format not in FORMATS:
         raise UsageError(f"weight format {weight_format!r}: use one of {', '.join(FORMATS)}")
@@ -254,9 +271,11 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
 
 
 def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                      attn_implementation: str | None = None) -> nn.Module:
+                      attn_implementation: str | None = None, lazy: bool = False) -> nn.Module:
     """The model of a folder written by `prune`, with its routed experts rebuilt (no tokenizer).
-    `attn_implementation` ('eager', 'sdpa', ...) is passed to transformers; None keeps its default."""
+    `attn_implementation` ('eager', 'sdpa', ...) is passed to transformers; None keeps its default.
+    The expert files are read one at a time, each released once its modules are built; `lazy`:
+    they stay in their files and are read each time their linear runs (lazy.py)."""
     folder = Path(folder)
     meta = read_metadata(folder)
     if meta is None or "experts" not in meta:
@@ -266,16 +285,11 @@ def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtyp
         raise UsageError(f"{folder}: unknown experts format {info.get('format')!r}; expected {EXPERTS_FORMAT}")
     check_files(folder)
     files = info.get("files") or [info]  # one experts.safetensors (earlier outputs) or one file per block
-    tensors: list[dict[str, torch.Tensor]] = []
-    for entry in files:
+    for entry in files:  # every file checked before the dense part loads
         path = folder / entry["file"]
         if not path.exists() or _sha256(path) != entry["sha256"]:
             raise UsageError(f"{path} is missing, truncated or corrupted (sha256 differs from {METADATA}); "
                              f"re-run prune")
-        try:
-            tensors.append(load_file(path))
-        except SafetensorError as e:
-            raise UsageError(f"{path} cannot be read ({e}); re-run prune") from None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expert linears are expected to be missing from the dense part
     try:
@@ -291,10 +305,19 @@ def load_pruned_model(folder: str | Path, device: str = "cpu", dtype: torch.dtyp
     unexpected = [k for k in loading["missing_keys"] if not k.startswith(prefixes)]
     if unexpected:
         raise UsageError(f"{folder}: weights missing from the dense part: {unexpected[:3]}; re-run prune")
-    for entry, part in zip(files, tensors):
+    runtime_format = info.get("runtime_format", "bitmask")
+    if lazy:
+        install_lazy_experts(model, folder, files, runtime_format)
+    for entry in files if not lazy else []:
+        path = folder / entry["file"]
+        try:
+            tensors = load_file(path)
+        except SafetensorError as e:
+            raise UsageError(f"{path} cannot be read ({e}); re-run prune") from None
         if dtype is not None:  # the experts' weights and biases in the asked dtype (routers stay fp32)
-            part = {k: v.to(dtype) if k.endswith((".weight.values", ".bias")) else v for k, v in part.items()}
-        unpack_experts(model, part, entry["layers"], info.get("runtime_format", "bitmask"))
+            tensors = {k: v.to(dtype) if k.endswith((".weight.values", ".bias")) else v for k, v in tensors.items()}
+        unpack_experts(model, tensors, entry["layers"], runtime_format)
+        del tensors
     model.to(device).eval()
     model.config.use_cache = False
     return model

@@ -159,18 +159,20 @@ def kmeans_torch(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, max
     return c[best], float(inertia[best])
 
 
-def _cluster_sums(z: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums [A, k, dim] of the rows of z [N, dim] per cluster, counts [A, k]) for A labelings
-    [A, N]. On a CPU by index_add (N·dim work); elsewhere by a one-hot product, as atomic adds
-    would make the fit vary from run to run."""
-    counts = torch.stack([torch.bincount(lab, minlength=k) for lab in labels])
+def sums_by_label(z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums [..., k, dim] of the rows of z [N, dim] by label, for labels [N] or [A, N]. On a CPU by
+    index_add (N·dim work, in row order); elsewhere by a one-hot product: a GPU's index_add adds
+    atomically, in an order that varies from run to run (and rank to rank)."""
     if z.device.type != "cpu":
-        onehot = torch.nn.functional.one_hot(labels, k).to(z.dtype)  # [A, N, k]
-        return onehot.transpose(1, 2) @ z, counts
-    sums = torch.zeros(labels.shape[0], k, z.shape[1], dtype=z.dtype)
-    for out, lab in zip(sums, labels):
-        out.index_add_(0, lab, z)
-    return sums, counts
+        return torch.nn.functional.one_hot(labels, k).to(z.dtype).transpose(-1, -2) @ z
+    if labels.dim() == 2:
+        return torch.stack([sums_by_label(z, lab, k) for lab in labels])
+    return torch.zeros(k, z.shape[1], dtype=z.dtype).index_add_(0, labels, z)
+
+
+def _cluster_sums(z: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [A, k, dim] of the rows of z [N, dim] per cluster, counts [A, k]) for A labelings [A, N]."""
+    return sums_by_label(z, labels, k), torch.stack([torch.bincount(lab, minlength=k) for lab in labels])
 
 
 def _nearest_batched(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

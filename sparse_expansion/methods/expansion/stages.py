@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ... import solvers
-from .router import Router, RouterFit, fit_router, nearest_centroid, pca_components, pca_from_hessian
+from .router import Router, RouterFit, fit_router, nearest_centroid, pca_components, pca_from_hessian, sums_by_label
 from ...sparsity import Sparsity
 
 SMALL_CLUSTER_RULES = ("pooled", "shrink", "damping", "merge")
@@ -107,7 +107,7 @@ def add_cluster_sums(sums: torch.Tensor, x: torch.Tensor, labels: torch.Tensor |
     if labels is None:
         labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for xb, lb in zip(x.split(rows), labels.split(rows)):
-        sums += torch.zeros(sums.shape, device=x.device).index_add_(0, lb, xb.float()).double()
+        sums += sums_by_label(xb.float(), lb, sums.shape[0]).double()  # no atomics: the same sums every run
 
 
 def cluster_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
