@@ -415,7 +415,7 @@ def main(argv=None):
     tag = "cpu" if not gpu else re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
     path = os.path.join(args.out, f"kernels_{tag}.json")
 
-    def save(done):  # after every section, so a timeout keeps what was measured
+    def save(done):  # after every shape, so a timeout keeps what was measured
         with open(path, "w") as f:
             json.dump({"device": name, "mode": "gpu" if gpu else "cpu-references-only",
                        "threads": torch.get_num_threads(), "shape_scale": 1 / scale,
@@ -440,6 +440,7 @@ def main(argv=None):
                 errors.append(f"{key} {shape_name}: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
             _free(gpu)
+            save(done)
         done.append(key)
         print(f"# {key}: {time.time() - t0:.1f}s", flush=True)
         print_table(rows[n0:])

@@ -20,7 +20,7 @@ from .downstream import PERPLEXITY, prepare_tasks, run_tasks
 from .driver import check_calibration_tokens, check_shapes, prune_model
 from .errors import UsageError
 from .evaluate import perplexity
-from .memory import available_host_bytes, rss_bytes
+from .memory import available_host_bytes, free_device_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
 from .methods.expansion.experts import convert_experts
@@ -75,7 +75,7 @@ def check_prune_args(args) -> PruneConfig:
 def device_memory(device: str) -> int | None:
     """The free memory of a CUDA device; on a CPU, the host memory this process may use."""
     if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
+        return free_device_bytes(device)
     available = available_host_bytes()
     return None if available is None else available + (rss_bytes() or 0)
 

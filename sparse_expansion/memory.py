@@ -49,6 +49,15 @@ def available_host_bytes() -> int | None:
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
+def free_device_bytes(device: torch.device | str) -> int:
+    """What a CUDA device can still give this process: the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused (mem_get_info counts that as used, so
+    from the second block on a budget from it alone shrinks by the cache)."""
+    device = torch.device(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + max(0, cached)
+
+
 def trim_malloc() -> None:
     """Give glibc's cached free memory back to the OS (no-op without glibc)."""
     try:

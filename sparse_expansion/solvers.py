@@ -156,7 +156,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor | HessianFactor, sparsity: Sparsi
     W[f.dead[:, None, :].expand_as(W)] = 0.0
     grid = find_quant_grid(W, bits) if bits is not None else None
     W, _ = obs_prune(W, f.Hinv, sparsity.rate if not sparsity.structured else 0.0,
-                     sparsity.n, sparsity.m, grid, blocksize, select)
+                     sparsity.n, sparsity.m, grid, blocksize, select, in_place=True)  # W: already our copy
     return W, SolveInfo(damping=f.damping, dead_inputs=f.dead.sum(dim=1).tolist())
 
 

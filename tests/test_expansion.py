@@ -591,3 +591,45 @@ def test_cluster_statistics_add_without_atomics_off_the_cpu():
     sums = torch.zeros(3, 6, dtype=torch.float64)
     add_cluster_sums(sums, x, labels, rows=16)
     torch.testing.assert_close(sums, onehot, rtol=1e-5, atol=1e-6)  # fp32 within blocks
+
+
+def test_the_solve_budget_counts_memory_the_caching_allocator_holds_unused(monkeypatch):
+    """mem_get_info counts PyTorch's cached-but-free blocks as used: from the second block on, a
+    budget from it alone would shrink by the cache and the run would chunk more than planned."""
+    from sparse_expansion.methods.expansion.method import SOLVE_SHARE, solve_budget
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 12 * gib)
+    assert solve_budget(None, torch.device("cuda"), reserve=gib) == int(SOLVE_SHARE * (10 + 18 - 1) * gib)
+    assert solve_budget(5 * gib, torch.device("cuda")) == 5 * gib  # --max-memory as given
+
+
+@pytest.mark.parametrize("max_cluster_tokens", [262_144, 100])  # every row, and a sample of 100 of 128
+def test_the_router_sample_is_never_held_twice(monkeypatch, max_cluster_tokens):
+    """Pass 1 writes the router's rows into one buffer; the fit gets a view of it, not a
+    concatenation (which would hold 5.8 GB twice for a 7B down_proj)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparse_expansion.methods.expansion.method import ClusterStats
+    cats, inside = [], [False]
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if inside[0] and func.overloadpacket.__name__ == "cat" and out.dim() == 2 and len(out) == sampled:
+                cats.append(list(out.shape))  # rows of the whole sample, concatenated
+            return out
+    end_pass = ClusterStats.end_pass
+
+    def watched(self):
+        inside[0] = self.fit is None  # the end of pass 1, where the sample is handed to the fit
+        try:
+            return end_pass(self)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(ClusterStats, "end_pass", watched)
+    model, sampled = tiny_model("llama"), min(4 * 32, max_cluster_tokens)
+    with Record():
+        prune_model(model, random_tokens(4, 32), se_config(max_cluster_tokens=max_cluster_tokens), progress=False)
+    assert cats == []

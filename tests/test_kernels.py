@@ -178,6 +178,21 @@ def test_obs_matches_reference(E, R, C, sparsity, n, m, bits, blocksize, dtype):
     torch.testing.assert_close(W_tri[same_rows], W_ref[same_rows], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("prune", [obs_prune_reference, obs_prune_triton])
+def test_obs_in_place_updates_the_callers_copy_and_gives_the_same_result(prune):
+    """SparseGPT hands the solve its own fp32 working copy: updated in place, with no second
+    [E, R, C] fp32 copy (a 70B down_proj's 16 experts: 15 GB each)."""
+    W, Hinv = _obs_problem(2, 13, 40, _gen(7), torch.float32)
+    W, Hinv = W.to(DEV), Hinv.to(DEV)
+    copied, keep = prune(W, Hinv, 0.5, 0, 0, None, 16)
+    mine = W.clone()
+    updated, keep_in_place = prune(mine, Hinv, 0.5, 0, 0, None, 16, in_place=True)
+    assert updated.data_ptr() == mine.data_ptr() and copied.data_ptr() != W.data_ptr()
+    assert torch.equal(updated, copied) and torch.equal(keep_in_place, keep)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        prune(W.half(), Hinv, 0.5, in_place=True)
+
+
 def test_obs_quantizer_rounds_half_steps_to_even_as_the_reference():
     """Weights exactly halfway between two levels of the grid round as torch.round does (half to
     even) in the kernel too. An identity Hinv: no error propagates, every weight stays on its

@@ -203,7 +203,7 @@ def test_bounded_sample_fits_routers_in_two_passes():
     x = torch.randn(128, 16)
     for xb in x.split(40):
         stats.add_batch(xb)
-    assert sum(s.shape[0] for s in stats.sample) == 50 and stats.end_pass()
+    assert sum(stats.sizes) == 50 and stats.sample.shape == (50, 16) and stats.end_pass()
     for xb in x.split(40):
         stats.add_batch(xb)
     assert not stats.end_pass() and int(stats.counts.sum()) == 128

@@ -96,7 +96,7 @@ def _hessian_tile_kernel(X, OFFS, COUNTS, PAIR_I, PAIR_J, H,
     mj = rj < d
     rk = tl.arange(0, BLOCK_K)
     m = mi[:, None] & mj[None, :]
-    p = H + c.to(tl.int64) * d * d + ri[:, None] * d + rj[None, :]
+    p = H + (c.to(tl.int64) * d + ri[:, None]) * d + rj[None, :]  # int64: ri·d passes 2^31 for d > 46,340
     if PRELOAD:
         scale, alpha = _running_average(COUNTS, c, end - start)
         acc = tl.load(p, mask=m, other=0.0) * (scale / alpha)

@@ -112,7 +112,8 @@ def block_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
                         prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
-                        blocksize: int = 128, select=block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+                        blocksize: int = 128, select=block_mask, in_place: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune E matrices at once. Returns (pruned weights [E, R, C] fp32, kept mask [E, R, C]).
 
     W: [E, R, C] (any float dtype; computed in fp32). Hinv: [E, C, C] fp32 upper Cholesky factor
@@ -126,7 +127,10 @@ def obs_prune_reference(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0
     through one matrix product each. This is the same computation as updating the whole block
     column by column (up to rounding) with ~4x less elementwise work, which is what costs on CPU.
     """
-    W = W.float().clone()
+    if in_place:
+        _check_own_copy(W)
+    else:
+        W = W.float().clone()
     E, R, C = W.shape
     pruned = torch.zeros_like(W, dtype=torch.bool)
     sub = UPDATE_COLUMNS
@@ -197,7 +201,7 @@ def _obs_block_kernel(W, PRUNED, HINV, ERR, SCALE, ZERO,
     rmask = rows < R
     sub = tl.arange(0, SUB)
     block = tl.arange(0, BLOCK_C)
-    hblk = HINV + e * C * C + i1 * C + i1  # Hinv1[a, b] = hblk[a * C + b]
+    hblk = HINV + (e * C + i1) * C + i1  # Hinv1[a, b] = hblk[a * C + b]; int64: i1·C passes 2^31 for C > 46,340
     w_row = W + e * stride_we + rows[:, None] * stride_wr + i1
     if QUANT:
         scale = tl.load(SCALE + e * R + rows, mask=rmask, other=1.0)
@@ -273,7 +277,7 @@ def _trailing_kernel(W, ERR, HINV, R, C, i1, count, i2,
         kmask = k < count
         a = tl.load(ERR + e * stride_ee + rows[:, None] * stride_er + k[None, :],
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(HINV + e * stride_he + (i1 + k)[:, None] * stride_hr + cols[None, :] * stride_hc,
+        b = tl.load(HINV + e * stride_he + (i1 + k).to(tl.int64)[:, None] * stride_hr + cols[None, :] * stride_hc,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     ptrs = W + e * stride_we + rows[:, None] * stride_wr + cols[None, :]
@@ -337,9 +341,13 @@ def _obs_rows_per_program(R: int, interpret: bool) -> int:
 
 def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
                      prune_n: int = 0, prune_m: int = 0, grid: QuantGrid | None = None,
-                     blocksize: int = 128, select=block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+                     blocksize: int = 128, select=block_mask, in_place: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `obs_prune_reference` (same arguments and results)."""
-    W = W.float().contiguous().clone()
+    if in_place:
+        _check_own_copy(W)
+    else:
+        W = W.float().contiguous().clone()
     E, R, C = W.shape
     Hinv = Hinv.float().contiguous()
     if Hinv.shape != (E, C, C):
@@ -392,8 +400,16 @@ def obs_prune_triton(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float = 0.0,
     return W, ~pruned
 
 
-def obs_prune(W, Hinv, sparsity=0.0, prune_n=0, prune_m=0, grid=None, blocksize=128, select=block_mask):
+def obs_prune(W, Hinv, sparsity=0.0, prune_n=0, prune_m=0, grid=None, blocksize=128, select=block_mask,
+              in_place=False):
     """Entry point the driver calls; dispatches to the Triton kernel on CUDA (see backend)."""
     if use_triton(W):
-        return obs_prune_triton(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize, select)
-    return obs_prune_reference(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize, select)
+        return obs_prune_triton(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize, select, in_place)
+    return obs_prune_reference(W, Hinv, sparsity, prune_n, prune_m, grid, blocksize, select, in_place)
+
+
+def _check_own_copy(W: torch.Tensor) -> None:
+    """in_place: W is the caller's own fp32 working copy, updated in place (no second [E, R, C]
+    fp32 copy beside it); it must be contiguous fp32."""
+    if W.dtype != torch.float32 or not W.is_contiguous():
+        raise ValueError(f"in_place needs a contiguous fp32 W, got {W.dtype}")

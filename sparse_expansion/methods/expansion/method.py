@@ -17,7 +17,7 @@ from ... import distributed, solvers
 from ...errors import UsageError, option, setting
 from .experts import SparseExpertLinear, compress, concat_compressed
 from ...kernels.hessian import accumulate_hessian, complete_hessian
-from ...memory import available_host_bytes
+from ...memory import available_host_bytes, free_device_bytes
 from ...models import linear_weight
 from ...reports import LayerReport
 from .router import KMEANS_BACKENDS
@@ -90,7 +90,10 @@ class ClusterStats:
         self.method, self.layers, self.group, self.options = method, layers, group, o
         self.seed, self.tokens = method.config.seed, tokens
         self.keep = stages.token_sample(tokens, o.max_cluster_tokens, self.seed)
-        self.sample: list[torch.Tensor] | None = []
+        # the router's rows, written batch by batch into one buffer (a list concatenated at the end
+        # would hold the sample twice), and the rows each batch gave
+        self.sample: torch.Tensor | None = None
+        self.sizes: list[int] = []
         self.seen = 0
         self.fit = None
         self.router_tokens = 0  # rows the router was fitted on
@@ -123,7 +126,12 @@ class ClusterStats:
         if self.keep is not None:  # the sampled rows that fall in this batch
             lo, hi = torch.searchsorted(self.keep, torch.tensor([self.seen, self.seen + x.shape[0]])).tolist()
             rows = x[(self.keep[lo:hi] - self.seen).to(x.device)]
-        self.sample.append(rows)  # in the model's dtype; the router fit computes in fp32
+        if self.sample is None:  # in the model's dtype; the router fit computes in fp32
+            rows_in_all = self.tokens if self.keep is None else len(self.keep)
+            self.sample = torch.empty(rows_in_all, x.shape[-1], dtype=x.dtype, device=x.device)
+        filled = sum(self.sizes)
+        self.sample[filled:filled + rows.shape[0]] = rows
+        self.sizes.append(rows.shape[0])
         self.seen += x.shape[0]
 
     def _accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -154,8 +162,7 @@ class ClusterStats:
             return self.current < len(self.chunks)
         o = self.options
         t0 = time.perf_counter()
-        sizes = [rows.shape[0] for rows in self.sample]
-        x = torch.cat(self.sample)
+        sizes, x = self.sizes, self.sample[:sum(self.sizes)]
         self.sample = None  # the batches live on as views of x
         complete_hessian(self.H_full)
         self.fit, self.handling = stages.fit_group_router(
@@ -299,5 +306,5 @@ def solve_budget(max_memory: int | None, device: torch.device, reserve: int = 0)
     `reserve`, what will be allocated beside them (the layer's Hessians)."""
     if max_memory is not None:
         return max_memory
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
+    free = free_device_bytes(device) if device.type == "cuda" else available_host_bytes()
     return None if free is None else int(SOLVE_SHARE * max(0, free - reserve))
