@@ -47,6 +47,9 @@ def test_prune_with_an_output_streams_experts_to_it_like_the_command_line(tiny_f
     with pytest.raises(UsageError, match="output='.*se3' already exists; choose another folder or pass "
                                          "overwrite=True"):
         se.prune(str(tiny_folder), **args, output=tmp_path / "se3")
+    se.prune(str(tiny_folder), calib=str(small_corpus), nsamples=4, seqlen=32, progress=False,
+             output=tmp_path / "sgpt")  # a baseline: nothing to spill, saved all the same
+    assert json.loads((tmp_path / "sgpt" / "sparse_expansion.json").read_text())["config"]["method"] == "sparsegpt"
 
 
 def test_prune_a_model_object_with_token_ids():

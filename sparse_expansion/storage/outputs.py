@@ -170,8 +170,10 @@ def spill_block(model: nn.Module, prefix: str, folder: Path | None, name: str) -
 def read_spilled_lazily(model: nn.Module, folder: Path) -> int:
     """Swap the `SpilledExperts` of a model saved to `folder` for `LazyExperts` reading the saved
     files, so that the model runs again (its experts read while they run); returns how many."""
-    runtime_format = read_metadata(folder)["experts"].get("runtime_format", "bitmask")
     spilled = {name: m for name, m in model.named_modules() if isinstance(m, SpilledExperts)}
+    if not spilled:  # a baseline's output: nothing was spilled
+        return 0
+    runtime_format = read_metadata(folder)["experts"].get("runtime_format", "bitmask")
     for name, m in spilled.items():
         like = torch.empty(0, dtype=m.weight_dtype)
         model.set_submodule(name, LazyExperts(Path(folder) / m.entry["file"], name, m.entry["layers"][name],
