@@ -1,6 +1,6 @@
 """Experts that stay in their files: a loaded Sparse Expansion folder whose routed linears are read
 from disk each time they run, so that evaluating it needs the host memory of the dense model and
-one linear's experts, not the whole folder's (issue: a 7B SE16 folder is ~80 GB).
+one linear's experts, not the whole folder's (a Llama-2-7B SE16 folder is 77 GiB).
 """
 from __future__ import annotations
 
