@@ -2,9 +2,10 @@
 
 Every rank runs the same sequential pipeline and holds the whole pruned block before the next
 one; what is split depends on the method:
-- Sparse Expansion: every rank sees every calibration batch (the routers are fit on all of
-  them) and rank r solves a contiguous range of the clusters of every group; the ranks exchange
-  the compressed experts. The result does not depend on the number of ranks, bit for bit.
+- Sparse Expansion: every rank sees every calibration batch; rank 0 fits each group's router on
+  them and sends it to the others (`from_leader`: one router, bit for bit, whatever the ranks'
+  devices), and rank r solves a contiguous range of the clusters of every group; the ranks
+  exchange the compressed experts. The result does not depend on the number of ranks, bit for bit.
 - SparseGPT, Wanda, magnitude: rank r runs a contiguous share of the calibration batches
   through each block and the Hessians are all-reduced (`all_reduce_mean`); SparseGPT's rows,
   which share one inverse Hessian, are split too (`my_share` of the rows, then `gather_rows`),
@@ -15,6 +16,7 @@ Rank 0 alone writes checkpoints and the output.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 import os
@@ -26,13 +28,22 @@ from .errors import UsageError
 from .kernels.obs import block_mask
 
 
+TIMEOUT_ENV = "SPARSE_EXPANSION_DIST_TIMEOUT"  # minutes a collective may wait (default 60)
+
+
 def init_from_env(device: str) -> None:
-    """Join the process group torchrun describes ($WORLD_SIZE > 1); no-op otherwise."""
+    """Join the process group torchrun describes ($WORLD_SIZE > 1); no-op otherwise. Collectives
+    wait up to $SPARSE_EXPANSION_DIST_TIMEOUT minutes (default 60, not torch's 10: the other ranks
+    wait at a barrier while rank 0 writes a 70B model's output or checkpoint alone)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:  # object collectives (the experts' exchange) go through the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            minutes = float(os.environ.get(TIMEOUT_ENV, "60"))
+        except ValueError:
+            raise UsageError(f"${TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: give minutes, e.g. 120") from None
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
 
 
 def rank() -> int:
@@ -70,6 +81,16 @@ def gather_in_rank_order(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_leader(obj):
+    """Rank 0's `obj` on every rank (pickled: for small objects such as a router fit, tensors on the
+    CPU); `obj` itself with one process. The other ranks pass None."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_to_leader(items: list) -> list | None:

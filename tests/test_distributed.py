@@ -63,6 +63,27 @@ def test_two_ranks_give_the_one_rank_model(tmp_path):
     assert {len(r["damping"]) for r in two["layers"]} == {5}
 
 
+def _prune_tiny_fitting_on_rank_0_only(method: str, options) -> dict:
+    """_prune_tiny where only rank 0 may fit a router (rank 1's fit would differ: a different
+    device, cuML, atomics): the others receive rank 0's."""
+    from sparse_expansion.methods.expansion import stages
+    if distributed.rank() == 1:
+        def refuse(*args, **kwargs):
+            raise AssertionError("rank 1 fitted a router of its own")
+        stages.fit_group_router = refuse
+    return _prune_tiny(method, options)
+
+
+def test_rank_0_fits_the_routers_and_every_rank_uses_them(tmp_path):
+    one, two, other = _one_and_two_ranks(tmp_path, _prune_tiny_fitting_on_rank_0_only, "sparse-expansion",
+                                         ExpansionOptions(clusters=4, kmeans_restarts=2, pca_factor=8,
+                                                          small_clusters="merge", min_cluster_tokens=20))
+    routers = [k for k in one["state"] if "router" in k]
+    assert routers and all(torch.equal(one["state"][k], other["state"][k]) for k in routers)
+    for key, value in one["state"].items():
+        assert torch.equal(value, two["state"][key]) and torch.equal(value, other["state"][key]), key
+
+
 def _reduce_unequal_rows() -> dict:
     """The mean of x xᵀ over 8 rows: rank 0 of two holds 3 of them, rank 1 the other 5."""
     x = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3) / 7 - 1
@@ -188,3 +209,20 @@ def test_world_sizes_that_do_not_divide_the_work_are_refused():
         distributed.check_split("sparsegpt", None, 4, 2)
     with pytest.raises(UsageError, match="use at most 4 ranks"):
         distributed.check_split("sparse-expansion", 4, 8, 16)
+
+
+def test_the_process_group_waits_as_long_as_asked(monkeypatch):
+    """Collectives wait 60 minutes unless $SPARSE_EXPANSION_DIST_TIMEOUT says otherwise (torch's
+    10 would stop the other ranks while rank 0 writes a large output alone)."""
+    import datetime
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw["timeout"])))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.init_from_env("cpu")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "150")
+    distributed.init_from_env("cpu")
+    assert seen == [("gloo", datetime.timedelta(minutes=60)), ("gloo", datetime.timedelta(minutes=150))]
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(UsageError, match="give minutes"):
+        distributed.init_from_env("cpu")

@@ -7,7 +7,7 @@ share the group's router.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from ...kernels.hessian import accumulate_hessian, complete_hessian
 from ...memory import available_host_bytes, free_device_bytes
 from ...models import linear_weight
 from ...reports import LayerReport
-from .router import KMEANS_BACKENDS
+from .router import KMEANS_BACKENDS, RouterFit
 from ..sparsegpt import SparseGPTOptions
 from ..base import Method
 
@@ -165,9 +165,19 @@ class ClusterStats:
         sizes, x = self.sizes, self.sample[:sum(self.sizes)]
         self.sample = None  # the batches live on as views of x
         complete_hessian(self.H_full)
-        self.fit, self.handling = stages.fit_group_router(
-            x, o.clusters, o.pca_factor, self.seed, o.kmeans_restarts, o.kmeans_backend, o.small_clusters,
-            o.min_cluster_tokens, self.tokens, self.H_full, self.row_sum[0] / int(self.total))
+
+        def fit() -> tuple[RouterFit, dict]:
+            return stages.fit_group_router(
+                x, o.clusters, o.pca_factor, self.seed, o.kmeans_restarts, o.kmeans_backend, o.small_clusters,
+                o.min_cluster_tokens, self.tokens, self.H_full, self.row_sum[0] / int(self.total))
+
+        def on(device, fit: RouterFit, handling: dict) -> tuple[RouterFit, dict]:
+            return replace(fit, router=fit.router.to(device), labels=fit.labels.to(device)), handling
+        if distributed.world_size() == 1:
+            self.fit, self.handling = fit()
+        else:  # fitted once, on rank 0, and sent: every rank routes by the same router, bit for bit
+            self.fit, self.handling = on(x.device, *distributed.from_leader(
+                on("cpu", *fit()) if distributed.rank() == 0 else None))
         self.router_tokens = x.shape[0]
         self.seconds_router = time.perf_counter() - t0
         self.chunks = self.method.chunks(self.fit.router.clusters, self.layers)
