@@ -186,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="score at most this many perplexity windows (default: every window of the split)")
     ev.add_argument("--batch-size", type=int, default=4, help="windows (or lm-eval requests) per forward pass")
     ev.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    ev.add_argument("--onload", default="auto", choices=["auto", "yes", "no"],
+                    help="on a GPU, move the model there one decoder block at a time while it runs (yes), whole "
+                         "(no), or one block at a time when it would not fit the free memory whole (auto)")
     ev.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype), bfloat16, float16 or float32")
     ev.add_argument("--json", action="store_true", help="end with one JSON line")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

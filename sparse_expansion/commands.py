@@ -25,7 +25,7 @@ from .methods import METHODS, ExpansionOptions, method_class
 from .methods.base import flag
 from .methods.expansion.experts import convert_experts
 from .methods.expansion.router import choose_backend
-from .models import decoder_blocks, family_of
+from .models import decoder_blocks, family_of, onload_blocks, scoring_bytes
 from .plan import Plan, plan_run, planning_dtype, planning_model
 from .storage.checkpoint import Checkpoint
 from .storage.loading import check_model_ref, load_model, load_tokenizer, meta_model, model_dtype
@@ -189,6 +189,18 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def place_for_scoring(model, device: str, onload: str, batch: int, seqlen: int) -> None:
+    """Move the model to the GPU whole, or (--onload yes, or auto when it would not fit the free
+    memory) one decoder block at a time while it runs."""
+    need, free = scoring_bytes(model, batch, seqlen), free_device_bytes(device)
+    if onload == "yes" or (onload == "auto" and need > free):
+        onload_blocks(model, device)
+        print(f"the model ({need / 2**30:.1f} GiB to score whole) visits {device} ({free / 2**30:.1f} GiB free) "
+              f"one block at a time")
+    else:
+        model.to(device)
+
+
 def cmd_eval(args) -> int:
     checks.kernel_backend()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -205,7 +217,11 @@ def cmd_eval(args) -> int:
     device = checks.device(args.device)
     manager = prepare_tasks(lm_tasks, args.include_path) if lm_tasks else None
     lazy = args.experts == "lazy" or (args.experts == "auto" and not lm_tasks)
-    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), device, lazy=lazy)
+    gpu = torch.device(device).type == "cuda"
+    model, tokenizer = load_model(args.model, model_dtype(args.model, args.dtype), "cpu" if gpu else device,
+                                  lazy=lazy)
+    if gpu:
+        place_for_scoring(model, device, args.onload, args.batch_size, args.seqlen)
     if args.experts == "dense" and convert_experts(model, "dense"):
         print(f"experts stored dense for this evaluation ({rss_bytes() / 2**30:.1f} GiB resident)")
     result = {"model": args.model}

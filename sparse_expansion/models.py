@@ -152,5 +152,28 @@ def move_outside_blocks(model: nn.Module, device) -> None:
                 module._buffers[name] = buf.to(device)
 
 
+def onload_blocks(model: nn.Module, device) -> None:
+    """Run `model` (on the CPU) on `device` one decoder block at a time: what lies outside the
+    blocks moves there, and each block visits it only while it runs (forward hooks), so that the
+    device holds that and one block, not the model: evaluating a model larger than the GPU."""
+    def arrive(module, args) -> None:  # a hook that returns something replaces the block's inputs
+        module.to(device)
+
+    def leave(module, args, out) -> None:
+        module.to("cpu")
+    move_outside_blocks(model, device)
+    for block in decoder_blocks(model):
+        block.register_forward_pre_hook(arrive)
+        block.register_forward_hook(leave)
+
+
+def scoring_bytes(model: nn.Module, batch: int, seqlen: int) -> int:
+    """Device memory to score `batch` windows of `seqlen` tokens with `model` placed whole: its
+    weights and buffers, the batch's logits and one window's fp32 log-softmax, and 10% besides."""
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    vocab, element = model.config.vocab_size, next(model.parameters()).element_size()
+    return int(1.1 * (held + (batch * element + 4) * seqlen * vocab))
+
+
 def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out

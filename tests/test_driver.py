@@ -195,3 +195,32 @@ def test_attention_returning_its_probabilities_is_recomputed():
     unchanged = UnchangedOutputs(block, ["mlp.gate_proj", "mlp.down_proj"])
     collect_inputs(block, cached, "cpu", {block.mlp.down_proj: lambda x: None}, unchanged=unchanged, record=True)
     assert list(unchanged.outputs) == [block.self_attn] and len(unchanged.outputs[block.self_attn]) == 2
+
+
+def test_onloading_runs_each_block_on_the_device_only_while_it_runs(monkeypatch):
+    """Evaluating a model larger than the GPU: what lies outside the blocks moves to the device,
+    each block visits it for its forward and goes back; the logits are those of the whole model.
+    (Here the device is the CPU too: the hooks' moves are recorded.)"""
+    from sparse_expansion import commands
+    from sparse_expansion.models import decoder_blocks, onload_blocks
+    model, ids = tiny_model("llama"), random_tokens(2, 16)
+    with torch.no_grad():
+        whole = model(ids).logits
+    moves = []
+    for b, block in enumerate(decoder_blocks(model)):
+        move = block.to
+        monkeypatch.setattr(block, "to", lambda device, _b=b, _move=move: (moves.append((_b, str(device))),
+                                                                            _move(device))[1])
+    onload_blocks(model, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, whole)
+    assert [b for b, _ in moves] == [0, 0, 1, 1] and [d for _, d in moves][1::2] == ["cpu", "cpu"]
+
+    placed = []  # eval's choice: whole when it fits the free memory, else block by block
+    monkeypatch.setattr(commands, "onload_blocks", lambda m, device: placed.append("blocks"))
+    monkeypatch.setattr(model, "to", lambda device: placed.append("whole"))
+    need = commands.scoring_bytes(model, 4, 16)
+    for free, onload in ((need + 1, "auto"), (need - 1, "auto"), (need + 1, "yes"), (need - 1, "no")):
+        monkeypatch.setattr(commands, "free_device_bytes", lambda device, _free=free: _free)
+        commands.place_for_scoring(model, "cuda", onload, 4, 16)
+    assert placed == ["whole", "blocks", "blocks", "whole"]
