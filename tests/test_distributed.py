@@ -48,21 +48,6 @@ def _prune_tiny(method: str, options) -> dict:
     return {"state": model.state_dict(), "layers": result.to_dict()["layers"]}
 
 
-def _without_seconds(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
-
-
-def test_two_ranks_give_the_one_rank_model(tmp_path):
-    """5 clusters over 2 ranks (3 + 2 experts each): the same experts, routers and reports."""
-    one, two, other = _one_and_two_ranks(tmp_path, _prune_tiny, "sparse-expansion",
-                                         ExpansionOptions(clusters=5, kmeans_restarts=2, pca_factor=8))
-    assert one["state"].keys() == two["state"].keys() == other["state"].keys()
-    for key, value in one["state"].items():
-        assert torch.equal(value, two["state"][key]) and torch.equal(value, other["state"][key]), key
-    assert _without_seconds(one["layers"]) == _without_seconds(two["layers"])
-    assert {len(r["damping"]) for r in two["layers"]} == {5}
-
-
 def _prune_tiny_fitting_on_rank_0_only(method: str, options) -> dict:
     """_prune_tiny where only rank 0 may fit a router (rank 1's fit would differ: a different
     device, cuML, atomics): the others receive rank 0's."""
@@ -74,14 +59,21 @@ def _prune_tiny_fitting_on_rank_0_only(method: str, options) -> dict:
     return _prune_tiny(method, options)
 
 
-def test_rank_0_fits_the_routers_and_every_rank_uses_them(tmp_path):
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
+
+
+def test_two_ranks_give_the_one_rank_model(tmp_path):
+    """5 clusters over 2 ranks (3 + 2 experts each): the same experts, routers and reports; only
+    rank 0 fits the routers (rank 1 may not), every rank routes by them."""
     one, two, other = _one_and_two_ranks(tmp_path, _prune_tiny_fitting_on_rank_0_only, "sparse-expansion",
-                                         ExpansionOptions(clusters=4, kmeans_restarts=2, pca_factor=8,
-                                                          small_clusters="merge", min_cluster_tokens=20))
-    routers = [k for k in one["state"] if "router" in k]
-    assert routers and all(torch.equal(one["state"][k], other["state"][k]) for k in routers)
+                                         ExpansionOptions(clusters=5, kmeans_restarts=2, pca_factor=8))
+    assert any("router" in key for key in one["state"])
+    assert one["state"].keys() == two["state"].keys() == other["state"].keys()
     for key, value in one["state"].items():
         assert torch.equal(value, two["state"][key]) and torch.equal(value, other["state"][key]), key
+    assert _without_seconds(one["layers"]) == _without_seconds(two["layers"])
+    assert {len(r["damping"]) for r in two["layers"]} == {5}
 
 
 def _reduce_unequal_rows() -> dict:
