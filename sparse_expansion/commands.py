@@ -18,11 +18,10 @@ from .config import PruneConfig
 from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .downstream import PERPLEXITY, prepare_tasks, run_tasks
 from .driver import check_calibration_tokens, check_shapes, prune_model
-from .errors import UsageError
+from .errors import UsageError, flag
 from .evaluate import perplexity
 from .memory import available_host_bytes, free_device_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
-from .methods.base import flag
 from .methods.expansion.experts import convert_experts
 from .methods.expansion.router import choose_backend
 from .models import decoder_blocks, family_of, onload_blocks, scoring_bytes

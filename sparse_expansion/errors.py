@@ -33,9 +33,14 @@ def in_command_line() -> bool:
     return _COMMAND_LINE.get()
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a setting: max_memory -> --max-memory."""
+    return "--" + name.replace("_", "-")
+
+
 def option(name: str) -> str:
     """A setting's name: `--max-memory` on the command line, `max_memory` in Python."""
-    return "--" + name.replace("_", "-") if in_command_line() else name
+    return flag(name) if in_command_line() else name
 
 
 def setting(name: str, value=True) -> str:

@@ -21,16 +21,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import flag
 from ..kernels.hessian import accumulate_hessian, complete_hessian
 from ..kernels.obs import find_quant_grid
 from ..models import linear_weight, set_linear_weight
 from ..storage.packing import forget_grid, remember_grid
 from ..reports import LayerReport
 from .. import distributed, solvers
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
