@@ -5,8 +5,10 @@ SmolLM2-135M-Instruct (fp32), embedded Wikipedia split; calibration 32 x 512 tok
 evaluation = the first 24 non-overlapping 512-token windows of the test stream; checksums of
 both are asserted. 50% unstructured sparsity on gate/up/down_proj unless the run says 2:4.
 
-Every model is also scored on held-out text of another kind, never used to choose anything: 48
-evenly spaced 512-token windows of the test split of the State of the Union addresses (`sotu`).
+Every model is also scored on held-out text of two other kinds, never used to choose anything: 48
+evenly spaced 512-token windows of the test split of the State of the Union addresses (`sotu`),
+and as many of Python source code (`code`: the library modules of sympy, the version the lock
+pins, tests left out; each .py file one document, split like any folder of text).
 `--model gemma3` runs the same protocol on Gemma 3 270M, a second family (no checksums: its
 tokenizer gives other windows).
 
@@ -14,6 +16,7 @@ tokenizer gives other windows).
     python benchmarks/quality.py --runs se16 --small-clusters merge --tag merge
     python benchmarks/quality.py --runs sparsegpt --percdamp 0.1 --tag damp0.1
     python benchmarks/quality.py --model gemma3 --runs dense,sparsegpt,se16
+    python benchmarks/quality.py --runs sparsegpt,se16 --nsamples 128 --seqlen 2048 --tag n128x2048
 
 Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
 '-2:4' for 2:4 sparsity or '-0.7' for another unstructured rate. Results are merged into
@@ -22,7 +25,9 @@ benchmarks/results/quality.json by model, run name and tag, and the table is pri
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from sparse_expansion.driver import prune_model
 from sparse_expansion.evaluate import perplexity
 from sparse_expansion.storage.loading import EMBEDDED, SMOLLM2, load_model
 from sparse_expansion.methods import ExpansionOptions
+from sparse_expansion.storage.packages import cache_dir, package_folder
 
 CALIB_CHECKSUM = 82074762
 EVAL_CHECKSUM = 61908702
@@ -42,17 +48,36 @@ REFERENCE = {  # the paper's code under the same protocol (2 CPU cores)
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 
 
-HELD_OUT = "sotu"
+HELD_OUT = ("sotu", "code")
 
 
-def protocol_windows(tokenizer, model: str, nsamples: int = 32):
-    """(calibration windows, {corpus: evaluation windows}); more than 32 calibration windows are a
-    superset of the protocol's 32 (the same seeded offsets come first)."""
-    calib = calibration_windows(tokenizer, "wiki", nsamples, 512, seed=0)
+def code_folder() -> Path:
+    """sympy's library modules (its tests left out) as one .txt file each, written to the cache once."""
+    version = importlib.metadata.version("sympy")
+    target = cache_dir() / f"code-sympy-{version}"
+    if not any(target.glob("*.txt")):
+        source = package_folder("sympy", f"sympy=={version}")
+        modules = sorted(f for f in source.rglob("*.py") if "tests" not in f.relative_to(source).parts)
+        partial = target.with_name(target.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        for f in modules:
+            name = "-".join(f.relative_to(source.parent).with_suffix("").parts)
+            (partial / f"{name}.txt").write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+        partial.rename(target)
+    return target
+
+
+def protocol_windows(tokenizer, model: str, nsamples: int = 32, seqlen: int = 512):
+    """(calibration windows, {corpus: evaluation windows}); the evaluation windows are 512 tokens
+    whatever the calibration's `seqlen`. More than 32 calibration windows of 512 are a superset of
+    the protocol's 32 (the same seeded offsets come first)."""
+    calib = calibration_windows(tokenizer, "wiki", nsamples, seqlen, seed=0)
     evalw = {"wiki": evaluation_windows(tokenizer, "wiki", 512, 24),
-             HELD_OUT: evaluation_windows(tokenizer, HELD_OUT, 512, 48, spread=True)}
+             "sotu": evaluation_windows(tokenizer, "sotu", 512, 48, spread=True),
+             "code": evaluation_windows(tokenizer, str(code_folder()), 512, 48, spread=True)}
     if model == SMOLLM2:
-        assert calib[:32].sum().item() == CALIB_CHECKSUM, "calibration windows differ from the reference protocol"
+        if seqlen == 512:
+            assert calib[:32].sum().item() == CALIB_CHECKSUM, "calibration windows differ from the reference protocol"
         assert evalw["wiki"].sum().item() == EVAL_CHECKSUM, "evaluation windows differ from the reference protocol"
     return calib, evalw
 
@@ -82,6 +107,7 @@ def run_one(run: str, args, calib, evalw) -> dict:
         row["prune_seconds"] = time.perf_counter() - t0
         row["config"] = config.as_dict()
         row["calibration_tokens"] = calib.numel()
+        row["calibration_windows"] = list(calib.shape)
         sizes = [min(r.extras["cluster_sizes"]) for r in result.layers if "cluster_sizes" in r.extras]
         if sizes:
             row["layers_with_cluster_under_50"] = sum(s < 50 for s in sizes)
@@ -89,7 +115,9 @@ def run_one(run: str, args, calib, evalw) -> dict:
         row["mean_relative_error"] = result.mean_relative_error
         row["stage_seconds"] = stage_seconds(result)
     row.update(perplexity(model, evalw["wiki"], progress=not args.quiet))
-    row[f"{HELD_OUT}_perplexity"] = perplexity(model, evalw[HELD_OUT], progress=not args.quiet)["perplexity"]
+    for corpus in HELD_OUT:
+        row[f"{corpus}_perplexity"] = perplexity(model, evalw[corpus], progress=not args.quiet)["perplexity"]
+    row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # the process's
     return row
 
 
@@ -122,17 +150,17 @@ def table(rows: list[dict]) -> str:
     """One table per model; a row's gap closed is against that model's SparseGPT row of the same tag
     (e.g. the same calibration size), or its untagged one."""
     out = []
+    corpora = ("perplexity",) + tuple(f"{c}_perplexity" for c in HELD_OUT)
     for model in dict.fromkeys(r.get("model", SMOLLM2) for r in rows):
         mine = [r for r in rows if r.get("model", SMOLLM2) == model]
-        out += [f"\n{model}:", "| run | tag | wiki ppl | reference | gap closed (wiki) | sotu ppl | gap closed (sotu) "
-                "| prune s | reference s |", "|---|---|---|---|---|---|---|---|---|"]
+        head = " | ".join(f"{c} ppl | gap closed ({c})" for c in ("wiki",) + HELD_OUT)
+        out += [f"\n{model}:", f"| run | tag | {head} | wiki reference | prune s | reference s |",
+                "|---" * (4 + 2 * len(corpora)) + "|"]
         for r in mine:
             ref_ppl, ref_s = REFERENCE.get(r["run"], (None, None)) if model == SMOLLM2 else (None, None)
-            sotu = r.get(f"{HELD_OUT}_perplexity")
-            out.append(f"| {r['run']} | {r.get('tag') or ''} | {r['perplexity']:.3f} | {ref_ppl or ''} | "
-                       f"{closed(mine, r, 'perplexity')} | {'' if sotu is None else f'{sotu:.3f}'} | "
-                       f"{closed(mine, r, f'{HELD_OUT}_perplexity')} | {r.get('prune_seconds', 0):.0f} | "
-                       f"{ref_s or ''} |")
+            cells = " | ".join(f"{'' if r.get(k) is None else f'{r[k]:.3f}'} | {closed(mine, r, k)}" for k in corpora)
+            out.append(f"| {r['run']} | {r.get('tag') or ''} | {cells} | {ref_ppl or ''} | "
+                       f"{r.get('prune_seconds', 0):.0f} | {ref_s or ''} |")
     return "\n".join(out)
 
 
@@ -155,17 +183,20 @@ def main() -> None:
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--allocation", default="uniform", help="uniform or owl (layer-wise rates)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows of 512 tokens (protocol: 32)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (protocol: 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (protocol: 512); "
+                   "evaluation windows stay 512")
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     _, tokenizer = load_model(args.model)
-    calib, evalw = protocol_windows(tokenizer, args.model, args.nsamples)
+    calib, evalw = protocol_windows(tokenizer, args.model, args.nsamples, args.seqlen)
     path = Path(args.output)
     for run in args.runs.split(","):
         row = run_one(run, args, calib, evalw)
-        print(f"{args.model} {run} {args.tag}: perplexity {row['perplexity']:.3f}, {HELD_OUT} "
-              f"{row[f'{HELD_OUT}_perplexity']:.3f} ({row.get('prune_seconds', 0):.0f} s)", flush=True)
+        held_out = ", ".join(f"{c} {row[f'{c}_perplexity']:.3f}" for c in HELD_OUT)
+        print(f"{args.model} {run} {args.tag}: perplexity {row['perplexity']:.3f}, {held_out} "
+              f"({row.get('prune_seconds', 0):.0f} s, peak RSS {row['peak_rss_gib']} GiB)", flush=True)
         print(json.dumps(row), flush=True)
         rows = json.loads(path.read_text()) if path.exists() else []  # re-read: runs may go in parallel
         key = (args.model, run, args.tag)
