@@ -184,7 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
     ev.add_argument("--max-windows", type=int, default=None,
                     help="score at most this many perplexity windows (default: every window of the split)")
-    ev.add_argument("--batch-size", type=int, default=4, help="windows (or lm-eval requests) per forward pass")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="windows (or lm-eval requests) per forward pass (default: lm-eval 4; perplexity as many "
+                         "windows as keep a pass's logits under 256 MiB, at most 4)")
     ev.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     ev.add_argument("--onload", default="auto", choices=["auto", "yes", "no"],
                     help="on a GPU, move the model there one decoder block at a time while it runs (yes), whole "

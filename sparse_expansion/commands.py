@@ -19,7 +19,7 @@ from .data import SOURCES, calibration_windows, check_source, evaluation_windows
 from .downstream import PERPLEXITY, prepare_tasks, run_tasks
 from .driver import check_calibration_tokens, check_shapes, prune_model
 from .errors import UsageError, flag
-from .evaluate import perplexity
+from .evaluate import perplexity, windows_per_pass
 from .memory import available_host_bytes, free_device_bytes, rss_bytes
 from .methods import METHODS, ExpansionOptions, method_class
 from .methods.expansion.experts import convert_experts
@@ -188,9 +188,10 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def place_for_scoring(model, device: str, onload: str, batch: int, seqlen: int) -> None:
+def place_for_scoring(model, device: str, onload: str, batch: int | None, seqlen: int) -> None:
     """Move the model to the GPU whole, or (--onload yes, or auto when it would not fit the free
-    memory) one decoder block at a time while it runs."""
+    memory) one decoder block at a time while it runs. `batch` None: perplexity's default."""
+    batch = batch or windows_per_pass(model.config.vocab_size, seqlen, next(model.parameters()).element_size())
     need, free = scoring_bytes(model, batch, seqlen), free_device_bytes(device)
     if onload == "yes" or (onload == "auto" and need > free):
         onload_blocks(model, device)
@@ -232,7 +233,7 @@ def cmd_eval(args) -> int:
         print(f"perplexity {result['perplexity']:.4f} on {result['tokens']} tokens "
               f"({result['windows']} windows of {result['seqlen']}) of {args.data} ({split} split)")
     if lm_tasks:
-        result["tasks"] = run_tasks(model, tokenizer, lm_tasks, manager, args.limit, args.batch_size,
+        result["tasks"] = run_tasks(model, tokenizer, lm_tasks, manager, args.limit, args.batch_size or 4,
                                     progress=not args.quiet)
         for task, metrics in result["tasks"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")

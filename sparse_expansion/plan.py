@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from . import distributed
 from .config import PruneConfig
 from .errors import UsageError
+from .evaluate import windows_per_pass
 from .shapes import PUBLISHED
 from .methods.expansion.stages import cluster_cost, layer_hessians, refine_cost
 from .storage.loading import DTYPES, meta_model, model_dtype
@@ -37,7 +38,6 @@ from .methods.expansion.router import ROWS_PER_CHUNK
 from .solvers import REFINE_BYTES_PER_WEIGHT, REFINE_ROWS
 
 GiB = 2 ** 30
-EVAL_BATCH = 4  # windows per forward of `sparse-expansion eval` (its --batch-size default)
 RUNTIME_HOST_BYTES = int(0.6 * GiB)  # python, torch, transformers and the tokenizer, measured on CPU
 WORKSPACE_BYTES = 32 * 2 ** 20      # allocator slack and library buffers of any stage, measured on CPU
 
@@ -271,10 +271,11 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     # eval: loading holds the dense model (the pruned linears too, until replaced); scoring, the
     # model without them, one linear's experts when lazy (read and built), a batch's forward, its
     # logits and one window's fp32 log-softmax
-    batch = EVAL_BATCH * seqlen
+    windows = windows_per_pass(cfg.vocab_size, seqlen, e)
+    batch = windows * seqlen
     scoring = batch * e * (4 * inter + 6 * hidden) + (batch * e + seqlen * 4) * cfg.vocab_size
     if not gpu:
-        scoring += EVAL_BATCH * cfg.num_attention_heads * seqlen * seqlen * e * 2
+        scoring += windows * cfg.num_attention_heads * seqlen * seqlen * e * 2
     runtime = 0 if gpu else RUNTIME_HOST_BYTES
     if expansion:
         largest = max(expert_bytes(r, c, clusters, density, e) for r, c in targets)
