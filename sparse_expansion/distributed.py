@@ -5,14 +5,15 @@ one; what is split depends on the method:
 - Sparse Expansion: every rank sees every calibration batch; rank 0 fits each group's router on
   them and sends it to the others (`from_leader`: one router, bit for bit, whatever the ranks'
   devices), and rank r solves a contiguous range of the clusters of every group; the ranks
-  exchange the compressed experts. The result does not depend on the number of ranks, bit for bit.
+  exchange the compressed experts (`gather_in_rank_order`: tensors as one byte buffer per rank). The result does not depend on the number of ranks, bit for bit.
 - SparseGPT, Wanda, magnitude: rank r runs a contiguous share of the calibration batches
   through each block and the Hessians are all-reduced (`all_reduce_mean`); SparseGPT's rows,
   which share one inverse Hessian, are split too (`my_share` of the rows, then `gather_rows`),
   each column block's mask chosen over every rank's rows (`select_across_ranks`), so the masks
   are those of one process given the same Hessian. The Hessian's sum runs in another order
   than one process's, so the result equals the one-rank result up to float rounding.
-Rank 0 alone writes checkpoints and the output.
+Rank 0 alone writes checkpoints and the output; under the data-parallel methods the others send
+it their activations for them (`gather_to_leader`).
 """
 from __future__ import annotations
 
@@ -75,12 +76,15 @@ def my_share(items: int) -> slice:
 
 
 def gather_in_rank_order(obj) -> list:
-    """Every rank's `obj` (picklable; tensors on the CPU), in rank order; [obj] with one process."""
+    """Every rank's `obj` in rank order, on every rank; [obj] with one process. `obj` may nest
+    tensors (any device) in dicts, lists and tuples: they travel as one byte buffer per rank
+    (a tensor collective) and arrive on the CPU; what is not a tensor is pickled."""
     if world_size() == 1:
         return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    skeletons, buffers = _exchange_layout(obj)
+    for r, skeleton in enumerate(skeletons):
+        dist.broadcast(buffers[r], src=r)
+    return [_unpack(skeleton, buffer) for skeleton, buffer in zip(skeletons, buffers)]
 
 
 def from_leader(obj):
@@ -94,13 +98,72 @@ def from_leader(obj):
 
 
 def gather_to_leader(items: list) -> list | None:
-    """Every rank's `items` (picklable; tensors on the CPU) concatenated in rank order, on rank 0;
-    None on the others; `items` itself with one process."""
+    """Every rank's `items` concatenated in rank order, on rank 0 (tensors as in
+    `gather_in_rank_order`, sent to rank 0 alone); None on the others; `items` itself with one process."""
     if world_size() == 1:
         return items
-    out = [None] * world_size() if rank() == 0 else None
-    dist.gather_object(items, out, dst=0)
-    return [item for part in out for item in part] if rank() == 0 else None
+    skeletons, buffers = _exchange_layout(items)
+    if rank() != 0:
+        dist.send(buffers[rank()], dst=0)
+        return None
+    for r in range(1, world_size()):
+        dist.recv(buffers[r], src=r)
+    return [item for skeleton, buffer in zip(skeletons, buffers) for item in _unpack(skeleton, buffer)]
+
+
+class _Slot:
+    """Where a tensor stood in an exchanged object: its bytes' place in its rank's buffer."""
+
+    def __init__(self, start: int, t: torch.Tensor):
+        self.start, self.nbytes, self.shape, self.dtype = start, t.numel() * t.element_size(), t.shape, t.dtype
+
+
+def _exchange_layout(obj) -> tuple[list, list[torch.Tensor]]:
+    """Every rank's skeleton (`obj` with its tensors replaced by `_Slot`s; small, all-gathered as a
+    pickle) and a byte buffer per rank on the collectives' device: this rank's packed tensors, the
+    others' empty and of their size."""
+    tensors: list[torch.Tensor] = []
+    skeleton = _strip(obj, tensors, [0])
+    skeletons = [None] * world_size()
+    dist.all_gather_object(skeletons, skeleton)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).to(device) for t in tensors]
+                     or [torch.empty(0, dtype=torch.uint8, device=device)])
+    buffers = [mine if r == rank() else torch.empty(_size(s), dtype=torch.uint8, device=device)
+               for r, s in enumerate(skeletons)]
+    return skeletons, buffers
+
+
+def _strip(obj, tensors: list, offset: list):
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        slot = _Slot(offset[0], obj)
+        offset[0] += slot.nbytes
+        return slot
+    if isinstance(obj, dict):
+        return {k: _strip(v, tensors, offset) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_strip(v, tensors, offset) for v in obj)
+    return obj
+
+
+def _size(skeleton) -> int:
+    if isinstance(skeleton, _Slot):
+        return skeleton.start + skeleton.nbytes
+    items = skeleton.values() if isinstance(skeleton, dict) else skeleton if isinstance(skeleton, (list, tuple)) else ()
+    return max((_size(v) for v in items), default=0)
+
+
+def _unpack(skeleton, buffer: torch.Tensor):
+    """The object of `skeleton` with its tensors cut out of `buffer`, each a CPU tensor of its own."""
+    if isinstance(skeleton, _Slot):
+        raw = buffer[skeleton.start:skeleton.start + skeleton.nbytes].cpu().clone()  # own storage: aligned
+        return raw.view(skeleton.dtype).reshape(skeleton.shape)
+    if isinstance(skeleton, dict):
+        return {k: _unpack(v, buffer) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(_unpack(v, buffer) for v in skeleton)
+    return skeleton
 
 
 def all_reduce_mean(H: torch.Tensor, count: torch.Tensor) -> None:

@@ -340,7 +340,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, config: PruneConfig
             t0 = time.perf_counter()
             hidden = [h for h, _, _ in inputs]
             if method.shards_calibration and distributed.world_size() > 1:  # every rank's share, on rank 0
-                hidden = distributed.gather_to_leader([h.cpu() for h in hidden])
+                hidden = distributed.gather_to_leader(hidden)
             if leader:
                 checkpoint.save(b, block, [n for g in groups for n in g] if b >= start else [], hidden, result)
             result.blocks[-1].seconds_checkpoint = time.perf_counter() - t0

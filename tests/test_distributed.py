@@ -76,6 +76,50 @@ def test_two_ranks_give_the_one_rank_model(tmp_path):
     assert {len(r["damping"]) for r in two["layers"]} == {5}
 
 
+def _exchange_tensors() -> dict:
+    """gather_in_rank_order and gather_to_leader of nested tensors of several dtypes and shapes,
+    different on every rank; every pickled object is recorded."""
+    pickled = []
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list"):
+        def record(obj, *args, _send=getattr(dist, name), **kwargs):
+            pickled.append(args[0] if name == "all_gather_object" else obj)
+            return _send(obj, *args, **kwargs)
+        setattr(distributed.dist, name, record)
+    r = distributed.rank()
+    mine = {"parts": [{"values": torch.arange(5 + r, dtype=torch.bfloat16), "mask": torch.ones(3, 2 + r,
+                                                                                            dtype=torch.bool)}],
+            "terms": [(torch.tensor(1.5 + r, dtype=torch.float64), torch.zeros(0, 4))], "zeros": 7 + r,
+            "strided": torch.arange(12, dtype=torch.int64).reshape(3, 4).T}
+    leader = distributed.gather_to_leader([mine["strided"] + r])
+    return {"all": distributed.gather_in_rank_order(mine), "leader": leader, "pickled": len(pickled),
+            "pickled_tensors": _holds_tensor(pickled)}
+
+
+def _holds_tensor(obj) -> bool:
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return isinstance(obj, torch.Tensor) or any(_holds_tensor(v) for v in items)
+
+
+def test_ranks_exchange_tensors_as_tensors_not_pickles(tmp_path):
+    """Experts (compressed parts, error terms) and checkpoint activations cross ranks as one byte
+    buffer per rank: every rank gets every rank's tensors back exactly (dtype, shape, values), in
+    rank order, and nothing pickled on the way holds a tensor."""
+    one, two, other = _one_and_two_ranks(tmp_path, _exchange_tensors)
+    assert len(one["all"]) == 1 and len(two["all"]) == len(other["all"]) == 2
+    for got in (two["all"], other["all"]):
+        for r, part in enumerate(got):
+            assert part["zeros"] == 7 + r
+            values, mask = part["parts"][0]["values"], part["parts"][0]["mask"]
+            assert values.dtype == torch.bfloat16 and torch.equal(values, torch.arange(5 + r, dtype=torch.bfloat16))
+            assert mask.dtype == torch.bool and mask.shape == (3, 2 + r) and bool(mask.all())
+            num, den = part["terms"][0]
+            assert num.dtype == torch.float64 and num.shape == () and float(num) == 1.5 + r and den.shape == (0, 4)
+            assert torch.equal(part["strided"], torch.arange(12).reshape(3, 4).T)
+    assert [t.tolist() for t in two["leader"]] == [(torch.arange(12).reshape(3, 4).T + r).tolist() for r in (0, 1)]
+    assert other["leader"] is None
+    assert two["pickled"] and other["pickled"] and not two["pickled_tensors"] and not other["pickled_tensors"]
+
+
 def _reduce_unequal_rows() -> dict:
     """The mean of x xᵀ over 8 rows: rank 0 of two holds 3 of them, rank 1 the other 5."""
     x = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3) / 7 - 1

@@ -299,9 +299,7 @@ def _gathered(solved: dict) -> dict:
     """Every rank's solved experts and terms, in cluster order (one process: as they are)."""
     if distributed.world_size() == 1:
         return solved
-    mine = {name: {**out, "parts": [{k: v.cpu() for k, v in p.items()} for p in out["parts"]],
-                   "terms": [(num.cpu(), den.cpu()) for num, den in out["terms"]]} for name, out in solved.items()}
-    ranks = distributed.gather_in_rank_order(mine)
+    ranks = distributed.gather_in_rank_order(solved)
     return {name: {"parts": [p for r in ranks for p in r[name]["parts"]],
                    "terms": [t for r in ranks for t in r[name]["terms"]],
                    "infos": [i for r in ranks for i in r[name]["infos"]],
