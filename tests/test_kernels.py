@@ -259,6 +259,21 @@ def test_bracket_kth_value_is_kthvalue(monkeypatch):
             torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     assert not any(v for (name, _), v in fell_back.items() if name == "random")  # the bracket found it
     assert fell_back["misleading", 512]
+    crowded = torch.randn(2, 2100, generator=g)  # sample 256: the sort's fixed width is 80% of a row
+    crowded[:, :1900] = 0.5  # 90% of the row inside the bracket: more than the width holds
+    for score, falls_back in ((torch.randn(2, 2100, generator=g), False), (crowded, True)):
+        calls.clear()
+        got = obs.bracket_kth_value(score, 1000, sample=256)
+        assert bool(calls) == falls_back
+        assert torch.equal(got, kthvalue(score, 1000, dim=1, keepdim=True).values)
+
+
+def test_bracket_kth_value_waits_once():
+    """Per 128-column block of SparseGPT on a GPU, the threshold makes the host wait once (the
+    bracket's check), not three times (a boolean gather and a max that sized the sort before)."""
+    score = torch.randn(2, 8 * 64 + 5, generator=_gen(6)) ** 2
+    ops = _aten_ops(lambda: obs.bracket_kth_value(score, 200, sample=64))
+    assert [op for op in ops if op in SYNCING_OPS] == ["_local_scalar_dense"], ops
 
 
 # ----------------------------------------------------------------------------- routed matmul

@@ -62,12 +62,15 @@ def bracket_kth_value(score: torch.Tensor, k: int, sample: int = 16384) -> torch
     lies below and inside the bracket, and only the values inside (~5% of the row) are sorted.
     On a GPU kthvalue runs one thread block per row, which for SparseGPT's few long rows (one per
     matrix: a whole 128-column block) cost more than the OBS kernel. A bracket that misses (ties,
-    NaNs, an unlucky sample) falls back to kthvalue itself, so the result never changes."""
+    NaNs, an unlucky sample, more values inside than its fixed width) falls back to kthvalue
+    itself, so the result never changes. Every shape is known up front: the host waits once, for
+    that check."""
     E, n = score.shape
     if n < 8 * sample:
         return torch.kthvalue(score, k, dim=1, keepdim=True).values
     q = k / n
     margin = 6 * (q * (1 - q) / sample) ** 0.5 + 2 / sample  # 6 standard deviations of the sample quantile
+    width = min(n, int(2 * (2 * margin + 2 / sample) * n))  # twice the bracket's expected share of the row
     ranks = torch.tensor([int((q - margin) * sample), int((q + margin) * sample)], device=score.device)
     picked = score[:, ::n // sample][:, :sample].sort(dim=1).values[:, ranks.clamp(0, sample - 1)]
     lo = torch.where(ranks[0] >= 0, picked[:, :1], -torch.inf)
@@ -75,13 +78,11 @@ def bracket_kth_value(score: torch.Tensor, k: int, sample: int = 16384) -> torch
     below = (score < lo).sum(1)
     inside = (score >= lo) & (score <= hi)
     count = inside.sum(1)
-    if not bool(((below < k) & (below + count >= k)).all()):
+    if not bool(((below < k) & (below + count >= k) & (count <= width)).all()):  # the one wait
         return torch.kthvalue(score, k, dim=1, keepdim=True).values
-    values = score[inside]  # row by row
-    row = torch.repeat_interleave(torch.arange(E, device=score.device), count, output_size=values.numel())
-    start = torch.cumsum(count, 0) - count
-    padded = score.new_full((E, int(count.max())), torch.inf)
-    padded[row, torch.arange(values.numel(), device=score.device) - start[row]] = values
+    # each row's values inside, in row order, to the front of a [E, width] row; the rest to a spare column
+    place = torch.where(inside, inside.cumsum(1) - 1, width)
+    padded = score.new_full((E, width + 1), torch.inf).scatter_(1, place, score)[:, :width]
     return padded.sort(dim=1).values.gather(1, (k - 1 - below)[:, None])
 
 
