@@ -12,7 +12,9 @@ pass/fail columns for the targets (never asserted):
   obs      batched Triton ≥ 10× faster than the torch reference looped over 16 experts and
            ≥ 3× faster than the batched torch reference
   prefill  routed matmul, 16 experts, bf16: ≤ 1.2× a dense F.linear of the same shape at 8192
-           tokens; ≥ 70% of the dense GEMM's efficiency (same FLOPs) at 2048 tokens
+           tokens; ≥ 70% of the dense GEMM's efficiency (same FLOPs) at 2048 tokens; beside it
+           the grouped-GEMM alternative for dense experts (torch._grouped_mm, where this torch
+           has it for the operands), its time as a ratio to the Triton kernel's (no target)
   decode   routed dense experts (1 and 16 tokens) within 1.1× of a dense GEMV's bandwidth;
            routed 2:4 ≥ 1.6× and routed bitmask ≥ 1.3× faster than routed dense
   decode-sweep  (GPU only, not in the default --only) one token at the default decode
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_expansion.kernels import hessian, obs, routed_matmul as rm
+from sparse_expansion.kernels.routed_grouped import grouped_mm_supported, routed_matmul_grouped
 
 SHAPES = {  # name: (d_in, d_out) of a Llama-2 FFN linear
     "7b_up": (4096, 11008), "7b_down": (11008, 4096),
@@ -277,6 +280,8 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
             row["dense_ms"] = dense_ms
             out = {}
             row["torch_ms"] = timer(lambda: out.__setitem__("y", reference(x, expert, *weights[fmt])), max_runs=5)
+            if fmt == "dense":
+                row["y"] = out["y"]  # the grouped GEMM's reference below
             if gpu:
                 row["triton_ms"] = timer(lambda: triton_fn(x, expert, *weights[fmt]), graph=decode)
                 row["err"] = _rel_err(triton_fn(x, expert, *weights[fmt]), out["y"])
@@ -289,6 +294,16 @@ def bench_routed(timer, dev, peaks, name, dims, scale):
                 row["frac_peak"] = row["value"] / peaks["matmul_tflops"]
             if not gpu:
                 row["note"] = "reference only"
+        if not decode and grouped_mm_supported(x, W):  # the grouped-GEMM alternative for dense experts
+            row = r["grouped"] = _row("routed", f"{case} dense, grouped GEMM", shape, metric=metric)
+            row["torch_ms"] = timer(lambda: routed_matmul_grouped(x, expert, W), max_runs=5 if not gpu else 20)
+            row["err"] = _rel_err(routed_matmul_grouped(x, expert, W), r["dense"]["y"])
+            row["value"] = flop / row["torch_ms"] / 1e9
+            row["frac_peak"] = row["value"] / peaks["matmul_tflops"]
+            baseline = r["dense"]["triton_ms"] if gpu else r["dense"]["torch_ms"]
+            row["ratio"] = row["torch_ms"] / baseline
+            row["note"] = f"ratio = time / routed dense {'Triton' if gpu else 'torch reference'} time"
+        r["dense"].pop("y", None)
         rd = r["dense"]
         if gpu and decode:
             for fmt, goal in DECODE_GOALS.items():

@@ -15,6 +15,7 @@ import torch
 from sparse_expansion.kernels import hessian, obs, routed_matmul as rm
 from sparse_expansion.kernels.hessian import accumulate_hessian_reference, accumulate_hessian_triton, complete_hessian
 from sparse_expansion.kernels.obs import find_quant_grid, obs_prune_reference, obs_prune_triton
+from sparse_expansion.kernels.routed_grouped import grouped_mm_supported, routed_matmul_grouped
 from sparse_expansion.kernels.routed_matmul import (
     RoutedConfig, align_tokens, compress_24, decompress_24, routed_matmul_24_reference,
     routed_matmul_24_triton, routed_matmul_reference, routed_matmul_triton)
@@ -325,6 +326,30 @@ def test_routed_matmul_matches_reference(T, E, N, K, dtype, bias, config):
     y = routed_matmul_triton(*_dev(x, expert, W, b), config=config)
     assert y.dtype == dtype and y.shape == (T, N)
     torch.testing.assert_close(y.float().cpu(), ref, **_tol(dtype))
+
+
+GROUPED_CASES = [  # T, E, d_out, d_in, dtype, bias: the grouped GEMM runs on the CPU (torch's own)
+    (50, 5, 70, 96, torch.float32, True),      # an empty expert (1)
+    (1, 3, 40, 48, torch.float16, False),      # a single token
+    (40, 6, 24, 64, torch.bfloat16, True),     # bf16, every token on one expert (_routed_inputs)
+    (300, 16, 136, 200, torch.bfloat16, False),  # 16 experts, the CUDA path's alignment (8s)
+]
+
+
+@pytest.mark.parametrize("T,E,N,K,dtype,bias", GROUPED_CASES)
+def test_grouped_routed_matmul_matches_reference(T, E, N, K, dtype, bias):
+    """`routed_matmul_grouped` (one torch._grouped_mm over the tokens sorted by expert) gives the
+    reference's result, with no op that makes the host wait for a GPU."""
+    x, expert, W, b = _dev(*_routed_inputs(T, E, N, K, dtype, bias, 3 * T + E + N))
+    if not grouped_mm_supported(x, W):
+        pytest.skip("this torch or device has no grouped GEMM for these operands")
+    ref = routed_matmul_reference(x.float(), expert, W.float(), None if b is None else b.float())
+    y = routed_matmul_grouped(x, expert, W, b)
+    assert y.dtype == dtype and y.shape == (T, N)
+    torch.testing.assert_close(y.float(), ref, **_tol(dtype))
+    ops = _aten_ops(lambda: routed_matmul_grouped(x, expert, W, b))
+    assert not SYNCING_OPS & set(ops), ops
+    assert not grouped_mm_supported(x[:, :-1].contiguous(), W[:, :, :-1])  # d_in of no whole 16 bytes
 
 
 @pytest.mark.parametrize("T,E,N,K,dtype,bias,config", ROUTED_CASES)
