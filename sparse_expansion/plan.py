@@ -86,6 +86,7 @@ class Plan:
     dense_bytes: int = 0
     eval_bytes: int = 0           # `eval` of the output: memory of its device (the host on a CPU), experts lazy
     eval_in_memory_bytes: int = 0  # ... with a Sparse Expansion output's experts all in memory
+    eval_onload_bytes: int = 0    # on a GPU: eval with one decoder block there at a time (--onload)
     fix: str | None = None        # the flag to change when the run cannot fit
     invalid: bool = False         # the arguments cannot run on any device (--max-memory, ranks)
 
@@ -119,7 +120,9 @@ class Plan:
         where = "GPU" if torch.device(self.device).type == "cuda" else "host"
         rows.append(f"eval of the output: {gib(self.eval_bytes)} of {where} memory" + (
             f" (experts read while they run; {gib(self.eval_in_memory_bytes)} with --experts saved)"
-            if self.eval_in_memory_bytes != self.eval_bytes else ""))
+            if self.eval_in_memory_bytes != self.eval_bytes else "") + (
+            f"; {gib(self.eval_onload_bytes)} one decoder block at a time (--onload)"
+            if self.eval_onload_bytes else ""))
         memory = "" if self.device_memory is None else f" with {gib(self.device_memory)} of device memory"
         rows.append(f"verdict: {self.verdict}{memory}" + (f" — {self.fix}" if self.fix else ""))
         return "\n".join(rows)
@@ -283,6 +286,8 @@ def plan_run(model: nn.Module, config: PruneConfig, nsamples: int, seqlen: int, 
     else:
         plan.eval_bytes = runtime + dense + scoring
     plan.eval_in_memory_bytes = runtime + max(dense, plan.output_bytes + scoring)
+    if gpu:  # what lies outside the blocks, one block (its experts read lazily) and the scoring
+        plan.eval_onload_bytes = dense - (n_blocks - 1) * block_w + (2 * largest if expansion else 0) + scoring
     return plan
 
 

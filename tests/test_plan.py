@@ -163,6 +163,22 @@ def test_plan_of_published_shapes_needs_no_weights(capsys):
     assert code == 1 and refused["verdict"] == "not possible" and "use at most 4 ranks" in refused["fix"]
 
 
+def test_plan_predicts_eval_within_the_dense_model_and_a_few_blocks(capsys):
+    """SE16 outputs of 7B and 70B shapes: on the CPU eval holds about the dense model (experts read
+    while they run), far below the output; on a GPU it fits a 24 GiB card (7B) and an 80 GiB one
+    (70B, one decoder block at a time), as prune does."""
+    for model, blocks in (("llama-2-7b", 32), ("llama-2-70b", 80)):
+        code, cpu, table = run_plan(capsys, model, "--method", "sparse-expansion", "--device", "cpu")
+        block_experts = (cpu["output_bytes"] - cpu["dense_bytes"]) / blocks
+        assert cpu["dense_bytes"] <= cpu["eval_bytes"] < cpu["dense_bytes"] + 3 * block_experts
+        assert cpu["eval_in_memory_bytes"] > cpu["output_bytes"] and "eval of the output" in table
+    for model, memory in (("llama-2-7b", 24), ("llama-2-70b", 80)):
+        code, gpu, table = run_plan(capsys, model, "--method", "sparse-expansion", "--device-memory", f"{memory}GiB")
+        assert code == 0 and gpu["peak_device"] < memory * 2**30 and gpu["eval_onload_bytes"] < memory * 2**30
+        assert "one decoder block at a time (--onload)" in table
+    assert gpu["eval_bytes"] > memory * 2**30  # 70B: whole, it would not fit
+
+
 @pytest.mark.parametrize("args", [["llama-2-7b", "--method", "sparsegpt", "--device-memory", "8GiB"],
                                   ["llama-2-70b", "--method", "sparse-expansion", "--device-memory", "40GiB"],
                                   ["llama-2-13b", "--method", "sparse-expansion", "--device-memory", "16GiB",
