@@ -3,7 +3,7 @@
     python benchmarks/roofline.py                 # from benchmarks/results/compile_bf16.json
     python benchmarks/roofline.py --compile       # recompile first (no GPU needed, ~30 s)
 
-For each kernel target of issue 13, at Llama-2-7B and -70B shapes, on an H200 and an RTX 3090:
+For each kernel target of benchmarks/kernel_speed.py, at Llama-2-7B and -70B shapes, on an H200 and an RTX 3090:
 the compiled code (sparse_expansion/kernels/_compile.py: registers, shared memory, warps, and the SASS of the
 main loop: instructions per iteration per warp) and the shapes give three lower bounds on a
 call's time, and the prediction is the largest:
