@@ -79,20 +79,25 @@ def test_two_ranks_give_the_one_rank_model(tmp_path):
 def _exchange_tensors() -> dict:
     """gather_in_rank_order and gather_to_leader of nested tensors of several dtypes and shapes,
     different on every rank; every pickled object is recorded."""
-    pickled = []
-    for name in ("all_gather_object", "gather_object", "broadcast_object_list"):
-        def record(obj, *args, _send=getattr(dist, name), **kwargs):
-            pickled.append(args[0] if name == "all_gather_object" else obj)
+    pickled, originals = [], {name: getattr(dist, name) for name in
+                              ("all_gather_object", "gather_object", "broadcast_object_list")}
+    for name, send in originals.items():
+        def record(obj, *args, _send=send, _name=name, **kwargs):
+            pickled.append(args[0] if _name == "all_gather_object" else obj)
             return _send(obj, *args, **kwargs)
-        setattr(distributed.dist, name, record)
+        setattr(dist, name, record)
     r = distributed.rank()
     mine = {"parts": [{"values": torch.arange(5 + r, dtype=torch.bfloat16), "mask": torch.ones(3, 2 + r,
                                                                                             dtype=torch.bool)}],
             "terms": [(torch.tensor(1.5 + r, dtype=torch.float64), torch.zeros(0, 4))], "zeros": 7 + r,
             "strided": torch.arange(12, dtype=torch.int64).reshape(3, 4).T}
-    leader = distributed.gather_to_leader([mine["strided"] + r])
-    return {"all": distributed.gather_in_rank_order(mine), "leader": leader, "pickled": len(pickled),
-            "pickled_tensors": _holds_tensor(pickled)}
+    try:
+        leader = distributed.gather_to_leader([mine["strided"] + r])
+        everyone = distributed.gather_in_rank_order(mine)
+    finally:
+        for name, send in originals.items():
+            setattr(dist, name, send)
+    return {"all": everyone, "leader": leader, "pickled": len(pickled), "pickled_tensors": _holds_tensor(pickled)}
 
 
 def _holds_tensor(obj) -> bool:
@@ -100,11 +105,21 @@ def _holds_tensor(obj) -> bool:
     return isinstance(obj, torch.Tensor) or any(_holds_tensor(v) for v in items)
 
 
-def test_ranks_exchange_tensors_as_tensors_not_pickles(tmp_path):
+def _collectives() -> dict:
+    return {"exchange": _exchange_tensors(), "reduce": _reduce_unequal_rows()}
+
+
+@pytest.fixture(scope="module")
+def collectives(tmp_path_factory) -> tuple[dict, dict, dict]:
+    """The collective helpers run once by one rank and by two (one spawn for the tests below)."""
+    return _one_and_two_ranks(tmp_path_factory.mktemp("collectives"), _collectives)
+
+
+def test_ranks_exchange_tensors_as_tensors_not_pickles(collectives):
     """Experts (compressed parts, error terms) and checkpoint activations cross ranks as one byte
     buffer per rank: every rank gets every rank's tensors back exactly (dtype, shape, values), in
     rank order, and nothing pickled on the way holds a tensor."""
-    one, two, other = _one_and_two_ranks(tmp_path, _exchange_tensors)
+    one, two, other = (c["exchange"] for c in collectives)
     assert len(one["all"]) == 1 and len(two["all"]) == len(other["all"]) == 2
     for got in (two["all"], other["all"]):
         for r, part in enumerate(got):
@@ -129,8 +144,8 @@ def _reduce_unequal_rows() -> dict:
     return {"H": H, "count": count}
 
 
-def test_rank_means_weigh_each_rank_by_its_rows(tmp_path):
-    one, two, other = _one_and_two_ranks(tmp_path, _reduce_unequal_rows)
+def test_rank_means_weigh_each_rank_by_its_rows(collectives):
+    one, two, other = (c["reduce"] for c in collectives)
     assert int(two["count"]) == int(other["count"]) == 8
     torch.testing.assert_close(two["H"], one["H"])
     torch.testing.assert_close(other["H"], one["H"])
