@@ -5,7 +5,8 @@ one; what is split depends on the method:
 - Sparse Expansion: every rank sees every calibration batch; rank 0 fits each group's router on
   them and sends it to the others (`from_leader`: one router, bit for bit, whatever the ranks'
   devices), and rank r solves a contiguous range of the clusters of every group; the ranks
-  exchange the compressed experts (`gather_in_rank_order`: tensors as one byte buffer per rank). The result does not depend on the number of ranks, bit for bit.
+  exchange the compressed experts (`gather_in_rank_order`: tensors as one byte buffer per rank).
+  The result does not depend on the number of ranks, bit for bit.
 - SparseGPT, Wanda, magnitude: rank r runs a contiguous share of the calibration batches
   through each block and the Hessians are all-reduced (`all_reduce_mean`); SparseGPT's rows,
   which share one inverse Hessian, are split too (`my_share` of the rows, then `gather_rows`),

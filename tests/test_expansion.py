@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparse_expansion.storage import loading
+from sparse_expansion.storage.lazy import LazyExperts
 from sparse_expansion import models, solvers
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
@@ -289,7 +290,6 @@ def test_lazy_experts_give_the_same_logits_one_linear_in_memory_at_a_time(saved_
     are ever in memory together."""
     import weakref
 
-    from sparse_expansion.storage.lazy import LazyExperts
     model, folder = saved_expert_model
     lazy = loading.load_model(str(folder), lazy=True)[0]
     assert sum(isinstance(m, LazyExperts) for m in lazy.modules()) == 6
@@ -340,6 +340,10 @@ def test_transformers_auto_class_rebuilds_the_experts(saved_expert_model):
         assert loaded.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
     half = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16, device_map="cpu")
     assert half.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
+    lazy = AutoModelForCausalLM.from_pretrained(folder, lazy=True)  # experts read while they run
+    assert isinstance(lazy.model.layers[0].mlp.up_proj, LazyExperts)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, lazy(ids).logits)
     # what transformers' own from_pretrained passes besides: hub and caching keywords, ignored
     hub = AutoModelForCausalLM.from_pretrained(folder, force_download=False, cache_dir=None, local_files_only=True,
                                                proxies=None, token=None, low_cpu_mem_usage=True,

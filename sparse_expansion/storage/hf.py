@@ -78,7 +78,9 @@ class SparseExpansionForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
-                        device_map=None, attn_implementation=None, subfolder="", **kwargs):
+                        device_map=None, attn_implementation=None, subfolder="", lazy=False, **kwargs):
+        """`lazy=True`: the experts stay in their files and are read each time their linear runs
+        (storage/lazy.py: for scoring a model larger than memory; generation reads them per token)."""
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         if not folder.is_dir():
             raise UsageError(f"{folder}: Sparse Expansion models load from a local folder")
@@ -90,7 +92,7 @@ class SparseExpansionForCausalLM:
             attn_implementation = config._attn_implementation  # the Auto classes move it into the config
         from .outputs import load_pruned_model  # transformers' modeling code: not at registration
         model = load_pruned_model(folder, device=_device(device_map), dtype=dtype,  # the tokenizer is not ours
-                                  attn_implementation=attn_implementation)
+                                  attn_implementation=attn_implementation, lazy=lazy)
         model.config.use_cache = True  # load_pruned's models are for scoring; this one may generate
         return model
 
