@@ -17,6 +17,7 @@ tokenizer gives other windows).
     python benchmarks/quality.py --runs sparsegpt --percdamp 0.1 --tag damp0.1
     python benchmarks/quality.py --model gemma3 --runs dense,sparsegpt,se16
     python benchmarks/quality.py --runs sparsegpt,se16 --nsamples 128 --seqlen 2048 --tag n128x2048
+    python benchmarks/quality.py --goals    # the quality goals, met or missed, from the stored rows
 
 Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
 '-2:4' for 2:4 sparsity or '-0.7' for another unstructured rate. Results are merged into
@@ -28,6 +29,7 @@ import argparse
 import importlib.metadata
 import json
 import resource
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from sparse_expansion.data import calibration_windows, evaluation_windows
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.evaluate import perplexity
-from sparse_expansion.storage.loading import EMBEDDED, SMOLLM2, load_model
+from sparse_expansion.storage.loading import EMBEDDED, GEMMA3, SMOLLM2, load_model
 from sparse_expansion.methods import ExpansionOptions
 from sparse_expansion.storage.packages import cache_dir, package_folder
 
@@ -97,9 +99,17 @@ def config_for(run: str, args) -> PruneConfig:
     return PruneConfig(name, **common)
 
 
+def commit() -> str:
+    """The checkout's commit (a '+' when it has uncommitted changes): every row names the code it measured."""
+    root = Path(__file__).resolve().parents[1]
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+" if git("status", "--porcelain", "-uno") else "")
+
+
 def run_one(run: str, args, calib, evalw) -> dict:
     model, _ = load_model(args.model)
-    row = {"model": args.model, "run": run, "tag": args.tag}
+    row = {"model": args.model, "run": run, "tag": args.tag, "commit": commit()}
     if run != "dense":
         config = config_for(run, args)
         t0 = time.perf_counter()
@@ -164,6 +174,59 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+GOALS = (  # (goal, model, run, tags of its seeds, corpus key, target share of the gap or None: reported only)
+    ("wiki", SMOLLM2, "se16", ("", "seed1"), "perplexity", 0.5),
+    ("sotu", SMOLLM2, "se16", ("", "seed1"), "sotu_perplexity", 0.5),
+    ("code", SMOLLM2, "se16", ("", "seed1"), "code_perplexity", 0.5),
+    ("sotu, Gemma 3", GEMMA3, "se16", ("",), "sotu_perplexity", 0.5),
+    ("code, Gemma 3", GEMMA3, "se16", ("",), "code_perplexity", 0.5),
+    ("2:4 wiki", SMOLLM2, "se16-2:4", ("",), "perplexity", 0.6),
+    ("2:4 sotu", SMOLLM2, "se16-2:4", ("",), "sotu_perplexity", 0.5),
+    ("2:4 code", SMOLLM2, "se16-2:4", ("",), "code_perplexity", 0.5),
+    ("wiki, 128 x 2048 calibration", SMOLLM2, "se16", ("n128x2048",), "perplexity", None),
+    ("sotu, 128 x 2048 calibration", SMOLLM2, "se16", ("n128x2048",), "sotu_perplexity", None),
+    ("code, 128 x 2048 calibration", SMOLLM2, "se16", ("n128x2048",), "code_perplexity", None),
+    ("wiki, against SparseGPT + re-solve", SMOLLM2, "se16", ("", "seed1"), "perplexity", None),
+    ("sotu, against SparseGPT + re-solve", SMOLLM2, "se16", ("", "seed1"), "sotu_perplexity", None),
+    ("code, against SparseGPT + re-solve", SMOLLM2, "se16", ("", "seed1"), "code_perplexity", None),
+)
+
+
+def goals(rows: list[dict]) -> str:
+    """The quality goals: each row's share of the SparseGPT-to-dense gap (SparseGPT of the same
+    pattern and calibration; the re-solve rows against SparseGPT + 5 re-solve steps, tag
+    'sgpt-refine5'), per seed and their mean, and the target met or missed by how many points.
+    Only rows that name their commit count (older rows were measured by older code)."""
+    used = set()
+
+    def value(model, run, tag, key):
+        row = next((r for r in rows if r.get("model", SMOLLM2) == model and r["run"] == run
+                    and r.get("tag", "") == tag and r.get("commit")), {})
+        if key in row:
+            used.add(row["commit"])
+        return row.get(key)
+    out = ["| goal | seeds: gap closed | mean | target | verdict |", "|---|---|---|---|---|"]
+    for goal, model, run, tags, key, target in GOALS:
+        pattern = run.partition("-")[2]
+        base = "sparsegpt" + (f"-{pattern}" if pattern else "")
+        shares = []
+        for tag in tags:
+            base_tag = "sgpt-refine5" if "re-solve" in goal else tag
+            dense, sgpt, mine = value(model, "dense", "", key), value(model, base, base_tag, key), \
+                value(model, run, tag, key)
+            if None not in (dense, sgpt, mine):
+                shares.append((sgpt - mine) / (sgpt - dense))
+        if not shares:
+            out.append(f"| {goal} | not measured | | {'' if target is None else f'{target:.0%}'} | |")
+            continue
+        mean = sum(shares) / len(shares)
+        verdict = "" if target is None else (f"met (+{(mean - target) * 100:.1f} points)" if mean >= target
+                                              else f"missed ({(mean - target) * 100:.1f} points)")
+        out.append(f"| {goal} | {', '.join(f'{x:.1%}' for x in shares)} | {mean:.1%} | "
+                   f"{'' if target is None else f'{target:.0%}'} | {verdict} |")
+    return "\n".join(out + [f"\nrows measured at commit(s) {', '.join(sorted(used))}"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=SMOLLM2, choices=sorted(EMBEDDED))
@@ -188,7 +251,11 @@ def main() -> None:
                    "evaluation windows stay 512")
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--goals", action="store_true", help="print the quality goals' table from --output and stop")
     args = p.parse_args()
+    if args.goals:
+        print(goals(json.loads(Path(args.output).read_text())))
+        return
     _, tokenizer = load_model(args.model)
     calib, evalw = protocol_windows(tokenizer, args.model, args.nsamples, args.seqlen)
     path = Path(args.output)
