@@ -70,9 +70,8 @@ def test_predicted_peak_is_within_a_quarter_of_the_measured_one(method, hidden, 
 def measured_and_predicted_eval(folder: str, windows: int, seqlen: int) -> tuple[int, int]:
     """Perplexity of a saved Sparse Expansion folder, its experts read lazily as eval does on the
     CPU: the process's peak RSS (imports included, as `/usr/bin/time` reports it) and the eval
-    host memory `plan` prints for that model."""
-    import resource
-
+    host memory `plan` prints for that model. The peak is VmHWM, not getrusage's ru_maxrss, which
+    after a vfork + exec starts from the parent's peak (the test process's)."""
     from sparse_expansion.evaluate import perplexity
     from sparse_expansion.storage.loading import load_model, meta_model
     torch.set_num_threads(2)
@@ -81,7 +80,7 @@ def measured_and_predicted_eval(folder: str, windows: int, seqlen: int) -> tuple
     plan = plan_run(shapes, config, 16, seqlen, torch.float32, "cpu")
     model, _ = load_model(folder, lazy=True)
     perplexity(model, random_tokens(windows, seqlen, vocab=shapes.config.vocab_size), progress=False)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, plan.eval_bytes
+    return rss_high_water_bytes(), plan.eval_bytes
 
 
 def random_expert_model(vocab: int, clusters: int = 8):
