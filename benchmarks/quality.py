@@ -194,8 +194,8 @@ GOALS = (  # (goal, model, run, tags of its seeds, corpus key, target share of t
 
 def goals(rows: list[dict]) -> str:
     """The quality goals: each row's share of the SparseGPT-to-dense gap (SparseGPT of the same
-    pattern and calibration; the re-solve rows against SparseGPT + 5 re-solve steps, tag
-    'sgpt-refine5'), per seed and their mean, and the target met or missed by how many points.
+    pattern and calibration, which no seed changes; the re-solve rows against SparseGPT + 5
+    re-solve steps, tag 'sgpt-refine5'), per seed and their mean, and the target met or missed by how many points.
     Only rows that name their commit count (older rows were measured by older code)."""
     used = set()
 
@@ -211,7 +211,7 @@ def goals(rows: list[dict]) -> str:
         base = "sparsegpt" + (f"-{pattern}" if pattern else "")
         shares = []
         for tag in tags:
-            base_tag = "sgpt-refine5" if "re-solve" in goal else tag
+            base_tag = "sgpt-refine5" if "re-solve" in goal else "" if tag.startswith("seed") else tag
             dense, sgpt, mine = value(model, "dense", "", key), value(model, base, base_tag, key), \
                 value(model, run, tag, key)
             if None not in (dense, sgpt, mine):
