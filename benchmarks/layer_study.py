@@ -100,7 +100,7 @@ def prune(variant: str, W: torch.Tensor, x: torch.Tensor, sparsity: Sparsity, se
     within = stages.within_cluster_hessian(H_full, means, counts)
     tau = opts["tau"] * d if "tau" in opts else None
     H_solve = stages.solve_hessians(H_c, counts, H_full, rule, tau, means=means, within=within)
-    damping = stages.expert_damping(rule, opts.get("damp"), 0.01, k)
+    damping = stages.expert_damping(rule, opts.get("damp"), 0.01, k, d, x.shape[0])
     W_hat, info = stages.solve_experts(W, solvers.inverse_hessian_factor(H_solve, damping), sparsity, None, 128)
     return solvers.refine_on_mask(W[None], W_hat, H_solve, info.damping, steps), fit.router
 

@@ -17,7 +17,7 @@ from sparse_expansion.errors import UsageError
 from sparse_expansion.methods.expansion.experts import (SparseExpertLinear, compress, concat_compressed,
                                                         convert_experts, decompress)
 from sparse_expansion.methods.expansion import stages
-from sparse_expansion.methods.expansion.stages import cluster_cost, merge_small_clusters
+from sparse_expansion.methods.expansion.stages import cluster_cost, expert_damping, merge_small_clusters
 from sparse_expansion.kernels.hessian import accumulate_hessian_reference, complete_hessian
 from sparse_expansion.methods import ExpansionMethod, ExpansionOptions
 from sparse_expansion.methods.expansion.router import (Router, _cluster_sums, fit_pca, fit_router, kmeans_torch,
@@ -212,12 +212,25 @@ def test_small_cluster_rules_are_reported(rule):
     reports = prune_model(model, random_tokens(2, 32),
                           se_config(clusters=8, small_clusters=rule, min_cluster_tokens=10),
                           progress=False).layers
-    for r in (r.extras for r in reports):
+    for report in reports:
+        r, columns = report.extras, report.shape[1]
         assert r["small_clusters"]["rule"] == rule
-        assert r["small_clusters"]["expert_damping"] == (0.1 if rule == "pooled" else 0.01)
+        assert r["small_clusters"]["expert_damping"] == pytest.approx(0.1 * (1 + 8 * columns / 64) if rule == "pooled"
+                                                                      else 0.01)
         assert sum(r["cluster_sizes"]) == 64
         if rule == "merge":
             assert min(r["cluster_sizes"]) >= 10 and r["clusters"] == 8 - len(r["small_clusters"]["merged_clusters"])
+
+
+def test_pooled_damping_grows_with_the_inputs_an_average_cluster_lacks():
+    """0.1 with plenty of tokens per cluster, 0.1·(1 + k·d/N) in general: SmolLM2's down_proj at the
+    reference protocol (d 1,536, 16 clusters of 16,384 tokens) 0.25; a given damping or one cluster
+    (exactly SparseGPT) are left alone."""
+    assert expert_damping("pooled", None, 0.01, 16, 1536, 16384) == pytest.approx(0.25)
+    assert expert_damping("pooled", None, 0.01, 16, 576, 128 * 2048) == pytest.approx(0.1035, abs=1e-4)
+    assert expert_damping("pooled", 0.3, 0.01, 16, 1536, 16384) == 0.3
+    assert expert_damping("pooled", None, 0.01, 1, 1536, 16384) == 0.01
+    assert expert_damping("shrink", None, 0.01, 16, 1536, 16384) == 0.01
 
 
 def test_pooled_rule_matches_its_definition():

@@ -140,7 +140,7 @@ def prune_reference(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Spar
     W_hat = torch.empty(clusters, *W.shape, dtype=torch.float32, device=dev)
     sizes, dampings = [], []
     tau = stages.shrink_tau(o.shrink_tokens, C, o.small_clusters)
-    damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters)
+    damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters, C, n_total)
     if clusters > 1 and o.small_clusters == "pooled":
         with clock("hessian"):
             within, means = pooled_within(batches, labels, clusters)

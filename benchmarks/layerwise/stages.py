@@ -116,7 +116,8 @@ def prune_library(W: torch.Tensor, batches: list[torch.Tensor], sparsity: Sparsi
                                             within=within)
         del batches, labels
     clusters = 1 if fit is None else fit.router.clusters
-    damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters)
+    damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, clusters, W.shape[1],
+                                     int(torch.as_tensor(counts).sum()))
     with clock("inverse"):
         factor = solvers.inverse_hessian_factor(H_solve, damping, method)
     steps = o.refine_steps(None) if method == "sparse-expansion" else 0  # SparseGPTMethod's default: 0

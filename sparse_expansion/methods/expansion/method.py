@@ -227,6 +227,12 @@ class ExpansionMethod(Method):
         return [slice(mine.start + c.start, mine.start + c.stop) for c in stages.cluster_chunks(
             mine.stop - mine.start, columns, rows, budget)]
 
+    def expert_damping(self, stats: ClusterStats) -> float:
+        """The damping `stats`' experts are factored with (stages.expert_damping)."""
+        o = self.options
+        return stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, stats.fit.router.clusters,
+                                     stats.H_full.shape[-1], int(stats.counts.sum()))
+
     def solve_chunk(self, stats: ClusterStats, chunk: slice) -> None:
         """Solve the Hessians of `chunk`'s clusters, factor them, one batched solve per linear;
         the experts are compressed at once and kept in `stats.solved`."""
@@ -239,7 +245,7 @@ class ExpansionMethod(Method):
             means = None if stats.means is None else stats.means[chunk][part]
             return stages.solve_hessians(stats.H[part], counts[chunk][part], stats.H_full, o.small_clusters,
                                          o.shrink_tokens, int(counts.sum()), means, stats.within)
-        damping = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp, stats.fit.router.clusters)
+        damping = self.expert_damping(stats)
         factor = solvers.inverse_hessian_factor(solve_hessians(slice(None)), damping, stats.group, in_place=True)
         steps = o.refine_steps(cfg.bits)
         stats.seconds_hessian += time.perf_counter() - t1
@@ -269,8 +275,7 @@ class ExpansionMethod(Method):
         router, handling = fit.router, dict(stats.handling)
         if o.small_clusters in ("shrink", "pooled"):
             handling["shrink_tokens"] = stages.shrink_tau(o.shrink_tokens, H_full.shape[-1], o.small_clusters)
-        handling["expert_damping"] = stages.expert_damping(o.small_clusters, o.expert_damping, o.percdamp,
-                                                           router.clusters)
+        handling["expert_damping"] = self.expert_damping(stats)
         handling["empty_clusters_full_hessian"] = torch.nonzero(counts == 0).flatten().tolist()
         solved = _gathered(stats.solved)
         reports = []

@@ -14,7 +14,8 @@ explicit rule, reported per layer:
            own mean μ_c kept exactly, its spread around the mean shrunk toward the layer's pooled
            within-cluster one (B = H − 2·Σ_c n_c/N·μ_cμ_cᵀ, `within_cluster_hessian`); τ in
            tokens (None: d/4, d the layer's input dimension); the experts factored with damping
-           0.1 of the mean diagonal (`expert_damping`) instead of SparseGPT's 0.01;
+           0.1·(1 + k·d/N) of the mean diagonal (`expert_damping`; N the layer's tokens)
+           instead of SparseGPT's 0.01;
   damping  the paper's behaviour: the cluster's own Hessian, SparseGPT's damping only;
   shrink   H_c' = (n_c·H_c + τ·H)/(n_c + τ), τ in tokens (None: the layer's input dimension d,
            the cluster's own estimate weighted n_c/(n_c + d), by how far it is from full rank),
@@ -32,7 +33,7 @@ from .router import Router, RouterFit, fit_router, nearest_centroid, pca_compone
 from ...sparsity import Sparsity
 
 SMALL_CLUSTER_RULES = ("pooled", "shrink", "damping", "merge")
-POOLED_DAMPING = 0.1  # the pooled rule's damping of the experts' Hessians (fraction of the mean diagonal)
+POOLED_DAMPING = 0.1  # the pooled rule's damping of the experts' Hessians with plenty of tokens per cluster
 
 
 def token_sample(tokens: int, bound: int, seed: int) -> torch.Tensor | None:
@@ -88,15 +89,18 @@ def layer_hessians(rule: str) -> int:
     return 2 if rule == "pooled" else 1
 
 
-def expert_damping(rule: str, damping: float | None, percdamp: float, clusters: int) -> float:
+def expert_damping(rule: str, damping: float | None, percdamp: float, clusters: int, columns: int,
+                   tokens: int) -> float:
     """The damping the experts' Hessians are factored with: SparseGPT's `percdamp` for a single
     cluster (the layer's Hessian: exactly SparseGPT), else as given, or (None) the rule's default:
-    POOLED_DAMPING for pooled, `percdamp` for the other rules."""
+    for pooled POOLED_DAMPING·(1 + k·d/N), more the fewer tokens an average cluster of the layer's
+    N holds for its d inputs (0.1 with plenty of tokens; SmolLM2 at the reference protocol: 0.16
+    for gate/up_proj, 0.25 for down_proj), `percdamp` for the other rules."""
     if clusters == 1:
         return percdamp
     if damping is not None:
         return damping
-    return POOLED_DAMPING if rule == "pooled" else percdamp
+    return POOLED_DAMPING * (1 + clusters * columns / max(tokens, 1)) if rule == "pooled" else percdamp
 
 
 def add_cluster_sums(sums: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None,
