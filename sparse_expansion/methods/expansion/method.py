@@ -40,8 +40,8 @@ class ExpansionOptions(SparseGPTOptions):
         "help": "tau of --small-clusters pooled/shrink, in tokens (default: d/4 for pooled, d for shrink; d the "
                 "layer's input dimension)"})
     expert_damping: float | None = field(default=None, metadata={
-        "help": "damping of the experts' Hessians, fraction of the mean diagonal (default: 0.1 for pooled, "
-                "else --percdamp)"})
+        "help": "damping of the experts' Hessians, fraction of the mean diagonal (default: 0.1*(1 + k*d/N) for "
+                "pooled, k clusters, d inputs, N tokens; else --percdamp)"})
     min_cluster_tokens: int = field(default=64, metadata={"help": "smallest cluster kept by --small-clusters merge"})
     refine_iterations: int | None = field(default=None, metadata={
         "help": "conjugate-gradient steps re-solving each expert's kept weights on its mask (default: 5, or 0 "
