@@ -100,11 +100,12 @@ def config_for(run: str, args) -> PruneConfig:
 
 
 def commit() -> str:
-    """The checkout's commit (a '+' when it has uncommitted changes): every row names the code it measured."""
+    """The checkout's commit (a '+' when it has uncommitted changes outside benchmarks/results/, which
+    the runs themselves write): every row names the code it measured."""
     root = Path(__file__).resolve().parents[1]
     def git(*a):
         return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+" if git("status", "--porcelain", "-uno") else "")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+" if git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results") else "")
 
 
 def run_one(run: str, args, calib, evalw) -> dict:
