@@ -105,7 +105,8 @@ def commit() -> str:
     root = Path(__file__).resolve().parents[1]
     def git(*a):
         return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+" if git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results") else "")
+    changed = git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+" if changed else "")
 
 
 def run_one(run: str, args, calib, evalw) -> dict:
