@@ -224,7 +224,7 @@ def test_small_cluster_rules_are_reported(rule):
 
 def test_pooled_damping_grows_with_the_inputs_an_average_cluster_lacks():
     """0.1 with plenty of tokens per cluster, 0.1·(1 + k·d/N) in general: SmolLM2's down_proj at the
-    reference protocol (d 1,536, 16 clusters of 16,384 tokens) 0.25; a given damping or one cluster
+    reference protocol (d 1,536, 16 clusters sharing 16,384 tokens) 0.25; a given damping or one cluster
     (exactly SparseGPT) are left alone."""
     assert expert_damping("pooled", None, 0.01, 16, 1536, 16384) == pytest.approx(0.25)
     assert expert_damping("pooled", None, 0.01, 16, 576, 128 * 2048) == pytest.approx(0.1035, abs=1e-4)
