@@ -23,6 +23,25 @@ def test_wiki_split_and_reference_protocol_checksums(smollm2):
     assert evaluation_windows(tok, "wiki", 512, 24).sum().item() == 61908702
 
 
+def test_quality_calibration_mixture_keeps_the_protocols_first_half(smollm2, tmp_path):
+    """benchmarks/quality.py --calib-mix: the first half of the protocol's windows, then windows
+    of the other text's train side; without a mixture, the protocol's windows."""
+    import sys
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.quality import calibration_mixture
+    _, tok = smollm2
+    text = tmp_path / "other.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the whale swam past the harbour at dawn." * 20 for i in range(100)))
+    wiki = calibration_windows(tok, "wiki", 6, 64, seed=0)
+    mixed = calibration_mixture(tok, str(text), 6, 64)
+    assert torch.equal(calibration_mixture(tok, None, 6, 64), wiki)
+    assert mixed.shape == (6, 64) and torch.equal(mixed[:3], wiki[:3])
+    assert torch.equal(mixed[3:], calibration_windows(tok, str(text), 3, 64, seed=0))
+    assert "whale" in tok.decode(mixed[4])
+
+
 def truncated(model, blocks):
     small = copy.deepcopy(model)
     small.model.layers = small.model.layers[:blocks]
