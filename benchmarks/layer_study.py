@@ -15,7 +15,10 @@ the check on text nothing was chosen on.
 Variant = rule[:key=value...]: rule sparsegpt, shrink, pooled or damping (methods/expansion/stages.py's rules);
 keys: tau (in units of the layer's input dimension d), damp (the experts' damping), k (clusters,
 default 16), pca (the PCA factor, default 32), refine (conjugate-gradient steps re-solving the
-weights on the mask, solvers.refine_on_mask; default 0). Results: a table, and JSON in
+weights on the mask, solvers.refine_on_mask; default 0), soft (soft assignment for the experts'
+Hessians and means: each token weighted into every cluster by a softmax of its squared PCA
+distances minus its nearest one, over soft × their mean; routing stays hard) and top (with soft:
+only each token's `top` nearest clusters, weights renormalized). Results: a table, and JSON in
 benchmarks/results/layer_study.json. Captured inputs are cached in ~/.cache/sparse_expansion.
 """
 from __future__ import annotations
@@ -93,16 +96,34 @@ def prune(variant: str, W: torch.Tensor, x: torch.Tensor, sparsity: Sparsity, se
     k = int(opts.get("k", 16))
     fit, _ = stages.fit_group_router(x, k, int(opts.get("pca", 32)), seed, 10, "torch", rule, 0, x.shape[0], H_full,
                                      x.double().mean(0))
-    H_c, counts = hessians(x, fit.labels, k)
-    sums = torch.zeros(k, d, dtype=torch.float64)
-    stages.add_cluster_sums(sums, x, fit.labels)
-    means = stages.cluster_means(sums, counts)
+    if "soft" in opts:
+        H_c, counts, means = soft_statistics(x, fit.router, opts["soft"], int(opts.get("top", k)))
+    else:
+        H_c, counts = hessians(x, fit.labels, k)
+        sums = torch.zeros(k, d, dtype=torch.float64)
+        stages.add_cluster_sums(sums, x, fit.labels)
+        means = stages.cluster_means(sums, counts)
     within = stages.within_cluster_hessian(H_full, means, counts)
     tau = opts["tau"] * d if "tau" in opts else None
     H_solve = stages.solve_hessians(H_c, counts, H_full, rule, tau, means=means, within=within)
     damping = stages.expert_damping(rule, opts.get("damp"), 0.01, k, d, x.shape[0])
     W_hat, info = stages.solve_experts(W, solvers.inverse_hessian_factor(H_solve, damping), sparsity, None, 128)
     return solvers.refine_on_mask(W[None], W_hat, H_solve, info.damping, steps), fit.router
+
+
+def soft_statistics(x: torch.Tensor, router, temperature: float, top: int):
+    """(Hessians [k, d, d], token counts rounded [k], means [k, d] fp64) of the clusters with each
+    token weighted into its `top` nearest clusters by a softmax of −(dist² − nearest dist²) /
+    (temperature × mean nearest dist²) in the router's PCA space."""
+    d2 = torch.cdist(router.project(x), router.centroids).square()
+    nearest = d2.min(1, keepdim=True).values
+    weights = torch.softmax(-(d2 - nearest) / (temperature * nearest.mean()), dim=1)
+    kept = weights.topk(top, dim=1).indices
+    weights = torch.zeros_like(weights).scatter_(1, kept, weights.gather(1, kept))
+    weights /= weights.sum(1, keepdim=True)
+    n = weights.sum(0)
+    H = torch.stack([(x * w[:, None]).T @ x * (2.0 / m) for w, m in zip(weights.T, n)])
+    return H, n.round().long(), (weights.T.double() @ x.double()) / n.double()[:, None]
 
 
 def error(W: torch.Tensor, W_hat: torch.Tensor, router, x: torch.Tensor) -> float:

@@ -128,7 +128,8 @@ def commit() -> str:
 
 def run_one(run: str, args, calib, evalw) -> dict:
     model, _ = load_model(args.model)
-    row = {"model": args.model, "run": run, "tag": args.tag, "commit": commit()}
+    row = {"model": args.model, "run": run, "tag": args.tag, "commit": commit(),
+           "torch_threads": torch.get_num_threads()}  # the summation order, which moves perplexity slightly
     if run != "dense":
         config = config_for(run, args)
         t0 = time.perf_counter()
